@@ -1,0 +1,28 @@
+# The two commands a new user needs: `make demo` (set up, start ComfyUI with the pack, run a shipped
+# workflow on generated demo models) and `make test` (set up, run the whole suite). Both install
+# everything they need on a fresh machine.
+SHELL := /bin/bash
+PY := .venv/bin/python
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup:
+	@bash scripts/setup_env.sh >/dev/null
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test:
+	bash scripts/run_tests.sh
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not e2e and not browser" tests
+
+bench: setup
+	$(PY) bench/run_all.py
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf .demo test-artifacts .pytest_cache

@@ -1,0 +1,1 @@
+"""Model merging: methods registry, per-key rules, planning and streaming execution."""

@@ -1,0 +1,66 @@
+"""Output paths that stay where they belong.
+
+Node inputs can come from a stranger's API call (ComfyUI is often run with --listen), so every output
+name is checked: no absolute paths, no `..`, no NUL or control characters, no over-long names, and the
+resolved path must lie inside the allowed folder. Files are never overwritten: a counter picks the next
+free name, ComfyUI-style (`prefix_00001_.safetensors`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import OutputPathError
+
+MAX_COMPONENT = 180  # bytes; leaves room for the counter and extension under the usual 255 limit
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f<>:\"|?*\\]")
+
+
+def check_relative_name(name: str, what: str = "output name") -> list[str]:
+    """Split a user-supplied relative name ('sub/dir/prefix') into safe components, or refuse it."""
+    if not isinstance(name, str) or not name.strip():
+        raise OutputPathError(f"{what} is empty; give a file name prefix such as 'weightsmith/merged'")
+    if "\x00" in name:
+        raise OutputPathError(f"{what} contains a NUL character")
+    if name.startswith(("/", "~")) or re.match(r"^[A-Za-z]:", name) or name.startswith("\\\\"):
+        raise OutputPathError(f"{what} {name!r} is absolute; give a name relative to the output folder")
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts:
+        raise OutputPathError(f"{what} {name!r} has no file name")
+    for p in parts:
+        if p == "..":
+            raise OutputPathError(f"{what} {name!r} climbs out of the output folder with '..'")
+        if _BAD_CHARS.search(p):
+            raise OutputPathError(f"{what} {name!r} contains characters not allowed in file names")
+        if len(p.encode("utf-8")) > MAX_COMPONENT:
+            raise OutputPathError(f"{what}: the component {p[:40]!r}… is longer than {MAX_COMPONENT} bytes")
+    return parts
+
+
+def inside(root: Path, path: Path) -> bool:
+    root = root.resolve()
+    path = path.resolve()
+    return path == root or root in path.parents
+
+
+def next_free_path(root: str | os.PathLike, prefix: str, ext: str = ".safetensors") -> Path:
+    """`root/sub/prefix_NNNNN_.ext` with the first counter not taken; sub-folders are created."""
+    root = Path(root)
+    parts = check_relative_name(prefix, "filename prefix")
+    folder = root.joinpath(*parts[:-1])
+    if not inside(root, folder):
+        raise OutputPathError(f"filename prefix {prefix!r} resolves outside {root}")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not inside(root, folder):  # a symlinked sub-folder pointing elsewhere
+        raise OutputPathError(f"filename prefix {prefix!r} resolves outside {root}")
+    stem = parts[-1]
+    taken = set()
+    pat = re.compile(re.escape(stem) + r"_(\d+)_" + re.escape(ext) + "$")
+    for f in folder.iterdir():
+        m = pat.match(f.name)
+        if m:
+            taken.add(int(m.group(1)))
+    counter = max(taken, default=0) + 1
+    return folder / f"{stem}_{counter:05}_{ext}"

@@ -1,0 +1,286 @@
+"""safetensors at the byte level: a validating header reader and a streaming, atomic writer.
+
+The header is checked here before any tensor is touched, so that a truncated or hostile file fails with
+a clear message instead of an allocation of a declared 10^12-element shape or a crash deep in a merge.
+The writer lays out the header from the planned keys, shapes and dtypes, then writes each tensor at its
+offset as it is produced, so an output never has to sit in RAM whole. It writes to a temp file beside
+the target and renames at the end: an exception, an interrupt or a full disk leave no file at the output
+path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
+from .errors import BadFileError, OutputPathError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit the safetensors library applies
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    offsets: dict[str, tuple[int, int]]  # absolute byte ranges in the file
+    metadata: dict[str, str]
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and validate a safetensors header without reading any tensor data."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadFileError(f"{path}: is a directory, expected a .safetensors file")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise BadFileError(f"{path}: no such file") from None
+    if size < 8:
+        raise BadFileError(f"{path}: file is {size} bytes, too short to be safetensors (truncated or empty download?)")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise BadFileError(
+                f"{path}: header length {n} exceeds the file ({size} bytes); the file is truncated or not safetensors"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadFileError(f"{path}: corrupt safetensors header ({e}); re-download or re-export the file") from None
+    if not isinstance(header, dict):
+        raise BadFileError(f"{path}: safetensors header is not a JSON object")
+    data_start = 8 + n
+    data_len = size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BadFileError(f"{path}: __metadata__ must map strings to strings")
+    tensors: dict[str, TensorInfo] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    for key, entry in header.items():
+        where = f"{path}: tensor {key!r}"
+        if not isinstance(entry, dict):
+            raise BadFileError(f"{where}: header entry is not an object")
+        code = entry.get("dtype")
+        if code not in SAFETENSORS_TO_TORCH:
+            raise BadFileError(f"{where}: unsupported dtype {code!r} (supported: {', '.join(SAFETENSORS_TO_TORCH)})")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise BadFileError(f"{where}: invalid shape {shape!r}")
+        offs = entry.get("data_offsets")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and o >= 0 for o in offs)
+            or offs[0] > offs[1]
+        ):
+            raise BadFileError(f"{where}: invalid data_offsets {offs!r}")
+        info = TensorInfo(tuple(shape), SAFETENSORS_TO_TORCH[code])
+        if offs[1] > data_len:
+            raise BadFileError(
+                f"{where}: data ends at byte {offs[1]} but the file holds {data_len} data bytes (truncated file?)"
+            )
+        if offs[1] - offs[0] != info.nbytes:
+            raise BadFileError(
+                f"{where}: shape {shape} of {code} needs {info.nbytes} bytes but the header gives {offs[1] - offs[0]}"
+            )
+        tensors[key] = info
+        offsets[key] = (data_start + offs[0], data_start + offs[1])
+    return SafetensorsHeader(path, tensors, offsets, dict(metadata))
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class StreamingWriter:
+    """Write a safetensors file tensor by tensor, atomically.
+
+    Usage::
+
+        with StreamingWriter(out, plan={"a": ((3, 4), torch.bfloat16)}, metadata={...}) as w:
+            w.write("a", tensor)
+
+    Every planned key must be written exactly once (in any order); the file appears at `path` only when
+    the block exits cleanly. `protect` lists input files the output must never replace, and an existing
+    output is never replaced unless `overwrite=True`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        plan: Mapping[str, tuple[Iterable[int], torch.dtype]],
+        metadata: Mapping[str, str] | None = None,
+        protect: Iterable[str | os.PathLike] = (),
+        overwrite: bool = False,
+    ):
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self._protect = [Path(p) for p in protect]
+        self._check_target()
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        header: dict[str, object] = {"__metadata__": meta} if meta else {}
+        self.infos: dict[str, TensorInfo] = {}
+        self._offsets: dict[str, int] = {}
+        pos = 0
+        for key, (shape, dtype) in plan.items():
+            if dtype not in TORCH_TO_SAFETENSORS:
+                raise BadFileError(f"{self.path}: cannot store tensor {key!r} of dtype {dtype} in safetensors")
+            info = TensorInfo(tuple(int(s) for s in shape), dtype)
+            header[key] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(info.shape), "data_offsets": [pos, pos + info.nbytes]}
+            self.infos[key] = info
+            self._offsets[key] = pos
+            pos += info.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors itself writes it
+        self._header = struct.pack("<Q", len(raw)) + raw
+        self._data_start = len(self._header)
+        self.total_bytes = self._data_start + pos
+        self._written: set[str] = set()
+        self._file = None
+        self._tmp: Path | None = None
+
+    def _check_target(self) -> None:
+        target = self.path.resolve()
+        for p in self._protect:
+            try:
+                if p.exists() and (p.resolve() == target or (target.exists() and os.path.samefile(p, target))):
+                    raise OutputPathError(f"refusing to write {self.path}: it is one of the inputs ({p})")
+            except OSError:
+                continue
+        if target.exists() and not self.overwrite:
+            raise OutputPathError(f"refusing to overwrite existing file {self.path}; choose another name or remove it")
+        if not target.parent.is_dir():
+            raise OutputPathError(f"output folder {target.parent} does not exist")
+
+    def __enter__(self) -> StreamingWriter:
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.resolve().parent)
+        self._tmp = Path(tmp)
+        self._file = os.fdopen(fd, "wb")
+        try:
+            self._file.write(self._header)
+        except BaseException:
+            self._abort()
+            raise
+        return self
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        if self._file is None:
+            raise RuntimeError("StreamingWriter.write outside its with-block")
+        info = self.infos.get(key)
+        if info is None:
+            raise KeyError(f"{self.path}: tensor {key!r} was not planned")
+        if key in self._written:
+            raise KeyError(f"{self.path}: tensor {key!r} written twice")
+        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise ValueError(
+                f"{self.path}: tensor {key!r} is {tuple(tensor.shape)} {tensor.dtype}, planned {info.shape} {info.dtype}"
+            )
+        pos = self._data_start + self._offsets[key]
+        if self._file.tell() != pos:
+            self._file.seek(pos)
+        try:
+            self._file.write(_tensor_bytes(tensor))
+        except OSError as e:  # disk full, file size limit, I/O error: say where, the temp file goes away
+            raise OutputPathError(f"could not write {self.path} (tensor {key!r}): {e}; free disk space and retry") from e
+        self._written.add(key)
+
+    def _abort(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        if self._tmp is not None:
+            try:
+                self._tmp.unlink()
+            except FileNotFoundError:
+                pass
+            self._tmp = None
+
+    def _commit(self) -> None:
+        missing = [k for k in self.infos if k not in self._written]
+        if missing:
+            raise RuntimeError(f"{self.path}: {len(missing)} planned tensors never written, e.g. {missing[:3]}")
+        assert self._file is not None and self._tmp is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        self._check_target()  # the target may have appeared while we worked
+        if self.overwrite:
+            os.replace(self._tmp, self.path)
+        else:
+            try:
+                os.link(self._tmp, self.path)  # atomic and never clobbers
+            except FileExistsError:
+                raise OutputPathError(f"refusing to overwrite existing file {self.path}") from None
+            except OSError:
+                os.replace(self._tmp, self.path)
+            else:
+                self._tmp.unlink()
+        self._tmp = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._abort()
+            return
+        try:
+            self._commit()
+        except BaseException as e:
+            self._abort()
+            if isinstance(e, OSError) and not isinstance(e, OutputPathError):
+                raise OutputPathError(f"could not write {self.path}: {e}") from e
+            raise
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    **kw,
+) -> Path:
+    """Write an in-memory dict through the atomic writer (for small outputs such as LoRAs)."""
+    plan = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+    with StreamingWriter(path, plan, metadata, **kw) as w:
+        for k, t in tensors.items():
+            w.write(k, t)
+    return Path(path)

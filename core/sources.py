@@ -1,0 +1,294 @@
+"""Lazy, one-tensor-at-a-time access to model weights wherever they live.
+
+A `TensorSource` is what every algorithm reads from: a single .safetensors file (memory-mapped), a
+sharded folder or `*.safetensors.index.json`, a `.ckpt`/`.pt` loaded with `weights_only=True`, an
+in-memory dict, or (inside ComfyUI) a ModelPatcher. Algorithms match keys by name, so shard layout and
+split points never matter. `diffusion_view()` strips the checkpoint prefix (`model.diffusion_model.`,
+`diffusion_model.`, diffusers `transformer.`) so that models saved in different layouts line up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import BadFileError, UnsafePickleError
+from .safetensors_io import SafetensorsHeader, TensorInfo, read_header
+
+SAFETENSORS_EXTS = (".safetensors", ".sft")
+TORCH_EXTS = (".ckpt", ".pt", ".pth", ".bin")
+
+# Checked in order: the longest, most specific prefix first.
+DIFFUSION_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model.", "transformer.", "unet.")
+
+
+class TensorSource:
+    """Read-only mapping of key -> tensor, loaded lazily. Subclasses fill `_infos` and implement `_load`."""
+
+    name: str = "<tensors>"
+    metadata: dict[str, str]
+
+    def __init__(self) -> None:
+        self._infos: dict[str, TensorInfo] = {}
+        self.metadata = {}
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self._infos[key]
+        except KeyError:
+            raise KeyError(f"{self.name}: no tensor {key!r}") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor in its stored dtype, on the CPU. Memory-mapped where the format allows."""
+        self.info(key)
+        return self._load(key)
+
+    def _load(self, key: str) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement _load")
+
+    def paths(self) -> list[Path]:
+        """Files this source reads (an output must never replace one of them)."""
+        return []
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self._infos.values())
+
+
+class DictSource(TensorSource):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], name: str = "<in-memory>", metadata=None):
+        super().__init__()
+        self.name = name
+        self._tensors = dict(tensors)
+        self._infos = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in self._tensors.items()}
+        self.metadata = dict(metadata or {})
+
+    def _load(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+class SafetensorsSource(TensorSource):
+    """One or more safetensors files (shards); the header is validated before anything is read."""
+
+    def __init__(self, files: list[Path], name: str | None = None):
+        super().__init__()
+        self.name = name or str(files[0])
+        self._files = files
+        self._key_file: dict[str, int] = {}
+        self._handles: dict[int, object] = {}
+        for i, f in enumerate(files):
+            h: SafetensorsHeader = read_header(f)
+            for k, info in h.tensors.items():
+                if k in self._infos:
+                    raise BadFileError(f"{f}: tensor {k!r} also appears in {files[self._key_file[k]]}; shards overlap")
+                self._infos[k] = info
+                self._key_file[k] = i
+            if i == 0:
+                self.metadata = dict(h.metadata)
+
+    def _handle(self, i: int):
+        h = self._handles.get(i)
+        if h is None:
+            from safetensors import safe_open
+
+            try:
+                h = safe_open(str(self._files[i]), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise BadFileError(f"{self._files[i]}: cannot open: {e}") from e
+            self._handles[i] = h
+        return h
+
+    def _load(self, key: str) -> torch.Tensor:
+        i = self._key_file[key]
+        try:
+            return self._handle(i).get_tensor(key)
+        except Exception as e:
+            raise BadFileError(f"{self._files[i]}: cannot read tensor {key!r}: {e}") from e
+
+    def paths(self) -> list[Path]:
+        return list(self._files)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class TorchFileSource(TensorSource):
+    """A .ckpt/.pt/.bin file, loaded only with `torch.load(weights_only=True)`: no pickle code ever runs."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.name = str(path)
+        self._path = path
+        obj = None
+        last: Exception | None = None
+        for mmap in (True, False):  # mmap needs the zip format; legacy files fall back to a plain load
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+                break
+            except pickle.UnpicklingError as e:
+                raise UnsafePickleError(
+                    f"{path}: refused: loading it would run pickled code ({str(e).splitlines()[0][:200]}). "
+                    "Only plain tensor checkpoints are accepted; convert it to .safetensors in a trusted environment."
+                ) from None
+            except RuntimeError as e:
+                last = e
+                continue
+            except Exception as e:
+                last = e
+                break
+        if obj is None:
+            raise BadFileError(f"{path}: cannot read as a torch checkpoint: {last}")
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise BadFileError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+        self._tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        self.skipped = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+        self._infos = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in self._tensors.items()}
+
+    def _load(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def paths(self) -> list[Path]:
+        return [self._path]
+
+
+class PrefixView(TensorSource):
+    """The keys of `base` that start with `prefix`, with the prefix removed."""
+
+    def __init__(self, base: TensorSource, prefix: str):
+        super().__init__()
+        self.base = base
+        self.prefix = prefix
+        self.name = base.name
+        self.metadata = base.metadata
+        n = len(prefix)
+        self._raw = {k[n:]: k for k in base.keys() if k.startswith(prefix)}
+        self._infos = {k: base.info(raw) for k, raw in self._raw.items()}
+
+    def _load(self, key: str) -> torch.Tensor:
+        return self.base.get(self._raw[key])
+
+    def paths(self) -> list[Path]:
+        return self.base.paths()
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def _shards_of_index(index: Path) -> list[Path]:
+    try:
+        data = json.loads(index.read_text())
+        files = sorted(set(data["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise BadFileError(f"{index}: not a valid safetensors index ({e})") from None
+    paths = []
+    for f in files:
+        p = (index.parent / f).resolve()
+        if index.parent.resolve() not in p.parents:
+            raise BadFileError(f"{index}: shard {f!r} lies outside the index's folder")
+        if not p.is_file():
+            raise BadFileError(f"{index}: shard {f} is missing")
+        paths.append(p)
+    return paths
+
+
+def open_model(path: str | os.PathLike) -> TensorSource:
+    """Open a model or LoRA from a file, a sharded folder, or an index file; reads headers only."""
+    p = Path(path)
+    if not p.exists():
+        raise BadFileError(f"{p}: no such file or folder")
+    if p.is_dir():
+        indexes = sorted(p.glob("*.safetensors.index.json"))
+        if len(indexes) > 1:
+            raise BadFileError(f"{p}: several index files ({', '.join(i.name for i in indexes)}); name one")
+        files = _shards_of_index(indexes[0]) if indexes else sorted(p.glob("*.safetensors"))
+        if not files:
+            raise BadFileError(f"{p}: folder holds no .safetensors files")
+        return SafetensorsSource(files, name=str(p))
+    name = p.name.lower()
+    if name.endswith(".index.json"):
+        return SafetensorsSource(_shards_of_index(p), name=str(p))
+    if name.endswith(SAFETENSORS_EXTS):
+        return SafetensorsSource([p])
+    if name.endswith(TORCH_EXTS):
+        return TorchFileSource(p)
+    # Unknown extension: sniff. safetensors starts with a small little-endian length and '{'.
+    with open(p, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return SafetensorsSource([p])
+    return TorchFileSource(p)
+
+
+def as_source(obj: TensorSource | Mapping[str, torch.Tensor] | str | os.PathLike) -> TensorSource:
+    if isinstance(obj, TensorSource):
+        return obj
+    if isinstance(obj, Mapping):
+        return DictSource(obj)
+    return open_model(obj)
+
+
+def detect_diffusion_prefix(keys: list[str]) -> str:
+    """The prefix under which the diffusion model's weights sit ('' for a bare diffusion-model file)."""
+    for prefix in DIFFUSION_PREFIXES:
+        if any(k.startswith(prefix) for k in keys):
+            return prefix
+    return ""
+
+
+def diffusion_view(source: TensorSource) -> TensorSource:
+    """Only the diffusion model's keys, prefix stripped: the common ground for merge, extract and compare."""
+    prefix = detect_diffusion_prefix(source.keys())
+    return PrefixView(source, prefix) if prefix else source
+
+
+_UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model.", "transformer.", "unet.")
+_TE_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.", "text_encoder", "te.", "clip_", "t5xxl.")
+_VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+
+def key_group(key: str) -> str:
+    """Which part of a full checkpoint a raw key belongs to: 'unet', 'te', 'vae' or 'other'."""
+    if key.startswith(_UNET_PREFIXES):
+        return "unet"
+    if key.startswith(_TE_PREFIXES):
+        return "te"
+    if key.startswith(_VAE_PREFIXES):
+        return "vae"
+    return "other"
+
+
+def classify_keys(keys: list[str]) -> dict[str, str]:
+    """key -> group for a whole file. A bare diffusion-model file (no component prefixes at all) is all
+    'unet'; in a full checkpoint, keys outside the known components stay 'other' (e.g. `alphas_cumprod`)."""
+    groups = {k: key_group(k) for k in keys}
+    if all(g == "other" for g in groups.values()):
+        return dict.fromkeys(keys, "unet")
+    return groups

@@ -1,0 +1,131 @@
+"""ComfyUI glue shared by every node: device choice, progress + interrupt, ModelPatcher weights as a
+TensorSource, safe output paths in ComfyUI's folders, and report/picture outputs.
+
+Nodes stay thin: they translate sockets and widgets into core calls through these helpers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import comfy.lora
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+
+from ..core.paths import next_free_path
+from ..core.safetensors_io import TensorInfo
+from ..core.sources import TensorSource
+
+LORA_TYPE = "LORA"  # socket type carrying a core.lora.LoRA between nodes
+CATEGORY = "Weightsmith"
+DIFFUSION_PREFIX = "diffusion_model."
+
+
+def compute_device(free_bytes: int = 0) -> torch.device:
+    """The device ComfyUI gives us for math; frees VRAM for the work first (the CPU under --cpu)."""
+    dev = mm.get_torch_device()
+    if free_bytes:
+        mm.free_memory(free_bytes, dev)
+    mm.soft_empty_cache()
+    return dev
+
+
+def progress(total: int, node_id: str | None = None):
+    """A core progress callback driving ComfyUI's bar; it also raises on Interrupt (the hook checks)."""
+    pbar = comfy.utils.ProgressBar(max(total, 1), node_id=node_id)
+
+    def update(done: int, total_: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(done, max(total_, 1))
+
+    return update
+
+
+class PatcherSource(TensorSource):
+    """The diffusion model of a ModelPatcher as a TensorSource: `get(key)` is the effective weight of that
+    clone (its own LoRAs and merges applied) computed ComfyUI's way for one key, in fp32 on `device`.
+    Reading from `backup`-aware `get_key_patches` makes it immune to whatever is baked in the shared module."""
+
+    def __init__(self, patcher, device: torch.device | None = None, name: str = "MODEL"):
+        super().__init__()
+        self.name = name
+        self.patcher = patcher
+        self.device = device or torch.device("cpu")
+        self._kp = patcher.get_key_patches(DIFFUSION_PREFIX)
+        for k, entries in self._kp.items():
+            w = entries[0][0]
+            if isinstance(w, torch.Tensor):
+                self._infos[k[len(DIFFUSION_PREFIX):]] = TensorInfo(tuple(w.shape), w.dtype)
+
+    def _load(self, key: str) -> torch.Tensor:
+        full = DIFFUSION_PREFIX + key
+        entries = self._kp[full]
+        w, convert = entries[0]
+        t = convert(mm.cast_to_device(w, self.device, torch.float32, copy=True), inplace=True)
+        if len(entries) > 1:
+            t = comfy.lora.calculate_weight(entries[1:], t, full, intermediate_dtype=torch.float32)
+        return t
+
+
+def model_arch(patcher) -> str:
+    """flux-dev / flux-schnell / chroma / sdxl / sd15 / unknown for a loaded MODEL."""
+    import comfy.model_base as mb
+    import comfy.supported_models as sm
+
+    cfg = patcher.model.model_config
+    if isinstance(cfg, sm.Chroma) or isinstance(patcher.model, getattr(mb, "Chroma", ())):
+        return "chroma"
+    if isinstance(cfg, sm.FluxSchnell):
+        return "flux-schnell"
+    if isinstance(cfg, sm.Flux):
+        return "flux-dev"
+    if isinstance(cfg, sm.SDXL):
+        return "sdxl"
+    if isinstance(cfg, sm.SD15):
+        return "sd15"
+    return "unknown"
+
+
+FOLDERS = {"output": None, "loras": "loras", "diffusion_models": "diffusion_models", "checkpoints": "checkpoints"}
+
+
+def output_root(kind: str) -> Path:
+    """The folder outputs of `kind` go to: ComfyUI's output dir, or the first path of a model folder."""
+    if kind not in FOLDERS:
+        raise ValueError(f"unknown output folder {kind!r}; choose one of {', '.join(FOLDERS)}")
+    if FOLDERS[kind] is None:
+        return Path(folder_paths.get_output_directory())
+    paths = folder_paths.get_folder_paths(FOLDERS[kind])
+    if not paths:
+        raise ValueError(f"ComfyUI has no {kind} folder configured")
+    root = Path(paths[0])
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def output_path(kind: str, prefix: str, ext: str = ".safetensors") -> Path:
+    """A fresh file in ComfyUI's `kind` folder for a user-given prefix (refuses `..`, absolute paths…)."""
+    return next_free_path(output_root(kind), prefix, ext)
+
+
+def input_path(folder: str, name: str) -> Path:
+    """Full path of a file picked from a ComfyUI model folder list (a clear error if it is gone)."""
+    return Path(folder_paths.get_full_path_or_raise(folder, name))
+
+
+def image_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """An RGB uint8 picture as a ComfyUI IMAGE batch [1, H, W, 3] in 0..1."""
+    return torch.from_numpy(rgb.astype(np.float32) / 255.0)[None]
+
+
+def ui_report(text: str, data: dict | None = None) -> dict:
+    """The `ui` dict a node returns so the web extension can show the report in the node."""
+    ui = {"weightsmith_report": [text]}
+    if data is not None:
+        import json
+
+        ui["weightsmith_json"] = [json.dumps(data, default=str)]
+    return ui

@@ -1,0 +1,154 @@
+"""The real ComfyUI, in-process: import it CPU-only, build real small models, apply LoRAs its own way.
+
+Nothing here is mocked: models are `comfy.supported_models` configs turned into real `model_base`
+objects wrapped in a real `ModelPatcher`, and LoRAs go through `comfy.lora_convert` / `comfy.lora`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def comfy_dir() -> Path:
+    return Path(os.environ.get("COMFYUI_PATH") or ROOT / ".comfyui" / "ComfyUI")
+
+
+def import_comfy():
+    """Import ComfyUI's modules with --cpu in force (a CUDA torch on a GPU-less machine would crash)."""
+    d = comfy_dir()
+    if not (d / "comfy").is_dir():
+        raise RuntimeError(f"no ComfyUI at {d}; run scripts/setup_env.sh (or set COMFYUI_PATH)")
+    if str(d) not in sys.path:
+        sys.path.insert(0, str(d))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    return comfy
+
+
+def import_pack():
+    """Import the node pack the way ComfyUI does (as a package from the repo root), after comfy."""
+    import_comfy()
+    name = "weightsmith_pack"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _patcher(model):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+
+
+def flux_patcher(sd: dict[str, torch.Tensor], num_heads: int = 2):
+    """A real comfy Flux / FluxSchnell / Chroma model (chosen by ComfyUI's own detection) from a small
+    BFL-named state dict, with heads/axes adjusted so a narrow hidden size is allowed."""
+    comfy = import_comfy()
+    cfg = comfy.model_detection.detect_unet_config(sd, "")
+    if cfg is None:
+        raise ValueError("ComfyUI does not detect this state dict as a DiT")
+    hidden = cfg["hidden_size"]
+    head_dim = hidden // num_heads
+    third = head_dim // 8 * 2
+    axes = [head_dim - 2 * third, third, third]
+    cfg.update({"num_heads": num_heads, "axes_dim": axes})
+    if cfg.get("image_model") == "chroma":
+        approx = sd["distilled_guidance_layer.in_proj.weight"]
+        n_layers = len({k.split(".")[2] for k in sd if k.startswith("distilled_guidance_layer.layers.")})
+        cfg.update({"hidden_dim": approx.shape[0], "n_layers": n_layers, "out_dim": hidden, "in_dim": approx.shape[1]})
+    mc = comfy.model_detection.model_config_from_unet_config(cfg, sd)
+    if mc is None:
+        raise ValueError(f"no ComfyUI model config matches {cfg}")
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model(dict(sd), "")
+    model.load_model_weights(dict(sd), "")
+    return _patcher(model)
+
+
+def unet_patcher(sd: dict[str, torch.Tensor], kind: str):
+    """A real comfy SD1.5 or SDXL UNet model from an LDM-named state dict (no prefix)."""
+    comfy = import_comfy()
+    cfg = comfy.model_detection.detect_unet_config(sd, "")
+    cls = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[kind]
+    mc = cls(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model(dict(sd), "")
+    model.load_model_weights(dict(sd), "")
+    return _patcher(model)
+
+
+class LogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger().addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeHandler(self)
+
+    def matching(self, *needles: str) -> list[str]:
+        return [m for m in self.messages if any(n in m for n in needles)]
+
+
+def comfy_lora_patches(patcher, lora_sd: dict[str, torch.Tensor]):
+    """Load a LoRA state dict exactly as LoraLoaderModelOnly does; returns (patches, not_loaded_messages)."""
+    comfy = import_comfy()
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    with LogCapture() as cap:
+        converted = comfy.lora_convert.convert_lora(dict(lora_sd))
+        patches = comfy.lora.load_lora(converted, key_map)
+    return patches, cap.matching("lora key not loaded", "NOT LOADED")
+
+
+def apply_lora(patcher, lora_sd: dict[str, torch.Tensor], strength: float = 1.0):
+    """(patched clone, not-loaded messages, keys the model refused) through ComfyUI's own code path."""
+    patches, missing = comfy_lora_patches(patcher, lora_sd)
+    clone = patcher.clone()
+    accepted = clone.add_patches(patches, strength)
+    refused = [k for k in patches if k not in set(accepted)]
+    return clone, missing, refused
+
+
+def effective_weights(patcher, keys=None) -> dict[str, torch.Tensor]:
+    """Each weight with the patcher's patches applied, in fp32, computed ComfyUI's way per key."""
+    comfy = import_comfy()
+    out = {}
+    kp = patcher.get_key_patches("diffusion_model.")
+    for k, entries in kp.items():
+        short = k[len("diffusion_model."):]
+        if keys is not None and short not in keys:
+            continue
+        w, conv = entries[0]
+        t = conv(comfy.model_management.cast_to_device(w, torch.device("cpu"), torch.float32, copy=True), inplace=True)
+        out[short] = comfy.lora.calculate_weight(entries[1:], t, k, intermediate_dtype=torch.float32)
+    return out
