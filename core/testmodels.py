@@ -143,15 +143,17 @@ def flux_diffusers_shapes(cfg: FluxConfig = FluxConfig(), guidance: bool = True)
     return s
 
 
-def _init_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+def _init_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # Generated directly in a 16-bit dtype when asked, so writing a multi-GB model streams with no fp32 copy.
+    dt = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else torch.float32
     leaf = key.rsplit(".", 2)
     if len(shape) == 1 and (key.endswith(".scale") or (key.endswith(".weight") and "norm" in leaf[0])):
-        return 1.0 + 0.05 * torch.randn(shape, generator=gen)  # norm gains sit around 1, as in trained models
+        return (torch.randn(shape, generator=gen, dtype=dt).mul_(0.05).add_(1.0)).to(dtype)  # norm gains sit near 1
     fan_in = 1
     for d in shape[1:]:
         fan_in *= d
     std = 1.0 / max(fan_in, 1) ** 0.5 if len(shape) > 1 else 0.02
-    return torch.randn(shape, generator=gen) * std
+    return torch.randn(shape, generator=gen, dtype=dt).mul_(std).to(dtype)
 
 
 def iter_random_tensors(shapes: Shapes, seed: int = 0, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
@@ -159,7 +161,7 @@ def iter_random_tensors(shapes: Shapes, seed: int = 0, dtype: torch.dtype = torc
     generated streaming, and two models with shared keys and the same seed agree on them)."""
     for key, shape in shapes.items():
         gen = torch.Generator().manual_seed((seed * 1_000_003 + _stable_hash(key)) % (2**63))
-        yield key, _init_tensor(key, shape, gen).to(dtype)
+        yield key, _init_tensor(key, shape, gen, dtype)
 
 
 def _stable_hash(s: str) -> int:
@@ -213,7 +215,7 @@ def write_model(path, shapes: Shapes, seed: int = 0, dtype: torch.dtype = torch.
 
     plan = {prefix + k: (s, dtype) for k, s in shapes.items()}
     with StreamingWriter(path, plan, metadata or {}) as w:
-        for k, t in iter_random_tensors(shapes, seed, torch.float32):
+        for k, t in iter_random_tensors(shapes, seed, torch.float32 if transform is not None else dtype):
             if transform is not None:
                 t = transform(k, t)
             w.write(prefix + k, t.to(dtype))

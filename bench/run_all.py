@@ -1,0 +1,38 @@
+"""Run every benchmark in bench/ (each prints its own table with ratios against baselines measured in the
+same run). `--quick` passes --quick to each.
+
+    .venv/bin/python bench/run_all.py [--quick] [names...]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quick = "--quick" in argv
+    names = [a for a in argv if not a.startswith("-")]
+    failed = []
+    for path in sorted(HERE.glob("bench_*.py")):
+        name = path.stem[len("bench_"):]
+        if names and name not in names:
+            continue
+        print(f"\n=== {name} ===", flush=True)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        rc = mod.main(["--quick"] if quick else [])
+        if rc:
+            failed.append(name)
+    if failed:
+        print(f"\nbenchmarks missing their targets: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
