@@ -27,15 +27,24 @@ TORCH_EXTS = (".ckpt", ".pt", ".pth", ".bin")
 DIFFUSION_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model.", "transformer.", "unet.")
 
 
+NONFINITE_POLICIES = ("report", "error", "ignore")
+
+
 class TensorSource:
-    """Read-only mapping of key -> tensor, loaded lazily. Subclasses fill `_infos` and implement `_load`."""
+    """Read-only mapping of key -> tensor, loaded lazily. Subclasses fill `_infos` and implement `_load`.
+
+    Every float tensor read is checked for NaN/Inf (a corrupt download or a diverged fine-tune would
+    otherwise poison a merge silently): with `nonfinite="report"` (default) the keys are collected in
+    `nonfinite_keys` for the caller's report, with "error" the read fails naming file and key."""
 
     name: str = "<tensors>"
     metadata: dict[str, str]
+    nonfinite: str = "report"
 
     def __init__(self) -> None:
         self._infos: dict[str, TensorInfo] = {}
         self.metadata = {}
+        self.nonfinite_keys: list[str] = []
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -58,7 +67,21 @@ class TensorSource:
     def get(self, key: str) -> torch.Tensor:
         """The tensor in its stored dtype, on the CPU. Memory-mapped where the format allows."""
         self.info(key)
-        return self._load(key)
+        t = self._load(key)
+        if self.nonfinite != "ignore" and t.is_floating_point() and not _all_finite(t):
+            if self.nonfinite == "error":
+                raise BadFileError(
+                    f"{self.name}: tensor {key!r} contains NaN or Inf values; the file is corrupt or the model diverged"
+                )
+            if key not in self.nonfinite_keys:
+                self.nonfinite_keys.append(key)
+        return t
+
+    def set_nonfinite_policy(self, policy: str) -> TensorSource:
+        if policy not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite policy must be one of {NONFINITE_POLICIES}, not {policy!r}")
+        self.nonfinite = policy
+        return self
 
     def _load(self, key: str) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement _load")
@@ -79,6 +102,12 @@ class TensorSource:
     @property
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._infos.values())
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        t = t.to(torch.float16)  # isfinite has no fp8 kernels; the conversion is exact
+    return bool(torch.isfinite(t).all())
 
 
 class DictSource(TensorSource):
@@ -188,12 +217,14 @@ class PrefixView(TensorSource):
         self.prefix = prefix
         self.name = base.name
         self.metadata = base.metadata
+        self.nonfinite = base.nonfinite
+        self.nonfinite_keys = base.nonfinite_keys  # shared: a report on the base sees what the view read
         n = len(prefix)
         self._raw = {k[n:]: k for k in base.keys() if k.startswith(prefix)}
         self._infos = {k: base.info(raw) for k, raw in self._raw.items()}
 
     def _load(self, key: str) -> torch.Tensor:
-        return self.base.get(self._raw[key])
+        return self.base._load(self._raw[key])
 
     def paths(self) -> list[Path]:
         return self.base.paths()
@@ -219,8 +250,13 @@ def _shards_of_index(index: Path) -> list[Path]:
     return paths
 
 
-def open_model(path: str | os.PathLike) -> TensorSource:
-    """Open a model or LoRA from a file, a sharded folder, or an index file; reads headers only."""
+def open_model(path: str | os.PathLike, nonfinite: str = "report") -> TensorSource:
+    """Open a model or LoRA from a file, a sharded folder, or an index file; reads headers only.
+    `nonfinite`: what a NaN/Inf tensor does when read — 'report' (collect in `nonfinite_keys`), 'error', 'ignore'."""
+    return _open_model(path).set_nonfinite_policy(nonfinite)
+
+
+def _open_model(path: str | os.PathLike) -> TensorSource:
     p = Path(path)
     if not p.exists():
         raise BadFileError(f"{p}: no such file or folder")

@@ -263,3 +263,24 @@ def test_key_groups_of_full_checkpoint_and_bare_file():
         "alphas_cumprod": "other",
     }
     assert set(classify_keys(["input_blocks.0.0.weight", "out.2.weight"]).values()) == {"unet"}
+
+
+def test_nan_and_inf_reported_or_refused(tmp_path):
+    p = tmp_path / "nan.safetensors"
+    save_file({"ok": torch.ones(3), "bad": torch.tensor([1.0, float("nan")]), "inf": torch.tensor([float("inf")]).half()}, str(p))
+    src = open_model(p)
+    for k in src.keys():
+        src.get(k)
+    assert sorted(src.nonfinite_keys) == ["bad", "inf"]
+    strict = open_model(p, nonfinite="error")
+    assert torch.equal(strict.get("ok"), torch.ones(3))
+    with pytest.raises(BadFileError, match="'bad' contains NaN or Inf") as e:
+        strict.get("bad")
+    assert str(p) in str(e.value)
+    prefixed = tmp_path / "prefixed.safetensors"
+    save_file({"model.diffusion_model.w": torch.tensor([float("nan")])}, str(prefixed))
+    with pytest.raises(BadFileError):
+        diffusion_view(open_model(prefixed, nonfinite="error")).get("w")
+    base = open_model(prefixed)
+    diffusion_view(base).get("w")
+    assert base.nonfinite_keys == ["model.diffusion_model.w"]
