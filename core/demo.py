@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .sdunet import write_sd15_tiny
 from .testmodels import FLUX_E2E, FluxConfig, finetune, flux_shapes, iter_random_tensors, write_model
 
 DEMO_DIR = "weightsmith_demo"
@@ -54,14 +55,11 @@ def make_demo_models(models_root: str | Path, full: bool = True, overwrite: bool
     model("flux1-schnell-tiny.safetensors", flux_shapes(small, "schnell"), seed=2)
     model("flux1-dev-tiny-tuned.safetensors", flux_shapes(small, "dev"), seed=1, transform=_tuned_transform(7))
     model("chroma-tiny.safetensors", flux_shapes(small, "chroma"), seed=3)
-    try:
-        from .sdunet import sd_unet_shapes
-    except ImportError:  # the SD layouts module is optional for the Flux-only demo
-        sd_unet_shapes = None
-    if sd_unet_shapes is not None:
-        shapes = sd_unet_shapes("sd15", "tiny")
-        for i, tag in enumerate("abc"):
-            model(f"sd15-tiny-{tag}.safetensors", shapes, seed=10 + i, dtype=torch.float16)
+    for i, tag in enumerate("abc"):
+        name = f"sd15-tiny-{tag}.safetensors"
+        out[name] = dm / name
+        if not out[name].exists():
+            write_sd15_tiny(out[name], seed=10 + i, metadata={"weightsmith.demo": "synthetic weights with a real key layout"})
     if full:
         model("flux1-dev-3072.safetensors", flux_shapes(FLUX_E2E, "dev"), seed=21)
         model("flux1-schnell-3072.safetensors", flux_shapes(FLUX_E2E, "schnell"), seed=22)
