@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MismatchError
-from .testmodels import Shapes, iter_random_tensors, write_model
+from .testmodels import Shapes, is_norm_gain, iter_random_tensors, write_model  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -248,27 +248,9 @@ def param_count(shapes: Shapes) -> int:
 
 # --- weights ------------------------------------------------------------------------------------------
 
-_NORM_GAIN = re.compile(r"(^|\.)(in_layers\.0|out_layers\.0|out\.0|norm\d?|layer_norm\d|final_layer_norm)\.weight$")
-
-
-def is_norm_gain(key: str) -> bool:
-    """GroupNorm / LayerNorm gains of SD UNets and CLIP (trained values sit around 1, not around 0)."""
-    return bool(_NORM_GAIN.search(key))
-
-
-def _norm_gains_near_one(key: str, t: torch.Tensor) -> torch.Tensor:
-    # testmodels' generic init only recognises Flux-style `.scale` gains; standardising its draw keeps the
-    # per-key determinism whatever distribution it used, and gives 1 + 0.05 * N(0, 1)
-    if not is_norm_gain(key):
-        return t
-    z = (t - t.mean()) / t.std().clamp_min(1e-12) if t.numel() > 1 else torch.zeros_like(t)
-    return 1.0 + 0.05 * z
-
-
 def iter_sd_tensors(shapes: Shapes, seed: int = 0, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-    """Deterministic random weights for UNet/CLIP shapes, one tensor at a time, with realistic norm gains."""
-    for key, t in iter_random_tensors(shapes, seed, torch.float32):
-        yield key, _norm_gains_near_one(key, t).to(dtype)
+    """Deterministic random weights for UNet/CLIP shapes, one tensor at a time (norm gains near 1)."""
+    return iter_random_tensors(shapes, seed, dtype)
 
 
 def sd_unet_state_dict(kind: str = "sd15", size: str = "tiny", seed: int = 0,
@@ -279,11 +261,7 @@ def sd_unet_state_dict(kind: str = "sd15", size: str = "tiny", seed: int = 0,
 def write_sd_unet(path, kind: str = "sd15", size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float16,
                   prefix: str = "", metadata: dict[str, str] | None = None, transform=None) -> None:
     """Write a UNet streaming; `transform(key, t)` may alter each fp32 tensor (e.g. to make a fine-tune)."""
-    def fix(key: str, t: torch.Tensor) -> torch.Tensor:
-        t = _norm_gains_near_one(key, t)
-        return transform(key, t) if transform is not None else t
-
-    write_model(path, sd_unet_shapes(kind, size), seed, dtype, prefix, metadata, transform=fix)
+    write_model(path, sd_unet_shapes(kind, size), seed, dtype, prefix, metadata, transform=transform)
 
 
 def write_sd15_tiny(path, seed: int = 0, dtype: torch.dtype = torch.float16, prefix: str = "",

@@ -8,6 +8,7 @@ benchmarks use full-width layers. Layouts follow ComfyUI's `comfy/ldm/flux` and 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -143,11 +144,22 @@ def flux_diffusers_shapes(cfg: FluxConfig = FluxConfig(), guidance: bool = True)
     return s
 
 
+# Norm gains: Flux/Chroma `.scale`, diffusers `norm_q.weight`, SD UNet GroupNorms (`in_layers.0`,
+# `out_layers.0`, `out.0`, `norm`, `norm1..3`) and CLIP LayerNorms.
+_NORM_GAIN = re.compile(
+    r"(\.scale$)|((^|\.)(in_layers\.0|out_layers\.0|out\.0|norm\w*|layer_norm\d|final_layer_norm)\.weight$)"
+)
+
+
+def is_norm_gain(key: str) -> bool:
+    """A normalisation gain: trained values sit around 1, not around 0."""
+    return bool(_NORM_GAIN.search(key))
+
+
 def _init_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     # Generated directly in a 16-bit dtype when asked, so writing a multi-GB model streams with no fp32 copy.
     dt = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else torch.float32
-    leaf = key.rsplit(".", 2)
-    if len(shape) == 1 and (key.endswith(".scale") or (key.endswith(".weight") and "norm" in leaf[0])):
+    if len(shape) == 1 and is_norm_gain(key):
         return (torch.randn(shape, generator=gen, dtype=dt).mul_(0.05).add_(1.0)).to(dtype)  # norm gains sit near 1
     fan_in = 1
     for d in shape[1:]:
