@@ -1,0 +1,200 @@
+"""`weightsmith convert | inspect | verify`: LoRA formats, Flux -> Chroma, and what ComfyUI would load."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..dtypes import OUTPUT_DTYPE_CHOICES, dtype_name, parse_dtype
+from ..errors import BadFileError, WeightsmithError
+from ..lora.convert import convert_lora
+from ..lora.formats import (
+    FORMATS,
+    LORA_ARCHES,
+    WRITABLE_FORMATS,
+    detect_format,
+    load_lora,
+    lora_state_dict,
+    lora_summary,
+    save_lora,
+)
+from ..lora.model import LoRA
+from ..lora.reproject import REPROJECT_METHODS
+from ..report import format_table, write_json
+from ..sources import open_model
+
+
+class UsageError(WeightsmithError):
+    """Options that do not go together."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a LoRA to another format and/or to Chroma (exact, no base model)")
+    p.add_argument("input", type=Path, help="LoRA file (any known format: " + ", ".join(FORMATS) + ")")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output .safetensors file")
+    p.add_argument("--to", default="comfy", choices=WRITABLE_FORMATS, help="output format (default: comfy)")
+    p.add_argument("--target-arch", default=None, choices=LORA_ARCHES,
+                   help="retarget the LoRA (flux -> chroma drops the modulation layers Chroma lacks)")
+    p.add_argument("--arch", default=None, choices=LORA_ARCHES, help="architecture of the input (default: detect)")
+    p.add_argument("--dtype", default="keep", choices=OUTPUT_DTYPE_CHOICES, help="output dtype (default: keep)")
+    p.add_argument("--report", type=Path, default=None, help="write the conversion report as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    g = p.add_argument_group("re-project (opt-in, Flux -> Chroma through both base models, then re-extraction)")
+    g.add_argument("--reproject", default=None, choices=REPROJECT_METHODS,
+                   help="reshape each kept layer's change with the bases instead of the exact remap")
+    g.add_argument("--flux-base", type=Path, help="the Flux model the LoRA was trained on")
+    g.add_argument("--chroma-base", type=Path, help="the Chroma model to convert to")
+    g.add_argument("--rank", type=int, default=32, help="rank of the re-extracted LoRA (default 32)")
+    g.add_argument("--strength", type=float, default=1.0, help="LoRA strength, applied once before the method")
+    g.add_argument("--seed", type=int, default=0, help="seed of the comparative mask and the randomized SVD")
+    g.add_argument("--alpha", type=float, default=0.5, help="comparative: weight exponent 1/alpha - 1")
+    g.add_argument("--beta", type=float, default=0.0, help="1 = difference weight / keep dissimilar features")
+    g.add_argument("--gamma", type=float, default=1.0, help="comparative: 0 Bernoulli .. 1 soft mask; dissimilar: exponent")
+    g.add_argument("--multiplier", type=float, default=1.0, help="add_dissimilar: scale of the result")
+    p.set_defaults(func=run_convert)
+
+    p = sub.add_parser("inspect", help="show a LoRA's architecture, format, modules and ranks (or a model's layout)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--modules", action="store_true", help="list every module with its rank")
+    p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+    p.set_defaults(func=run_inspect)
+
+    p = sub.add_parser("verify", help="list the keys of a LoRA that ComfyUI would not load (exit 1 if any)")
+    p.add_argument("lora", type=Path)
+    p.add_argument("--arch", required=True, choices=LORA_ARCHES, help="the model family it is meant for")
+    p.add_argument("--model", type=Path, default=None,
+                   help="check against this model file's layout instead of the full-size architecture")
+    p.set_defaults(func=run_verify)
+
+
+# --- convert ---------------------------------------------------------------------------------------
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    lora = load_lora(args.input, arch=args.arch)
+    if args.reproject:
+        if args.target_arch != "chroma" or not (args.flux_base and args.chroma_base):
+            raise UsageError("--reproject needs --target-arch chroma, --flux-base and --chroma-base")
+        from ..lora.reproject import ReprojectOptions, reproject_flux_to_chroma
+        from ..progress import TerminalProgress
+
+        opts = ReprojectOptions(args.reproject, args.rank, args.strength, args.alpha, args.beta, args.gamma,
+                                args.multiplier, args.seed)
+        converted, report = reproject_flux_to_chroma(lora, args.flux_base, args.chroma_base, opts,
+                                                     progress=TerminalProgress("re-project"))
+    else:
+        converted, report = convert_lora(lora, args.target_arch)
+    out = save_lora(converted, args.output, fmt=args.to, dtype=parse_dtype(args.dtype), protect=[args.input],
+                    overwrite=args.overwrite)
+    print(f"{args.input.name}: {lora.source_format} {lora.arch} LoRA, {len(lora.modules)} modules")
+    print(report.text())
+    print(f"wrote {out} ({args.to}, {converted.arch}, {len(converted.modules)} modules)")
+    if args.report:
+        write_json(args.report, {"input": str(args.input), "output": str(out), "input_format": lora.source_format,
+                                 "output_format": args.to, **report.to_dict()})
+    return 0
+
+
+# --- inspect ---------------------------------------------------------------------------------------
+
+
+def module_rows(lora: LoRA) -> list[dict]:
+    rows = []
+    for name in sorted(lora.modules):
+        m = lora.modules[name]
+        kinds = [k for k, v in (("diff", m.diff), ("diff_b", m.diff_b), ("set", m.set_weight)) if v is not None]
+        rows.append({"module": name, "terms": len(m.terms), "rank": m.rank,
+                     "alpha": ",".join(f"{t.alpha:g}" for t in m.terms if t.alpha is not None) or "-",
+                     "slices": ",".join(f"{t.rows[0]}+{t.rows[1]}" for t in m.terms if t.rows) or "-",
+                     "other": ",".join(kinds) or "-"})
+    return rows
+
+
+def _inspect_model(path: Path) -> dict:
+    from ..arch import detect_arch
+    from ..sources import classify_keys
+
+    src = open_model(path)
+    info = detect_arch(src)
+    groups: dict[str, list[int]] = {}
+    for key, group in classify_keys(src.keys()).items():
+        i = src.info(key)
+        g = groups.setdefault(group, [0, 0, 0])
+        g[0] += 1
+        g[1] += i.numel
+        g[2] += i.nbytes
+    dtypes: dict[str, int] = {}
+    for key in src.keys():
+        d = dtype_name(src.info(key).dtype)
+        dtypes[d] = dtypes.get(d, 0) + 1
+    print(f"{path}: full model, {info}")
+    if info.reason:
+        print(f"  {info.reason}")
+    rows = [{"part": g, "tensors": v[0], "parameters": v[1], "MB": round(v[2] / 2**20, 1)} for g, v in sorted(groups.items())]
+    print(format_table(rows, ["part", "tensors", "parameters", "MB"]))
+    print("dtypes: " + ", ".join(f"{d} ({n})" for d, n in sorted(dtypes.items())))
+    return {"kind": "model", "arch": info.arch, "naming": info.naming, "prefix": info.prefix, **info.details,
+            "parts": {r["part"]: r for r in rows}, "dtypes": dtypes}
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    src = open_model(args.file)
+    if detect_format(src.keys()) == "unknown":
+        data = _inspect_model(args.file)
+    else:
+        lora = load_lora(src)
+        data = {"kind": "lora", **lora_summary(lora)}
+        print(f"{args.file}: {lora.arch} LoRA in {lora.source_format} format")
+        print(format_table([{k: v for k, v in data.items() if k not in ("unknown_key_names", "kind")}]))
+        if args.modules:
+            print(format_table(module_rows(lora), title="modules"))
+        if lora.unknown_keys:
+            print(f"{len(lora.unknown_keys)} keys not understood (kept out of conversions):")
+            for k in lora.unknown_keys[:20]:
+                print(f"  {k}")
+            if len(lora.unknown_keys) > 20:
+                print(f"  … and {len(lora.unknown_keys) - 20} more")
+        if src.nonfinite_keys:  # inspect is the place to scan values; load/convert only remap them
+            print(f"WARNING: {len(src.nonfinite_keys)} tensors hold NaN or Inf: " + ", ".join(src.nonfinite_keys[:8]))
+        data["nonfinite_keys"] = list(src.nonfinite_keys)
+        data["modules_detail"] = module_rows(lora)
+    if args.json:
+        write_json(args.json, data)
+    return 0
+
+
+# --- verify ----------------------------------------------------------------------------------------
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from ._comfy_verify import verify
+
+    src = open_model(args.lora)
+    sd = {k: src.get(k) for k in src.keys()}
+    shapes = None
+    if args.model is not None:
+        from ..sources import diffusion_view
+
+        model = diffusion_view(open_model(args.model))
+        shapes = {k: model.info(k).shape for k in model.keys()}
+    if detect_format(sd) == "unknown":
+        raise BadFileError(f"{args.lora}: not a LoRA in any known format")
+    result = verify(sd, args.arch, shapes)
+    missing, bad = result["not_loaded"], result["shape_errors"]
+    print(f"{args.lora}: ComfyUI maps {result['loaded']} patches for {args.arch}; "
+          f"{len(missing)} keys not loaded, {len(bad)} shape mismatches")
+    for k in missing:
+        print(f"  not loaded: {k}")
+    for b in bad:
+        print(f"  shape: {b}")
+    if missing or bad:
+        lora = load_lora(src)
+        print(f"hint: `weightsmith convert {args.lora} -o fixed.safetensors --to comfy"
+              + (" --target-arch chroma" if args.arch == "chroma" and lora.arch == "flux" else "") + "` writes a file "
+              "ComfyUI loads fully")
+        return 1
+    print("OK: every key loads")
+    return 0
+
+
+__all__ = ["register", "lora_state_dict"]

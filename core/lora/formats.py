@@ -1,0 +1,225 @@
+"""LoRA files in and out: format detection, `load_lora` to the canonical LoRA, `lora_state_dict` /
+`save_lora` in any writable format.
+
+The formats themselves are small reader/writer functions registered in `FORMATS` by
+`formats_kohya` (comfy, kohya, onetrainer) and `formats_peft` (diffusers, xlabs, bfl_control, peft_bfl).
+Every key a reader does not understand is kept by name in `LoRA.unknown_keys`; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from ..errors import BadFileError, MismatchError
+from ..safetensors_io import write_safetensors
+from ..sources import TensorSource, as_source, open_model
+from . import formats_kohya, formats_peft  # noqa: F401  (they register the formats)
+from . import keymaps as km
+from .formats_base import FORMATS, Format, register
+from .model import LoRA
+
+WRITABLE_FORMATS = ("comfy", "kohya", "diffusers", "onetrainer")
+LORA_ARCHES = ("flux", "chroma", "sdxl", "sd15")
+# When two formats match equally many keys, the more specific one wins.
+_PRIORITY = ("xlabs", "bfl_control", "peft_bfl", "onetrainer", "kohya", "diffusers", "comfy")
+
+__all__ = ["FORMATS", "Format", "LORA_ARCHES", "WRITABLE_FORMATS", "detect_format", "infer_arch", "load_lora",
+           "lora_state_dict", "lora_summary", "normalize_arch", "register", "save_lora"]
+
+
+def detect_format(keys: Iterable[str]) -> str:
+    """The format whose naming matches most keys ('unknown' when none does)."""
+    keys = list(keys)
+    scores = {name: FORMATS[name].detect(keys) for name in _PRIORITY if name in FORMATS}
+    for name, fmt in FORMATS.items():
+        scores.setdefault(name, fmt.detect(keys))
+    best = max(scores.values(), default=0)
+    if best <= 0:
+        return "unknown"
+    return next(name for name, s in scores.items() if s == best)
+
+
+def normalize_arch(arch: str | None) -> str | None:
+    """User spellings -> LoRA architecture: flux-dev/flux-schnell/flux -> flux, sd1.5 -> sd15, …"""
+    if arch is None:
+        return None
+    a = arch.strip().lower().replace("_", "-")
+    if a in ("", "auto", "unknown"):
+        return None
+    if a.startswith("flux"):
+        return "flux"
+    a = {"sd1.5": "sd15", "sd-1.5": "sd15", "sd1": "sd15", "sd-xl": "sdxl"}.get(a, a)
+    if a not in LORA_ARCHES:
+        raise ValueError(f"unknown LoRA architecture {arch!r}; choose one of {', '.join(LORA_ARCHES)}")
+    return a
+
+
+class _Subset(TensorSource):
+    """Some keys of another source (what the first reader left over, offered to the next one)."""
+
+    def __init__(self, base: TensorSource, keys: list[str]):
+        super().__init__()
+        self.base, self.name, self.metadata = base, base.name, base.metadata
+        self._infos = {k: base.info(k) for k in keys}
+
+    def _load(self, key: str) -> torch.Tensor:
+        return self.base.get(key)
+
+
+def _merge_into(lora: LoRA, other: LoRA) -> None:
+    for name, mod in other.modules.items():
+        mine = lora.module(name)
+        mine.terms.extend(mod.terms)
+        for role in ("diff", "diff_b"):
+            v = getattr(mod, role)
+            if v is not None:
+                cur = getattr(mine, role)
+                setattr(mine, role, v if cur is None else cur.float() + v.float())
+        if mod.set_weight is not None:
+            mine.set_weight = mod.set_weight
+
+
+def load_lora(src: str | os.PathLike | TensorSource | Mapping[str, torch.Tensor], arch: str | None = None) -> LoRA:
+    """Read a LoRA file (or state dict / source) of any known format into the canonical LoRA.
+
+    `arch` (flux | chroma | sdxl | sd15) overrides detection; a LoRA whose modules contradict it raises
+    MismatchError. Keys no reader understands end up in `lora.unknown_keys`.
+    """
+    if isinstance(src, (str, os.PathLike)):
+        # A LoRA file is remapped, not computed on: scanning every value for NaN/Inf here would cost more than
+        # the whole conversion (`weightsmith inspect` checks it). A source passed in keeps its own policy.
+        source = open_model(src, nonfinite="ignore")
+    else:
+        source = as_source(src)
+    hint = normalize_arch(arch)
+    keys = source.keys()
+    fmt = detect_format(keys)
+    if fmt == "unknown":
+        raise BadFileError(_not_a_lora(source))
+    recorded = source.metadata.get("weightsmith.format")
+    if recorded in FORMATS and recorded != fmt and FORMATS[recorded].detect(keys) >= FORMATS[fmt].detect(keys):
+        fmt = recorded  # same names in two formats (OneTrainer SD = kohya): the writer's word decides
+    lora = FORMATS[fmt].read(source, hint)
+    # A file may mix spellings (kohya UNet + diffusers text encoder, …): offer the rest to the other readers.
+    tried = {fmt}
+    while lora.unknown_keys:
+        rest = list(lora.unknown_keys)
+        scores = {n: f.detect(rest) for n, f in FORMATS.items() if n not in tried}
+        nxt = max(scores, key=lambda n: scores[n], default=None)
+        if nxt is None or scores[nxt] <= 0:
+            break
+        tried.add(nxt)
+        extra = FORMATS[nxt].read(_Subset(source, rest), hint)
+        if len(extra.unknown_keys) >= len(rest):
+            continue
+        _merge_into(lora, extra)
+        lora.unknown_keys = extra.unknown_keys
+    if not lora.modules:
+        raise BadFileError(f"{source.name}: read as {fmt} but no key names a known layer "
+                           f"(e.g. {', '.join(sorted(keys)[:3])}); is it a LoRA for another architecture?")
+    lora.arch = _checked_arch(lora, hint, source.name)
+    return lora
+
+
+def _not_a_lora(source: TensorSource) -> str:
+    from ..arch import detect_arch
+
+    info = detect_arch(source)
+    if info.arch != "unknown":
+        return f"{source.name}: this is a full {info.arch} model, not a LoRA"
+    sample = ", ".join(sorted(source.keys())[:4])
+    known = ", ".join(FORMATS)
+    return f"{source.name}: no known LoRA format ({known}) matches its keys (e.g. {sample})"
+
+
+def infer_arch(lora: LoRA) -> str:
+    """flux | chroma | sdxl | sd15 | unknown, from the modules a LoRA targets (and shapes where needed)."""
+    names = [n[len(km.DIFFUSION):] for n in lora.modules if n.startswith(km.DIFFUSION)]
+    encoders = {te[0] for n in lora.modules if (te := km.split_te(n))}
+    recorded = lora.metadata.get("weightsmith.arch")
+    if any(km.is_flux_module(n) for n in names):
+        if any(km.is_chroma_only(n) for n in names):
+            return "chroma"
+        if any(km.is_flux_modulation(n) for n in names):
+            return "flux"
+        return recorded if recorded in ("flux", "chroma") else "flux"
+    if any(km.SD_LDM_RE.match(n) for n in names):
+        if recorded in ("sd15", "sdxl"):
+            return recorded
+        if "clip_g" in encoders or any(n.startswith("label_emb.") for n in names):
+            return "sdxl"
+        if any(n.startswith("input_blocks.1.1.") for n in names):
+            return "sd15"
+        for n in names:
+            if n.endswith("attn2.to_k"):
+                mod = lora.modules[km.DIFFUSION + n]
+                width = mod.terms[0].down.shape[1] if mod.terms else (mod.diff.shape[1] if mod.diff is not None else 0)
+                if width in (768, 2048):
+                    return "sd15" if width == 768 else "sdxl"
+        return "sd15"
+    if encoders:
+        if "clip_g" in encoders:
+            return "sdxl"
+        if "t5xxl" in encoders:
+            return "flux" if "clip_l" in encoders else "chroma"
+        return "sd15"
+    return "unknown"
+
+
+def _family(arch: str) -> str:
+    return {"flux": "flux", "chroma": "flux", "sdxl": "sd", "sd15": "sd"}.get(arch, "unknown")
+
+
+def _checked_arch(lora: LoRA, hint: str | None, where: str) -> str:
+    found = infer_arch(lora)
+    if hint is None:
+        return found
+    if found != "unknown" and _family(found) != _family(hint):
+        raise MismatchError(f"{where}: this is a {found} LoRA, not a {hint} one; use it with a {found} model")
+    names = [n[len(km.DIFFUSION):] for n in lora.modules if n.startswith(km.DIFFUSION)]
+    if hint == "chroma" and (mod := [n for n in names if km.is_flux_modulation(n)]):
+        raise MismatchError(f"{where}: this Flux LoRA targets layers Chroma does not have ({', '.join(mod[:4])}…); "
+                            "convert it with flux_to_chroma / `weightsmith convert --target-arch chroma`")
+    if hint == "flux" and (only := [n for n in names if km.is_chroma_only(n)]):
+        raise MismatchError(f"{where}: this is a Chroma LoRA (it targets {only[0]}), not a Flux one")
+    return hint  # within a family the caller knows best (SD1.5 vs SDXL from names alone can be ambiguous)
+
+
+def lora_state_dict(lora: LoRA, fmt: str = "comfy", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA as a state dict in `fmt` (comfy | kohya | diffusers | onetrainer); ΔW exactly preserved.
+    `dtype` casts factors and diffs (alphas stay fp32 scalars); None keeps each tensor's dtype."""
+    f = FORMATS.get(fmt)
+    if f is None or f.write is None:
+        raise MismatchError(f"cannot write LoRA format {fmt!r}; writable formats: {', '.join(WRITABLE_FORMATS)}")
+    return f.write(lora, dtype)
+
+
+def save_lora(
+    lora: LoRA,
+    path: str | os.PathLike,
+    fmt: str = "comfy",
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
+    protect: Iterable[str | os.PathLike] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Write the LoRA atomically as .safetensors in `fmt`; the metadata records architecture and format."""
+    sd = lora_state_dict(lora, fmt, dtype)
+    if not sd:
+        raise MismatchError(f"{path}: the LoRA has no modules left to save")
+    meta = {k: v for k, v in lora.metadata.items() if isinstance(k, str) and isinstance(v, str)}
+    meta.update({"weightsmith.format": fmt, "weightsmith.arch": lora.arch, "weightsmith.source_format": lora.source_format})
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    return write_safetensors(path, sd, meta, protect=protect, overwrite=overwrite)
+
+
+def lora_summary(lora: LoRA) -> dict:
+    """`LoRA.summary()` plus the factor dtypes and the names of keys not understood (for reports)."""
+    s = lora.summary()
+    s["dtypes"] = sorted({str(t.up.dtype).replace("torch.", "") for m in lora.modules.values() for t in m.terms})
+    s["unknown_key_names"] = list(lora.unknown_keys)
+    return s

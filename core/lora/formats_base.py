@@ -1,0 +1,343 @@
+"""Shared machinery of the LoRA format readers and writers (the registry lives here too).
+
+Reading is three steps: group a file's keys by module prefix and role (up, down, alpha, diff, …) using
+the format's suffix table; resolve each prefix to a canonical target (module, optional row slice, optional
+half swap); assemble the canonical `LoRA`. Keys that match no suffix or whose prefix resolves to nothing go
+to `lora.unknown_keys` by name.
+
+Writing is the reverse: each canonical module is named by the format (possibly as several row slices);
+the terms falling in each slice are fused into one (up, down, alpha) pair, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import BadFileError, MismatchError
+from ..sources import TensorSource
+from . import keymaps
+from .factors import fuse_terms, pad_rows, slice_term, swap_halves
+from .model import LoRA, LoraTerm, ModuleDelta
+
+RESHAPE_META = "weightsmith.reshape"  # JSON {module: [out, in]}: weights a LoRA widens (BFL control img_in)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a file module lands in the canonical LoRA."""
+
+    module: str  # canonical module name
+    rows: tuple[int, int] | None = None  # (start, length) in units of H; H = the file tensor's rows / length
+    swap: bool = False  # halves swapped relative to canonical
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    description: str
+    detect: Callable[[list[str]], int]  # how strongly the keys look like this format (0 = not at all)
+    read: Callable[[TensorSource, str | None], LoRA]
+    write: Callable[[LoRA, torch.dtype | None], dict[str, torch.Tensor]] | None = None
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+Suffixes = list[tuple[str, str]]  # (key suffix, role); longest suffix wins
+
+KOHYA_SUFFIXES: Suffixes = [
+    (".lora_up.weight", "up"), (".lora_down.weight", "down"), (".alpha", "alpha"), (".diff", "diff"),
+    (".diff_b", "diff_b"), (".set_weight", "set"), (".reshape_weight", "reshape"),
+]
+PEFT_SUFFIXES: Suffixes = [
+    (".lora_B.weight", "up"), (".lora_A.weight", "down"), (".lora_B.bias", "diff_b"), (".alpha", "alpha"),
+    (".lora_B.default.weight", "up"), (".lora_A.default.weight", "down"),
+    (".lora.up.weight", "up"), (".lora.down.weight", "down"), ("_lora.up.weight", "up"), ("_lora.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"), (".lora_linear_layer.down.weight", "down"),
+    (".diff", "diff"), (".diff_b", "diff_b"), (".set_weight", "set"), (".reshape_weight", "reshape"),
+]
+
+
+def group_keys(keys: list[str], suffixes: Suffixes) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """{prefix: {role: key}} and the keys no suffix matched."""
+    ordered = sorted(suffixes, key=lambda s: -len(s[0]))
+    groups: dict[str, dict[str, str]] = {}
+    rest: list[str] = []
+    for k in keys:
+        for suf, role in ordered:
+            if k.endswith(suf) and len(k) > len(suf):
+                prefix = k[: -len(suf)]
+                slot = groups.setdefault(prefix, {})
+                if role in slot:  # two spellings of one tensor: keep the first, report the other
+                    rest.append(k)
+                else:
+                    slot[role] = k
+                break
+        else:
+            rest.append(k)
+    return groups, rest
+
+
+def _as_float(t: torch.Tensor, key: str, src: TensorSource) -> float:
+    if t.numel() != 1:
+        raise BadFileError(f"{src.name}: {key!r} should be a scalar alpha, has shape {tuple(t.shape)}")
+    return float(t.float().item())
+
+
+def assemble(
+    src: TensorSource,
+    groups: dict[str, dict[str, str]],
+    resolve: Callable[[str], Target | None],
+    lora: LoRA,
+) -> None:
+    """Turn grouped keys into canonical module deltas (in place); unresolvable groups -> unknown_keys."""
+    reshape: dict[str, list[int]] = json.loads(lora.metadata.get(RESHAPE_META, "{}"))
+    for prefix, roles in groups.items():
+        target = resolve(prefix)
+        if target is None or (("up" in roles) != ("down" in roles)):
+            lora.unknown_keys.extend(roles.values())
+            continue
+        t = {role: src.get(key) for role, key in roles.items()}
+        mod = lora.module(target.module)
+        if "up" in t:
+            up, down = t["up"], t["down"]
+            if up.ndim < 2 or down.ndim < 2 or up.shape[1] != down.shape[0]:
+                raise BadFileError(
+                    f"{src.name}: {roles['up']!r} {tuple(up.shape)} and {roles['down']!r} {tuple(down.shape)} "
+                    "are not a LoRA pair (up's columns must equal down's rows)"
+                )
+            alpha = _as_float(t["alpha"], roles["alpha"], src) if "alpha" in t else None
+            if target.swap:
+                up = swap_halves(up)
+            mod.terms.append(LoraTerm(up=up, down=down, alpha=alpha, rows=_abs_rows(target, up.shape[0])))
+        elif "alpha" in t and not ({"diff", "diff_b", "set"} & t.keys()):
+            lora.unknown_keys.append(roles["alpha"])
+        for role in ("diff", "diff_b"):
+            if role not in t:
+                continue
+            v = swap_halves(t[role]) if target.swap else t[role]
+            if target.rows is not None:
+                rows = _abs_rows(target, v.shape[0])
+                v = pad_rows(v, rows, _total_rows(target, rows))
+            cur = getattr(mod, role)
+            setattr(mod, role, v if cur is None else cur.float() + v.float())
+        if "set" in t:
+            if target.rows is not None:
+                lora.unknown_keys.append(roles["set"])
+            else:
+                mod.set_weight = t["set"]
+        if "reshape" in t:
+            reshape[target.module] = [int(x) for x in t["reshape"].flatten().tolist()]
+    if reshape:
+        lora.metadata[RESHAPE_META] = json.dumps(reshape, sort_keys=True)
+    for name in [n for n, m in lora.modules.items() if m.is_empty()]:
+        del lora.modules[name]
+
+
+def _abs_rows(target: Target, piece_rows: int) -> tuple[int, int] | None:
+    if target.rows is None:
+        return None
+    start, length = target.rows
+    h = piece_rows // length
+    return (start * h, length * h)
+
+
+def _total_rows(target: Target, rows: tuple[int, int]) -> int:
+    h = rows[1] // target.rows[1]
+    leaf = target.module.rsplit(".", 1)[-1]
+    return keymaps.FUSED_ROWS.get(leaf, 1) * h
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class OutName:
+    """How a writer names (a slice of) a canonical module."""
+
+    prefix: str
+    rows: tuple[int, int] | None = None  # (start, length) in units of H of the canonical module
+    swap: bool = False
+    split: bool = False  # the loader maps this prefix to a slice/function: it cannot take a bias diff
+    up: str | None = None  # suffix overrides for this name (old diffusers attention: `_lora.up.weight`)
+    down: str | None = None
+
+
+@dataclass(frozen=True)
+class WriteStyle:
+    up: str  # key suffix of the up factor
+    down: str
+    alpha: str = "keep"  # keep: write alpha when set; always: write alpha (rank when unset); bake: fold into up
+
+
+def hidden_of(mod: ModuleDelta) -> int | None:
+    """Input width of a module (H for fused Flux weights), from its factors or diffs."""
+    for t in mod.terms:
+        return int(t.down.shape[1])
+    if mod.diff is not None and mod.diff.ndim > 1:
+        return int(mod.diff.shape[1])
+    return None
+
+
+def module_rows(name: str, mod: ModuleDelta) -> int:
+    """Total rows of the module's weight."""
+    h = hidden_of(mod)
+    if h is not None:
+        fused = keymaps.fused_rows(name, h)
+        if fused is not None:
+            return fused
+    for t in mod.terms:
+        if t.rows is None:
+            return int(t.up.shape[0])
+    for v in (mod.diff, mod.diff_b, mod.set_weight):
+        if v is not None:
+            return int(v.shape[0])
+    raise MismatchError(f"module {name}: cannot tell its number of rows (only partial-row terms on a non-fused weight)")
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None, like: torch.Tensor) -> torch.Tensor:
+    from ..dtypes import cast_for_output
+
+    target = dtype or (like.dtype if like.is_floating_point() else torch.float32)
+    return cast_for_output(t, target).contiguous()
+
+
+def emit_module(
+    out: dict[str, torch.Tensor],
+    name: str,
+    mod: ModuleDelta,
+    names: list[OutName],
+    style: WriteStyle,
+    dtype: torch.dtype | None,
+    fmt: str,
+    reshape: dict[str, list[int]],
+) -> None:
+    """Write one canonical module under the format's names (one, or one per row slice)."""
+    total = module_rows(name, mod)
+    sliced = any(n.rows is not None for n in names)
+    h = total // keymaps.FUSED_ROWS.get(name.rsplit(".", 1)[-1], 1) if sliced else total
+    for n in names:
+        start, length = (0, total) if n.rows is None else (n.rows[0] * h, n.rows[1] * h)
+        pieces = [p for p in (slice_term(t, start, length) for t in mod.terms) if p is not None]
+        if pieces:
+            up, down, alpha = fuse_terms(pieces, length)
+            like = mod.terms[0].up
+            if style.alpha == "bake":
+                up = up.float() * (1.0 if alpha is None else alpha / down.shape[0])
+                alpha = None
+            elif style.alpha == "always" and alpha is None:
+                alpha = float(down.shape[0])
+            if n.swap:
+                up = swap_halves(up)
+            out[n.prefix + (n.up or style.up)] = _cast(up, dtype, like)
+            out[n.prefix + (n.down or style.down)] = _cast(down, dtype, mod.terms[0].down)
+            if alpha is not None:
+                out[n.prefix + ".alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        for role, suffix in (("diff", ".diff"), ("diff_b", ".diff_b")):
+            v = getattr(mod, role)
+            if v is None:
+                continue
+            if role == "diff_b" and n.split:
+                raise MismatchError(
+                    f"module {name}: the {fmt} format cannot carry a bias change on {n.prefix} (ComfyUI maps that "
+                    "name to a slice of a fused weight); save as comfy or kohya instead"
+                )
+            piece = v[start : start + length]
+            if not piece.abs().sum() and n.rows is not None:
+                continue  # a slice the diff does not touch
+            if n.swap:
+                piece = swap_halves(piece)
+            out[n.prefix + suffix] = _cast(piece, dtype, v)
+        if mod.set_weight is not None:
+            if n.rows is not None:
+                raise MismatchError(f"module {name}: the {fmt} format cannot replace a slice of a fused weight")
+            out[n.prefix + ".set_weight"] = _cast(mod.set_weight, dtype, mod.set_weight)
+        if name in reshape and n is names[0]:
+            out[n.prefix + ".reshape_weight"] = torch.tensor(reshape[name], dtype=torch.int64)
+
+
+def km_layout(lora: LoRA) -> str:
+    return keymaps.sd_layout(lora.arch, lora.metadata)
+
+
+def write_with(
+    lora: LoRA,
+    dtype: torch.dtype | None,
+    namer: Callable[[str, str], list[OutName]],
+    style: WriteStyle,
+    fmt: str,
+) -> dict[str, torch.Tensor]:
+    """Every module through `namer(module, arch)`; modules the format cannot name raise, listed."""
+    out: dict[str, torch.Tensor] = {}
+    reshape = json.loads(lora.metadata.get(RESHAPE_META, "{}"))
+    missing: list[str] = []
+    for name in sorted(lora.modules):
+        mod = lora.modules[name]
+        if mod.is_empty():
+            continue
+        names = namer(name, lora.arch)
+        if not names:
+            missing.append(name)
+            continue
+        emit_module(out, name, mod, names, style, dtype, fmt, reshape)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", … ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise MismatchError(
+            f"the {fmt} format has no name for {len(missing)} module(s) of this {lora.arch} LoRA: {shown}; "
+            "save it in the comfy format, which names every module"
+            + (f" (SD names follow the {km_layout(lora)} UNet layout; a LoRA for another layout records it "
+               f"in the metadata key {keymaps.SD_LAYOUT_META})" if lora.arch in ("sd15", "sdxl") else "")
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Architecture clues from raw keys (needed before names can be mapped: SD diffusers names depend on it)
+
+_SDXL_CLUES = ("add_embedding", "label_emb", "text_encoder_2.", "lora_te2_text_model", "clip_g.")
+_SD15_CLUES = ("down_blocks_0_attentions", "down_blocks.0.attentions", "input_blocks_1_1_", "input_blocks.1.1.",
+               "down_blocks_3_", "down_blocks.3.")
+
+
+def guess_sd_arch(src: TensorSource, hint: str | None) -> str:
+    """'sd15' or 'sdxl' for a LoRA on an SD UNet (its layout decides what diffusers names mean)."""
+    if hint in ("sd15", "sdxl"):
+        return hint
+    keys = src.keys()
+    lay = src.metadata.get(keymaps.SD_LAYOUT_META, "")
+    if lay.startswith(("sd15/", "sdxl/")):
+        return lay.split("/", 1)[0]
+    if any(c in k for k in keys for c in _SDXL_CLUES):
+        return "sdxl"
+    if any(c in k for k in keys for c in _SD15_CLUES):
+        return "sd15"
+    for k in keys:  # cross-attention key width is the text context: 768 (SD1.5) or 2048 (SDXL)
+        if "attn2" in k and "to_k" in k and ("down" in k.rsplit("to_k", 1)[1] or "lora_A" in k):
+            width = src.info(k).shape[1] if len(src.info(k).shape) > 1 else 0
+            if width in (768, 2048):
+                return "sd15" if width == 768 else "sdxl"
+    return "sd15"
+
+
+def sd_layout_of(src: TensorSource, hint: str | None) -> str:
+    arch = guess_sd_arch(src, hint)
+    return keymaps.sd_layout(arch, src.metadata)
+
+
+def new_lora(src: TensorSource, fmt: str) -> LoRA:
+    meta = dict(src.metadata)
+    return LoRA(arch="unknown", source_format=fmt, metadata=meta)

@@ -1,0 +1,195 @@
+"""ComfyUI-native, kohya and OneTrainer LoRA formats (lora_up / lora_down / alpha).
+
+- comfy: `diffusion_model.<BFL/LDM module>.lora_up.weight`, `.lora_down.weight`, `.alpha`, `.diff`, `.diff_b`,
+  `.set_weight`; `text_encoders.<encoder>.transformer.<HF module>.*`. Names every module of every model.
+- kohya: `lora_unet_<BFL name underscored>` for Flux/Chroma; `lora_unet_<diffusers name underscored>` for SD
+  UNets (LDM-underscored names are read too); `lora_te{,1,2}_<HF name underscored>`; alpha always written.
+- onetrainer: `lora_transformer_<diffusers Flux name underscored>` (split q/k/v), kohya names otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..sources import TensorSource
+from . import keymaps as km
+from .formats_base import (
+    KOHYA_SUFFIXES,
+    Format,
+    OutName,
+    Target,
+    WriteStyle,
+    assemble,
+    group_keys,
+    new_lora,
+    register,
+    sd_layout_of,
+    write_with,
+)
+from .model import LoRA
+
+KOHYA_STYLE = WriteStyle(up=".lora_up.weight", down=".lora_down.weight", alpha="always")
+COMFY_STYLE = WriteStyle(up=".lora_up.weight", down=".lora_down.weight", alpha="keep")
+
+_BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "final_layer.", "time_in.", "vector_in.",
+              "guidance_in.", "distilled_guidance_layer.")
+
+
+# --- comfy -----------------------------------------------------------------------------------------
+
+
+def _comfy_target(prefix: str) -> Target | None:
+    if prefix.startswith(km.TEXT):
+        return Target(prefix)
+    for p in ("model.diffusion_model.", km.DIFFUSION, "transformer."):
+        if prefix.startswith(p):
+            name = prefix[len(p):]
+            break
+    else:
+        name = prefix
+        if not (name.startswith(_BFL_ROOTS) or km.SD_LDM_RE.match(name)):
+            return None
+    if prefix.startswith("transformer.") and not name.startswith(_BFL_ROOTS):
+        return None  # diffusers names: the diffusers reader's business
+    m = re.match(r"^single_blocks\.(\d+)\.linear1_qkv$", name)
+    if m:  # XLabs/USO spelling ComfyUI registers: the q|k|v rows of linear1
+        return Target(f"{km.DIFFUSION}single_blocks.{m.group(1)}.linear1", rows=(0, 3))
+    return Target(km.DIFFUSION + name)
+
+
+def detect_comfy(keys: list[str]) -> int:
+    n = 0
+    for k in keys:
+        if k.startswith((km.DIFFUSION, km.TEXT, "model.diffusion_model.", "transformer.double_blocks.",
+                         "transformer.single_blocks.")):
+            n += 1
+        elif k.startswith(_BFL_ROOTS) and k.endswith((".lora_up.weight", ".lora_down.weight", ".diff", ".diff_b")):
+            n += 1
+    return n
+
+
+def read_comfy(src: TensorSource, arch: str | None) -> LoRA:
+    lora = new_lora(src, "comfy")
+    groups, rest = group_keys(src.keys(), KOHYA_SUFFIXES + [(".lora_B.weight", "up"), (".lora_A.weight", "down")])
+    lora.unknown_keys.extend(rest)
+    assemble(src, groups, _comfy_target, lora)
+    return lora
+
+
+def write_comfy(lora: LoRA, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return write_with(lora, dtype, lambda name, arch: [OutName(name)], COMFY_STYLE, "comfy")
+
+
+# --- kohya / OneTrainer ----------------------------------------------------------------------------
+
+_TE_RE = re.compile(r"^lora_te(\d?)_(.+)$")
+
+
+def _kohya_resolver(arch: str | None, layout: str):
+    def resolve(prefix: str) -> Target | None:
+        if prefix.startswith("lora_unet_"):
+            name = km.dotted(prefix[len("lora_unet_"):])
+            if km.is_flux_module(name) or km.SD_LDM_RE.match(name):
+                return Target(km.DIFFUSION + name)
+            if km.SD_DIFFUSERS_RE.match(name):
+                ldm = km.sd_from_diffusers(name, layout)
+                return Target(km.DIFFUSION + ldm) if ldm else None
+            return None
+        if prefix.startswith("lora_transformer_"):
+            piece = km.flux_from_diffusers(km.dotted(prefix[len("lora_transformer_"):]))
+            return Target(km.DIFFUSION + piece.bfl, piece.rows, piece.swap) if piece else None
+        m = _TE_RE.match(prefix)
+        if m:
+            hf = km.dotted(m.group(2))
+            return Target(km.te_name(km.kohya_te_encoder(m.group(1), hf, arch or ""), hf))
+        return None
+
+    return resolve
+
+
+def detect_kohya(keys: list[str]) -> int:
+    return sum(k.startswith(("lora_unet_", "lora_te")) for k in keys)
+
+
+def detect_onetrainer(keys: list[str]) -> int:
+    n = sum(k.startswith("lora_transformer_") for k in keys)
+    return n + sum(k.startswith("lora_te") for k in keys) if n else 0
+
+
+def _read_kohya_family(src: TensorSource, arch: str | None, fmt: str) -> LoRA:
+    lora = new_lora(src, fmt)
+    keys = src.keys()
+    layout = sd_layout_of(src, arch) if any(k.startswith("lora_unet_") for k in keys) else ""
+    groups, rest = group_keys(keys, KOHYA_SUFFIXES)
+    lora.unknown_keys.extend(rest)
+    assemble(src, groups, _kohya_resolver(arch, layout), lora)
+    return lora
+
+
+def read_kohya(src: TensorSource, arch: str | None) -> LoRA:
+    return _read_kohya_family(src, arch, "kohya")
+
+
+def read_onetrainer(src: TensorSource, arch: str | None) -> LoRA:
+    return _read_kohya_family(src, arch, "onetrainer")
+
+
+def _te_kohya_name(module: str, arch: str) -> list[OutName]:
+    enc, hf = km.split_te(module) or (None, "")
+    idx = km.kohya_te_index(enc, arch) if enc else None
+    return [] if idx is None else [OutName(f"lora_te{idx}_{km.underscored(hf)}")]
+
+
+def sd_unet_kohya_name(module: str, lora: LoRA) -> str:
+    """kohya name of an SD UNet module: diffusers-underscored where the layout has a diffusers name,
+    LDM-underscored otherwise (ComfyUI registers both for every weight)."""
+    ldm = module[len(km.DIFFUSION):]
+    d = km.sd_to_diffusers(ldm, km.sd_layout(lora.arch, lora.metadata))
+    return "lora_unet_" + km.underscored(d or ldm)
+
+
+def _kohya_namer(lora: LoRA):
+    def names(module: str, arch: str) -> list[OutName]:
+        if module.startswith(km.TEXT):
+            return _te_kohya_name(module, arch)
+        if module.endswith(".scale"):
+            return []  # ComfyUI's kohya map covers `.weight` parameters only
+        if arch in ("sd15", "sdxl"):
+            return [OutName(sd_unet_kohya_name(module, lora))]
+        return [OutName("lora_unet_" + km.underscored(module[len(km.DIFFUSION):]))]
+
+    return names
+
+
+def write_kohya(lora: LoRA, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return write_with(lora, dtype, _kohya_namer(lora), KOHYA_STYLE, "kohya")
+
+
+def _onetrainer_namer(lora: LoRA):
+    kohya = _kohya_namer(lora)
+
+    def names(module: str, arch: str) -> list[OutName]:
+        if module.startswith(km.TEXT) or arch in ("sd15", "sdxl"):
+            return kohya(module, arch)
+        if km.is_chroma_only(module[len(km.DIFFUSION):]):
+            return []  # no ComfyUI-loadable diffusers name for Chroma's guidance layer
+        return [
+            OutName("lora_transformer_" + km.underscored(d), p.rows, p.swap, split=p.rows is not None or p.swap)
+            for d, p in km.flux_to_diffusers(module[len(km.DIFFUSION):])
+        ]
+
+    return names
+
+
+def write_onetrainer(lora: LoRA, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return write_with(lora, dtype, _onetrainer_namer(lora), KOHYA_STYLE, "onetrainer")
+
+
+register(Format("comfy", "ComfyUI-native: diffusion_model.<module>.lora_up/lora_down/alpha, diff, diff_b, set_weight",
+                detect_comfy, read_comfy, write_comfy))
+register(Format("kohya", "kohya sd-scripts: lora_unet_* / lora_te*_*, lora_up/lora_down + alpha",
+                detect_kohya, read_kohya, write_kohya))
+register(Format("onetrainer", "OneTrainer: lora_transformer_<diffusers name> (split q/k/v), lora_te*_*, alpha",
+                detect_onetrainer, read_onetrainer, write_onetrainer))

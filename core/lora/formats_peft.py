@@ -1,0 +1,232 @@
+"""diffusers / PEFT-style LoRA formats (lora_A / lora_B) and the Flux-specific XLabs and BFL layouts.
+
+- diffusers (also ai-toolkit, SimpleTuner, DiffSynth without prefix): Flux `transformer.<diffusers name>`
+  with q/k/v and proj_mlp split out of the fused BFL weights and `norm_out.linear` halves swapped; SD UNets
+  `unet.<diffusers name>` (written in the attention-processor spelling `attn1.processor.to_q_lora.up.weight`
+  / `resnets.0.conv1.lora.up.weight`, the one both ComfyUI and diffusers load); text encoders
+  `text_encoder{,_2}.<HF name>`. Scales are baked into lora_B (files carry no alpha).
+- xlabs (read only): `double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight`, single blocks
+  `qkv_lora` (linear1's q|k|v rows) and `proj_lora` (linear2). ComfyUI 0.3.75 loads only the full USO set.
+- bfl_control (read only): bare BFL names with lora_A/lora_B, `lora_B.bias` (a bias change) and norm
+  `scale` tensors (replacements).
+- peft_bfl (read only): `base_model.model.<BFL name>.lora_A/lora_B` (FAL and other PEFT trainers).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..sources import TensorSource
+from . import keymaps as km
+from .formats_base import (
+    PEFT_SUFFIXES,
+    Format,
+    OutName,
+    Target,
+    WriteStyle,
+    assemble,
+    group_keys,
+    new_lora,
+    register,
+    sd_layout_of,
+    write_with,
+)
+from .model import LoRA
+
+DIFFUSERS_STYLE = WriteStyle(up=".lora_B.weight", down=".lora_A.weight", alpha="bake")
+_BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "final_layer.", "time_in.", "vector_in.",
+              "guidance_in.", "distilled_guidance_layer.")
+_FLUX_DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
+                         "time_text_embed.", "norm_out.", "proj_out.")
+
+
+# --- diffusers -------------------------------------------------------------------------------------
+
+
+def _flux_piece(name: str) -> Target | None:
+    piece = km.flux_from_diffusers(name)
+    if piece is not None:
+        return Target(km.DIFFUSION + piece.bfl, piece.rows, piece.swap)
+    if km.is_flux_module(name):  # BFL names under `transformer.` (seen in the wild)
+        return Target(km.DIFFUSION + name)
+    return None
+
+
+def _sd_piece(name: str, layout: str) -> Target | None:
+    name = name.replace(".processor.", ".")
+    if name.endswith(".to_out"):
+        name += ".0"
+    ldm = km.sd_from_diffusers(name, layout)
+    return Target(km.DIFFUSION + ldm) if ldm else None
+
+
+def _diffusers_resolver(src: TensorSource, arch: str | None):
+    layout = ""
+
+    def sd(name: str) -> Target | None:
+        nonlocal layout
+        layout = layout or sd_layout_of(src, arch)
+        return _sd_piece(name, layout)
+
+    def resolve(prefix: str) -> Target | None:
+        if prefix.startswith("transformer."):
+            return _flux_piece(prefix[len("transformer."):])
+        if prefix.startswith("unet."):
+            return sd(prefix[len("unet."):])
+        m = re.match(r"^(text_encoder(?:_2)?)\.(.+)$", prefix)
+        if m:
+            return Target(km.te_name(km.diffusers_te_encoder(m.group(1), m.group(2), arch or ""), m.group(2)))
+        if prefix.startswith(_FLUX_DIFFUSERS_ROOTS):
+            return _flux_piece(prefix)
+        if km.SD_DIFFUSERS_RE.match(prefix):
+            return sd(prefix)
+        return None
+
+    return resolve
+
+
+def detect_diffusers(keys: list[str]) -> int:
+    n = 0
+    for k in keys:
+        if k.startswith("transformer."):
+            n += not k.startswith(("transformer.double_blocks.", "transformer.single_blocks."))
+        elif k.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
+            n += 1
+        elif k.startswith(_FLUX_DIFFUSERS_ROOTS) or km.SD_DIFFUSERS_RE.match(k):
+            n += 1
+    return n
+
+
+def read_diffusers(src: TensorSource, arch: str | None) -> LoRA:
+    lora = new_lora(src, "diffusers")
+    groups, rest = group_keys(src.keys(), PEFT_SUFFIXES + [(".lora_up.weight", "up"), (".lora_down.weight", "down")])
+    lora.unknown_keys.extend(rest)
+    assemble(src, groups, _diffusers_resolver(src, arch), lora)
+    return lora
+
+
+_SD_ATTN = re.compile(r"^(.*\.attn[12])\.(to_q|to_k|to_v|to_out\.0)$")
+
+
+def _diffusers_namer(lora: LoRA):
+    def names(module: str, arch: str) -> list[OutName]:
+        te = km.split_te(module)
+        if te is not None:
+            prefix = km.diffusers_te_prefix(te[0], arch)
+            return [OutName(f"{prefix}.{te[1]}")] if prefix else []
+        name = module[len(km.DIFFUSION):]
+        if arch in ("sd15", "sdxl"):
+            d = km.sd_to_diffusers(name, km.sd_layout(arch, lora.metadata))
+            if d is None:
+                return []
+            m = _SD_ATTN.match(d)
+            if m:  # attention-processor spelling: the only one ComfyUI 0.3.75 maps for SD attention
+                proj = m.group(2).replace(".0", "")
+                return [OutName(f"unet.{m.group(1)}.processor.{proj}", up="_lora.up.weight", down="_lora.down.weight")]
+            return [OutName(f"unet.{d}", up=".lora.up.weight", down=".lora.down.weight")]
+        if km.is_chroma_only(name):
+            return []  # diffusers does name Chroma's guidance layer, but ComfyUI 0.3.75 would not load it
+        return [
+            OutName("transformer." + d, p.rows, p.swap, split=p.rows is not None or p.swap)
+            for d, p in km.flux_to_diffusers(name)
+        ]
+
+    return names
+
+
+def write_diffusers(lora: LoRA, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return write_with(lora, dtype, _diffusers_namer(lora), DIFFUSERS_STYLE, "diffusers")
+
+
+# --- XLabs -----------------------------------------------------------------------------------------
+
+_XLABS_RE = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.processor\.(qkv|proj)_lora([12]?)$")
+_XLABS_DOUBLE = {("qkv", "1"): "img_attn.qkv", ("qkv", "2"): "txt_attn.qkv",
+                 ("proj", "1"): "img_attn.proj", ("proj", "2"): "txt_attn.proj"}
+
+
+def _xlabs_target(prefix: str) -> Target | None:
+    m = _XLABS_RE.match(prefix)
+    if not m:
+        return None
+    block, n, kind, stream = m.groups()
+    if block == "double_blocks":
+        leaf = _XLABS_DOUBLE.get((kind, stream))
+        return Target(f"{km.DIFFUSION}double_blocks.{n}.{leaf}") if leaf else None
+    if stream:
+        return None
+    if kind == "qkv":
+        return Target(f"{km.DIFFUSION}single_blocks.{n}.linear1", rows=(0, 3))
+    return Target(f"{km.DIFFUSION}single_blocks.{n}.linear2")
+
+
+def detect_xlabs(keys: list[str]) -> int:
+    return sum(".processor." in k and ("qkv_lora" in k or "proj_lora" in k) for k in keys)
+
+
+def read_xlabs(src: TensorSource, arch: str | None) -> LoRA:
+    lora = new_lora(src, "xlabs")
+    groups, rest = group_keys(src.keys(), [(".down.weight", "down"), (".up.weight", "up"), (".alpha", "alpha")])
+    lora.unknown_keys.extend(rest)
+    assemble(src, groups, _xlabs_target, lora)
+    return lora
+
+
+# --- BFL control LoRAs and PEFT on BFL names --------------------------------------------------------
+
+
+def _bfl_target(prefix: str) -> Target | None:
+    return Target(km.DIFFUSION + prefix) if km.is_flux_module(prefix) else None
+
+
+def detect_bfl_control(keys: list[str]) -> int:
+    if not any(k.startswith(_BFL_ROOTS) and k.endswith(".lora_A.weight") for k in keys):
+        return 0
+    return sum(k.startswith(_BFL_ROOTS) for k in keys)
+
+
+def read_bfl_control(src: TensorSource, arch: str | None) -> LoRA:
+    lora = new_lora(src, "bfl_control")
+    groups, rest = group_keys(src.keys(), PEFT_SUFFIXES)
+    for k in rest:  # norm gains are stored whole: ComfyUI sets them (`set_weight`)
+        if k.endswith("_norm.scale") and km.is_flux_module(k):
+            lora.module(km.DIFFUSION + k).set_weight = src.get(k)
+        else:
+            lora.unknown_keys.append(k)
+    assemble(src, groups, _bfl_target, lora)
+    img_in = lora.modules.get(km.DIFFUSION + "img_in")
+    if img_in is not None and img_in.terms:  # control LoRAs widen img_in; ComfyUI pads it (reshape_weight)
+        import json
+
+        from .formats_base import RESHAPE_META
+
+        t = img_in.terms[0]
+        shapes = json.loads(lora.metadata.get(RESHAPE_META, "{}"))
+        shapes.setdefault(km.DIFFUSION + "img_in", [int(t.up.shape[0]), int(t.down.shape[1])])
+        lora.metadata[RESHAPE_META] = json.dumps(shapes, sort_keys=True)
+    return lora
+
+
+def detect_peft_bfl(keys: list[str]) -> int:
+    return sum(k.startswith("base_model.model.") for k in keys)
+
+
+def read_peft_bfl(src: TensorSource, arch: str | None) -> LoRA:
+    lora = new_lora(src, "peft_bfl")
+    groups, rest = group_keys(src.keys(), PEFT_SUFFIXES)
+    lora.unknown_keys.extend(rest)
+    n = len("base_model.model.")
+    assemble(src, groups, lambda p: _bfl_target(p[n:]) if p.startswith("base_model.model.") else None, lora)
+    return lora
+
+
+register(Format("diffusers", "diffusers/PEFT/ai-toolkit: transformer.<diffusers name>.lora_A/lora_B (split q/k/v); "
+                "SD: unet.<diffusers name>", detect_diffusers, read_diffusers, write_diffusers))
+register(Format("xlabs", "XLabs: double_blocks.N.processor.qkv_lora1.down.weight … (read only)",
+                detect_xlabs, read_xlabs))
+register(Format("bfl_control", "BFL control LoRA: bare BFL names, lora_A/lora_B, lora_B.bias, norm scales (read only)",
+                detect_bfl_control, read_bfl_control))
+register(Format("peft_bfl", "PEFT on BFL names: base_model.model.<BFL name>.lora_A/lora_B (read only)",
+                detect_peft_bfl, read_peft_bfl))
