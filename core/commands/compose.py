@@ -1,0 +1,143 @@
+"""`weightsmith compose` (several LoRAs with strengths into one) and `weightsmith rerank` (one LoRA to a
+lower rank), both through the canonical LoRA: any input format in, the chosen format out."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..dtypes import parse_dtype
+from ..errors import MismatchError
+from ..progress import TerminalProgress
+from ..report import write_json
+
+OUTPUT_FORMATS = ("comfy", "kohya", "diffusers", "onetrainer")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", required=True, type=Path, help="output .safetensors file (never overwrites an input)")
+    p.add_argument("--rank", type=int, default=None, help="re-compress every module to at most this rank (optimal, from the factors)")
+    p.add_argument("--energy", type=float, default=None,
+                   help="re-compress keeping this fraction of each module's energy Σσ² (e.g. 0.99); with --rank, the smaller rank")
+    p.add_argument("--format", default="comfy", choices=OUTPUT_FORMATS, help="key format of the output (default: comfy)")
+    p.add_argument("--dtype", default="auto",
+                   help="dtype of the stored factors: auto (the widest input dtype), fp32, bf16 or fp16")
+    p.add_argument("--device", default="cpu", help="device for the math (cpu, cuda, cuda:1 …)")
+    p.add_argument("--report", type=Path, default=None, help="write the per-module report as JSON here")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compose",
+        help="compose several LoRAs with strengths into one (exact, or re-compressed with --rank/--energy)",
+        description="Compose LoRAs: `weightsmith compose A.safetensors:0.8 B.safetensors:0.6 -o OUT.safetensors` "
+        "(or nunchaku's spelling `-i A B -s 0.8 0.6 -o OUT`). Exact by default: the output applied at "
+        "strength 1 equals applying every input with its strength.",
+    )
+    p.add_argument("loras", nargs="*", metavar="LORA[:STRENGTH]", help="input LoRA files, each with an optional :strength (default 1)")
+    p.add_argument("-i", "--inputs", nargs="+", default=[], metavar="LORA", help="input LoRA files (nunchaku spelling)")
+    p.add_argument("-s", "--strengths", nargs="+", type=float, default=None, metavar="S",
+                   help="strengths for --inputs, in the same order (default 1 each)")
+    p.add_argument("--target-arch", default=None, choices=["chroma"],
+                   help="convert Flux inputs to Chroma first (drops the modulation layers Chroma does not have)")
+    p.add_argument("--warn-rank", type=int, default=256, help="warn when a composed module's rank exceeds this (default 256)")
+    _add_output_options(p)
+    p.set_defaults(func=run_compose)
+
+    r = sub.add_parser("rerank", help="reduce a LoRA to a lower rank (optimal per module, from its factors alone)")
+    r.add_argument("input", type=Path, help="input LoRA file")
+    _add_output_options(r)
+    r.set_defaults(func=run_rerank)
+
+
+def parse_inputs(positional: list[str], inputs: list[str], strengths: list[float] | None) -> list[tuple[Path, float]]:
+    """(path, strength) pairs from `A.safetensors:0.8` items and/or `-i A B -s 0.8 0.6`."""
+    out = []
+    for item in positional:
+        path, strength = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep and not Path(item).exists():
+            try:
+                path, strength = head, float(tail)
+            except ValueError:
+                path = item
+        out.append((Path(path), strength))
+    if strengths is not None and len(strengths) != len(inputs):
+        raise MismatchError(f"-i gives {len(inputs)} LoRA(s) but -s gives {len(strengths)} strength(s); give one per LoRA")
+    out += [(Path(p), s) for p, s in zip(inputs, strengths or [1.0] * len(inputs))]
+    if not out:
+        raise MismatchError("no input LoRAs: give `A.safetensors:0.8 B.safetensors:0.6` or `-i A B -s 0.8 0.6`")
+    return out
+
+
+def _factor_dtype(loras) -> torch.dtype:
+    """The widest dtype the inputs store their factors in (what `--dtype auto` writes)."""
+    dtype = None
+    for lora in loras:
+        for m in lora.modules.values():
+            for t in m.terms:
+                dtype = t.up.dtype if dtype is None else torch.promote_types(dtype, t.up.dtype)
+    return dtype or torch.float32
+
+
+def _output_dtype(arg: str, loras) -> torch.dtype:
+    if arg == "auto":
+        return _factor_dtype(loras)
+    try:
+        return parse_dtype(arg)
+    except ValueError as e:
+        raise MismatchError(str(e)) from None
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MismatchError(f"--device {device}: no CUDA device is available here; use --device cpu")
+
+
+def _finish(lora, report, args, inputs: list[Path], loras) -> int:
+    from ..lora.formats import save_lora
+
+    path = save_lora(lora, args.output, fmt=args.format, dtype=_output_dtype(args.dtype, loras),
+                     metadata=lora.metadata, protect=inputs)
+    print(report.text(limit=20))
+    if args.report:
+        write_json(args.report, report.to_dict())
+        print(f"report: {args.report}")
+    print(f"wrote {path}")
+    return 0
+
+
+def run_compose(args: argparse.Namespace) -> int:
+    from ..lora.compose import compose_loras
+    from ..lora.formats import load_lora
+
+    _check_device(args.device)
+    pairs = parse_inputs(args.loras, args.inputs, args.strengths)
+    loras = [load_lora(p) for p, _ in pairs]
+    if args.target_arch == "chroma":
+        from ..lora.convert import flux_to_chroma
+
+        for i, lora in enumerate(loras):
+            if lora.arch.startswith("flux"):
+                loras[i], conv = flux_to_chroma(lora)
+                print(f"{pairs[i][0].name}: converted to Chroma ({conv})")
+    lora, report = compose_loras(
+        [(lo, s) for lo, (_, s) in zip(loras, pairs)], rank=args.rank, energy=args.energy, warn_rank=args.warn_rank,
+        names=[p.name for p, _ in pairs], device=args.device, progress=TerminalProgress("compose"),
+    )
+    return _finish(lora, report, args, [p for p, _ in pairs], loras)
+
+
+def run_rerank(args: argparse.Namespace) -> int:
+    from ..lora.compose import rerank_lora
+    from ..lora.formats import load_lora
+
+    if args.rank is None and args.energy is None:
+        raise MismatchError("rerank needs --rank R and/or --energy E")
+    _check_device(args.device)
+    source = load_lora(args.input)
+    lora, report = rerank_lora(source, rank=args.rank, energy=args.energy, device=args.device,
+                               progress=TerminalProgress("rerank"), name=args.input.name)
+    return _finish(lora, report, args, [args.input], [source])
