@@ -6,6 +6,8 @@ Nodes stay thin: they translate sockets and widgets into core calls through thes
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import comfy.lora
@@ -121,11 +123,20 @@ def image_tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(rgb.astype(np.float32) / 255.0)[None]
 
 
+def _json_safe(obj):
+    """NaN/Inf are not JSON (the browser's JSON.parse rejects them): they become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def ui_report(text: str, data: dict | None = None) -> dict:
     """The `ui` dict a node returns so the web extension can show the report in the node."""
     ui = {"weightsmith_report": [text]}
     if data is not None:
-        import json
-
-        ui["weightsmith_json"] = [json.dumps(data, default=str)]
+        ui["weightsmith_json"] = [json.dumps(_json_safe(json.loads(json.dumps(data, default=str))), allow_nan=False)]
     return ui
