@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from pathlib import Path
 
 from .errors import OutputPathError
@@ -23,19 +24,21 @@ def check_relative_name(name: str, what: str = "output name") -> list[str]:
     if not isinstance(name, str) or not name.strip():
         raise OutputPathError(f"{what} is empty; give a file name prefix such as 'weightsmith/merged'")
     if "\x00" in name:
-        raise OutputPathError(f"{what} contains a NUL character")
+        raise OutputPathError(f"{what} contains a NUL character; remove it")
     if name.startswith(("/", "~")) or re.match(r"^[A-Za-z]:", name) or name.startswith("\\\\"):
         raise OutputPathError(f"{what} {name!r} is absolute; give a name relative to the output folder")
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
     if not parts:
-        raise OutputPathError(f"{what} {name!r} has no file name")
+        raise OutputPathError(f"{what} {name!r} has no file name; give one such as 'weightsmith/merged'")
     for p in parts:
         if p == "..":
-            raise OutputPathError(f"{what} {name!r} climbs out of the output folder with '..'")
+            raise OutputPathError(f"{what} {name!r} climbs out of the output folder with '..'; give a name inside it, "
+                                  "such as 'weightsmith/merged'")
         if _BAD_CHARS.search(p):
-            raise OutputPathError(f"{what} {name!r} contains characters not allowed in file names")
+            raise OutputPathError(f"{what} {name!r} contains characters not allowed in file names; use letters, digits, "
+                                  "'-', '_', '.' and '/' between sub-folders")
         if len(p.encode("utf-8")) > MAX_COMPONENT:
-            raise OutputPathError(f"{what}: the component {p[:40]!r}… is longer than {MAX_COMPONENT} bytes")
+            raise OutputPathError(f"{what}: the component {p[:40]!r}… is longer than {MAX_COMPONENT} bytes; shorten it")
     return parts
 
 
@@ -51,10 +54,10 @@ def next_free_path(root: str | os.PathLike, prefix: str, ext: str = ".safetensor
     parts = check_relative_name(prefix, "filename prefix")
     folder = root.joinpath(*parts[:-1])
     if not inside(root, folder):
-        raise OutputPathError(f"filename prefix {prefix!r} resolves outside {root}")
+        raise OutputPathError(f"filename prefix {prefix!r} resolves outside {root}; choose a sub-folder inside it")
     folder.mkdir(parents=True, exist_ok=True)
     if not inside(root, folder):  # a symlinked sub-folder pointing elsewhere
-        raise OutputPathError(f"filename prefix {prefix!r} resolves outside {root}")
+        raise OutputPathError(f"filename prefix {prefix!r} resolves outside {root}; choose a sub-folder inside it")
     stem = parts[-1]
     taken = set()
     pat = re.compile(re.escape(stem) + r"_(\d+)_" + re.escape(ext) + "$")
@@ -64,3 +67,44 @@ def next_free_path(root: str | os.PathLike, prefix: str, ext: str = ".safetensor
             taken.add(int(m.group(1)))
     counter = max(taken, default=0) + 1
     return folder / f"{stem}_{counter:05}_{ext}"
+
+
+def create_temp_beside(folder: Path, name: str) -> tuple[int, Path]:
+    """A new hidden temp file beside the target, created with the umask's permissions like any other
+    file (tempfile.mkstemp would make it 0600, and the rename would keep that)."""
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp file name beside {folder / name}")
+
+
+def write_new_file(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a small file (a JSON report, a chart) atomically and never over an existing file: a report
+    path that names an input model must not destroy it."""
+    path = Path(path)
+    if path.exists():
+        raise OutputPathError(f"refusing to overwrite existing file {path}; choose another name or remove it")
+    if not path.parent.is_dir():
+        raise OutputPathError(f"folder {path.parent} does not exist; create it or choose another path for {path.name}")
+    fd, tmp = create_temp_beside(path.parent, path.name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)  # atomic and never clobbers
+        except FileExistsError:
+            raise OutputPathError(f"refusing to overwrite existing file {path}; choose another name or remove it") from None
+    except OSError as e:
+        if isinstance(e, OutputPathError):
+            raise
+        raise OutputPathError(f"could not write {path}: {e}; free disk space and retry") from e
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+    return path
+

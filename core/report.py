@@ -46,9 +46,10 @@ def _is_num(s: str) -> bool:
 
 
 def write_json(path: str | Path, data: dict) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default))
-    return path
+    """Write a JSON report: atomically, never over an existing file (it might be an input model)."""
+    from .paths import write_new_file
+
+    return write_new_file(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default).encode())
 
 
 def _json_default(o):
@@ -132,7 +133,13 @@ def _vertical_text(img, text: str, x: int, y: int) -> None:
 
 
 def save_png(rgb: np.ndarray, path: str | Path) -> Path:
+    """Save a chart as PNG (whatever the file's extension): atomically, never over an existing file."""
+    import io
+
     from PIL import Image
 
-    Image.fromarray(rgb).save(path)
-    return Path(path)
+    from .paths import write_new_file
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return write_new_file(path, buf.getvalue())

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,10 @@ import torch
 
 from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
 from .errors import BadFileError, OutputPathError
+from .paths import create_temp_beside
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit the safetensors library applies
+REFETCH = "download the file again or re-export it"  # what to do about a damaged file
 
 
 @dataclass(frozen=True)
@@ -64,43 +65,45 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Parse and validate a safetensors header without reading any tensor data."""
     path = Path(path)
     if path.is_dir():
-        raise BadFileError(f"{path}: is a directory, expected a .safetensors file")
+        raise BadFileError(f"{path}: is a directory, expected a .safetensors file; give the path of the file itself")
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise BadFileError(f"{path}: no such file") from None
+        raise BadFileError(f"{path}: no such file; check the path") from None
     if size < 8:
-        raise BadFileError(f"{path}: file is {size} bytes, too short to be safetensors (truncated or empty download?)")
+        raise BadFileError(f"{path}: file is {size} bytes, too short to be safetensors (truncated or empty download?); {REFETCH}")
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > MAX_HEADER_BYTES or n > size - 8:
             raise BadFileError(
-                f"{path}: header length {n} exceeds the file ({size} bytes); the file is truncated or not safetensors"
+                f"{path}: header length {n} exceeds the file ({size} bytes); the file is truncated or not safetensors: "
+                f"{REFETCH}"
             )
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
-        raise BadFileError(f"{path}: corrupt safetensors header ({e}); re-download or re-export the file") from None
+        raise BadFileError(f"{path}: corrupt safetensors header ({e}); {REFETCH}") from None
     if not isinstance(header, dict):
-        raise BadFileError(f"{path}: safetensors header is not a JSON object")
+        raise BadFileError(f"{path}: safetensors header is not a JSON object; {REFETCH}")
     data_start = 8 + n
     data_len = size - data_start
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise BadFileError(f"{path}: __metadata__ must map strings to strings")
+        raise BadFileError(f"{path}: __metadata__ must map strings to strings; {REFETCH}")
     tensors: dict[str, TensorInfo] = {}
     offsets: dict[str, tuple[int, int]] = {}
     for key, entry in header.items():
         where = f"{path}: tensor {key!r}"
         if not isinstance(entry, dict):
-            raise BadFileError(f"{where}: header entry is not an object")
+            raise BadFileError(f"{where}: header entry is not an object; {REFETCH}")
         code = entry.get("dtype")
         if code not in SAFETENSORS_TO_TORCH:
-            raise BadFileError(f"{where}: unsupported dtype {code!r} (supported: {', '.join(SAFETENSORS_TO_TORCH)})")
+            raise BadFileError(f"{where}: unsupported dtype {code!r}; convert the file to one of "
+                               f"{', '.join(SAFETENSORS_TO_TORCH)} with the tool that wrote it")
         shape = entry.get("shape")
         if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise BadFileError(f"{where}: invalid shape {shape!r}")
+            raise BadFileError(f"{where}: invalid shape {shape!r}; {REFETCH}")
         offs = entry.get("data_offsets")
         if (
             not isinstance(offs, list)
@@ -108,15 +111,17 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             or not all(isinstance(o, int) and o >= 0 for o in offs)
             or offs[0] > offs[1]
         ):
-            raise BadFileError(f"{where}: invalid data_offsets {offs!r}")
+            raise BadFileError(f"{where}: invalid data_offsets {offs!r}; {REFETCH}")
         info = TensorInfo(tuple(shape), SAFETENSORS_TO_TORCH[code])
         if offs[1] > data_len:
             raise BadFileError(
-                f"{where}: data ends at byte {offs[1]} but the file holds {data_len} data bytes (truncated file?)"
+                f"{where}: data ends at byte {offs[1]} but the file holds {data_len} data bytes: the file is truncated; "
+                f"{REFETCH}"
             )
         if offs[1] - offs[0] != info.nbytes:
             raise BadFileError(
-                f"{where}: shape {shape} of {code} needs {info.nbytes} bytes but the header gives {offs[1] - offs[0]}"
+                f"{where}: shape {shape} of {code} needs {info.nbytes} bytes but the header gives {offs[1] - offs[0]}: "
+                f"the header is corrupt; {REFETCH}"
             )
         tensors[key] = info
         offsets[key] = (data_start + offs[0], data_start + offs[1])
@@ -182,22 +187,27 @@ class StreamingWriter:
         for p in self._protect:
             try:
                 if p.exists() and (p.resolve() == target or (target.exists() and os.path.samefile(p, target))):
-                    raise OutputPathError(f"refusing to write {self.path}: it is one of the inputs ({p})")
+                    raise OutputPathError(f"refusing to write {self.path}: it is one of the inputs ({p}); choose another output name")
             except OSError:
                 continue
         if target.exists() and not self.overwrite:
             raise OutputPathError(f"refusing to overwrite existing file {self.path}; choose another name or remove it")
         if not target.parent.is_dir():
-            raise OutputPathError(f"output folder {target.parent} does not exist")
+            raise OutputPathError(f"output folder {target.parent} does not exist; create it or choose another output path")
 
     def __enter__(self) -> StreamingWriter:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.resolve().parent)
-        self._tmp = Path(tmp)
+        try:
+            fd, self._tmp = create_temp_beside(self.path.resolve().parent, self.path.name)
+        except OSError as e:
+            raise OutputPathError(f"could not create a file beside {self.path}: {e}; check the folder's "
+                                  "permissions and free space") from e
         self._file = os.fdopen(fd, "wb")
         try:
             self._file.write(self._header)
-        except BaseException:
+        except BaseException as e:
             self._abort()
+            if isinstance(e, OSError):  # a full disk or file size limit already at the header
+                raise OutputPathError(f"could not write {self.path}: {e}; free disk space and retry") from e
             raise
         return self
 
@@ -252,7 +262,7 @@ class StreamingWriter:
             try:
                 os.link(self._tmp, self.path)  # atomic and never clobbers
             except FileExistsError:
-                raise OutputPathError(f"refusing to overwrite existing file {self.path}") from None
+                raise OutputPathError(f"refusing to overwrite existing file {self.path}; choose another name or remove it") from None
             except OSError:
                 os.replace(self._tmp, self.path)
             else:
@@ -268,7 +278,7 @@ class StreamingWriter:
         except BaseException as e:
             self._abort()
             if isinstance(e, OSError) and not isinstance(e, OutputPathError):
-                raise OutputPathError(f"could not write {self.path}: {e}") from e
+                raise OutputPathError(f"could not write {self.path}: {e}; free disk space and retry") from e
             raise
 
 

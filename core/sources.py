@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
 from .errors import BadFileError, UnsafePickleError
-from .safetensors_io import SafetensorsHeader, TensorInfo, read_header
+from .safetensors_io import REFETCH, SafetensorsHeader, TensorInfo, read_header
 
 SAFETENSORS_EXTS = (".safetensors", ".sft")
 TORCH_EXTS = (".ckpt", ".pt", ".pth", ".bin")
@@ -71,7 +72,8 @@ class TensorSource:
         if self.nonfinite != "ignore" and t.is_floating_point() and not _all_finite(t):
             if self.nonfinite == "error":
                 raise BadFileError(
-                    f"{self.name}: tensor {key!r} contains NaN or Inf values; the file is corrupt or the model diverged"
+                    f"{self.name}: tensor {key!r} contains NaN or Inf values; the file is corrupt or the model diverged: "
+                    "use an intact copy of the model"
                 )
             if key not in self.nonfinite_keys:
                 self.nonfinite_keys.append(key)
@@ -135,7 +137,8 @@ class SafetensorsSource(TensorSource):
             h: SafetensorsHeader = read_header(f)
             for k, info in h.tensors.items():
                 if k in self._infos:
-                    raise BadFileError(f"{f}: tensor {k!r} also appears in {files[self._key_file[k]]}; shards overlap")
+                    raise BadFileError(f"{f}: tensor {k!r} also appears in {files[self._key_file[k]]}; shards overlap: "
+                                       "remove the stray shard from the folder")
                 self._infos[k] = info
                 self._key_file[k] = i
             if i == 0:
@@ -149,7 +152,7 @@ class SafetensorsSource(TensorSource):
             try:
                 h = safe_open(str(self._files[i]), framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error types
-                raise BadFileError(f"{self._files[i]}: cannot open: {e}") from e
+                raise BadFileError(f"{self._files[i]}: cannot open: {e}; {REFETCH}") from e
             self._handles[i] = h
         return h
 
@@ -158,7 +161,7 @@ class SafetensorsSource(TensorSource):
         try:
             return self._handle(i).get_tensor(key)
         except Exception as e:
-            raise BadFileError(f"{self._files[i]}: cannot read tensor {key!r}: {e}") from e
+            raise BadFileError(f"{self._files[i]}: cannot read tensor {key!r}: {e}; {REFETCH}") from e
 
     def paths(self) -> list[Path]:
         return list(self._files)
@@ -178,7 +181,9 @@ class TorchFileSource(TensorSource):
         last: Exception | None = None
         for mmap in (True, False):  # mmap needs the zip format; legacy files fall back to a plain load
             try:
-                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+                with warnings.catch_warnings():  # torch's note on the pickle protocol would precede our message
+                    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                    obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
                 break
             except pickle.UnpicklingError as e:
                 raise UnsafePickleError(
@@ -192,11 +197,12 @@ class TorchFileSource(TensorSource):
                 last = e
                 break
         if obj is None:
-            raise BadFileError(f"{path}: cannot read as a torch checkpoint: {last}")
+            raise BadFileError(f"{path}: cannot read as a torch checkpoint: {last}; {REFETCH}")
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
-            raise BadFileError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+            raise BadFileError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors; convert it to "
+                               ".safetensors in a trusted environment")
         self._tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
         self.skipped = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
         self._infos = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in self._tensors.items()}
@@ -238,14 +244,14 @@ def _shards_of_index(index: Path) -> list[Path]:
         data = json.loads(index.read_text())
         files = sorted(set(data["weight_map"].values()))
     except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise BadFileError(f"{index}: not a valid safetensors index ({e})") from None
+        raise BadFileError(f"{index}: not a valid safetensors index ({e}); {REFETCH}") from None
     paths = []
     for f in files:
         p = (index.parent / f).resolve()
         if index.parent.resolve() not in p.parents:
             raise BadFileError(f"{index}: shard {f!r} lies outside the index's folder")
         if not p.is_file():
-            raise BadFileError(f"{index}: shard {f} is missing")
+            raise BadFileError(f"{index}: shard {f} is missing; download every shard the index lists")
         paths.append(p)
     return paths
 
@@ -259,14 +265,14 @@ def open_model(path: str | os.PathLike, nonfinite: str = "report") -> TensorSour
 def _open_model(path: str | os.PathLike) -> TensorSource:
     p = Path(path)
     if not p.exists():
-        raise BadFileError(f"{p}: no such file or folder")
+        raise BadFileError(f"{p}: no such file or folder; check the path")
     if p.is_dir():
         indexes = sorted(p.glob("*.safetensors.index.json"))
         if len(indexes) > 1:
             raise BadFileError(f"{p}: several index files ({', '.join(i.name for i in indexes)}); name one")
         files = _shards_of_index(indexes[0]) if indexes else sorted(p.glob("*.safetensors"))
         if not files:
-            raise BadFileError(f"{p}: folder holds no .safetensors files")
+            raise BadFileError(f"{p}: folder holds no .safetensors files; give a model file or a folder of .safetensors shards")
         return SafetensorsSource(files, name=str(p))
     name = p.name.lower()
     if name.endswith(".index.json"):

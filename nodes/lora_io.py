@@ -228,7 +228,8 @@ class WeightsmithApplyLoRA:
         family = {"flux-dev": "flux", "flux-schnell": "flux", "chroma": "flux", "flux": "flux"}
         if "unknown" not in (arch, lora.arch) and (family.get(arch, arch) != family.get(lora.arch, lora.arch)
                                                    or (lora.arch in ("sd15", "sdxl") and lora.arch != arch)):
-            raise MismatchError(f"Apply LoRA: a {lora.arch} LoRA does not fit this {arch} model")
+            raise MismatchError(f"Apply LoRA: a {lora.arch} LoRA does not fit this {arch} model; use a LoRA trained "
+                                f"for {arch} (Flux and Chroma LoRAs convert with Convert LoRA)")
         if arch == "chroma" and lora.arch == "flux":
             lora, _ = flux_to_chroma(lora)  # the layers Chroma lacks would only log "lora key not loaded"
         unet_only = LoRA(modules={n: m for n, m in lora.modules.items() if n.startswith(keymaps.DIFFUSION)},

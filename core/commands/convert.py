@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..dtypes import OUTPUT_DTYPE_CHOICES, dtype_name, parse_dtype
-from ..errors import BadFileError, WeightsmithError
+from ..errors import BadFileError, MismatchError, WeightsmithError
 from ..lora.convert import convert_lora
 from ..lora.formats import (
     FORMATS,
@@ -83,7 +83,10 @@ def run_convert(args: argparse.Namespace) -> int:
         converted, report = reproject_flux_to_chroma(lora, args.flux_base, args.chroma_base, opts,
                                                      progress=TerminalProgress("re-project"))
     else:
-        converted, report = convert_lora(lora, args.target_arch)
+        try:
+            converted, report = convert_lora(lora, args.target_arch)
+        except MismatchError as e:  # the core speaks of "the LoRA"; here the user needs to know which file
+            raise MismatchError(f"{args.input}: {e}") from None
     out = save_lora(converted, args.output, fmt=args.to, dtype=parse_dtype(args.dtype), protect=[args.input],
                     overwrite=args.overwrite)
     print(f"{args.input.name}: {lora.source_format} {lora.arch} LoRA, {len(lora.modules)} modules")

@@ -105,14 +105,15 @@ def flux_to_chroma(lora: LoRA) -> tuple[LoRA, ConversionReport]:
         return _remap(lora, "chroma", lambda name: None)
     if lora.arch != "flux":
         raise MismatchError(f"flux_to_chroma needs a Flux LoRA; this one is for {lora.arch} "
-                            "(its layers do not exist in Chroma)")
+                            f"(its layers do not exist in Chroma): use it with a {lora.arch} model")
     return _remap(lora, "chroma", _flux_only_reason)
 
 
 def chroma_to_flux(lora: LoRA) -> tuple[LoRA, ConversionReport]:
     """A Chroma LoRA for Flux: shared layers unchanged, distilled-guidance-layer modules dropped."""
     if lora.arch != "chroma":
-        raise MismatchError(f"chroma_to_flux needs a Chroma LoRA; this one is for {lora.arch}")
+        raise MismatchError(f"chroma_to_flux needs a Chroma LoRA; this one is for {lora.arch}: use it with a "
+                            f"{lora.arch} model")
     return _remap(lora, "flux", _chroma_only_reason)
 
 
@@ -131,4 +132,5 @@ def convert_lora(lora: LoRA, to_arch: str | None) -> tuple[LoRA, ConversionRepor
     if (lora.arch, target) == ("chroma", "flux"):
         return chroma_to_flux(lora)
     raise MismatchError(f"cannot convert a {lora.arch} LoRA to {target}: the two architectures share no layers "
-                        "a LoRA could be remapped onto (only Flux <-> Chroma can be converted)")
+                        f"a LoRA could be remapped onto (only Flux <-> Chroma can be converted); use it with a "
+                        f"{lora.arch} model")

@@ -130,10 +130,13 @@ def _not_a_lora(source: TensorSource) -> str:
 
     info = detect_arch(source)
     if info.arch != "unknown":
-        return f"{source.name}: this is a full {info.arch} model, not a LoRA"
+        return f"{source.name}: this is a full {info.arch} model, not a LoRA; give a LoRA file"
+    if not len(source):
+        return f"{source.name}: holds no tensors at all; give a LoRA file (an empty download?)"
     sample = ", ".join(sorted(source.keys())[:4])
     known = ", ".join(FORMATS)
-    return f"{source.name}: no known LoRA format ({known}) matches its keys (e.g. {sample})"
+    return (f"{source.name}: no known LoRA format ({known}) matches its keys (e.g. {sample}); give a LoRA file "
+            "(`weightsmith inspect` shows what a file holds)")
 
 
 def infer_arch(lora: LoRA) -> str:
@@ -210,7 +213,8 @@ def save_lora(
     """Write the LoRA atomically as .safetensors in `fmt`; the metadata records architecture and format."""
     sd = lora_state_dict(lora, fmt, dtype)
     if not sd:
-        raise MismatchError(f"{path}: the LoRA has no modules left to save")
+        raise MismatchError(f"{path}: the LoRA has no modules left to save (every module is empty or was dropped); "
+                            "nothing was written: check the strengths and what a conversion dropped")
     meta = {k: v for k, v in lora.metadata.items() if isinstance(k, str) and isinstance(v, str)}
     meta.update({"weightsmith.format": fmt, "weightsmith.arch": lora.arch, "weightsmith.source_format": lora.source_format})
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
