@@ -1,0 +1,353 @@
+"""Planning a merge: for every output key, which inputs are read and what is done with them.
+
+Planning reads headers only (shapes and dtypes), so it is instant and catches every mismatch before a
+byte is written. Keys are matched by name after the checkpoint prefix is stripped (`diffusion_view`),
+so a single file, a diffusers-style shard folder and an index with other split points line up; the
+output keeps the prefix convention of the first input. Keys outside the diffusion model (text encoders,
+VAE) follow `others`: copied from the first input (default), merged like the rest, or dropped.
+
+A key that only some inputs have follows `missing`: `take` (from the first input that has it), `drop`,
+or `error`; all such keys are listed in the plan. Shapes that differ are an error naming the key and
+the shapes unless a rule takes the key from one input; nothing is ever broadcast.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..arch import detect_arch
+from ..errors import MismatchError, WeightsmithError
+from ..sources import TensorSource, as_source, detect_diffusion_prefix, key_group
+from .methods import METHODS, MergeMethod, format_params, get_method
+from .rules import Rule, input_label, parse_input_ref, parse_params, parse_rules, parse_weights, preset_rules, resolve
+
+MISSING_POLICIES = ("take", "drop", "error")
+OTHERS_POLICIES = ("copy", "merge", "drop")
+
+
+@dataclass
+class KeyPlan:
+    name: str  # matching name (prefix stripped for diffusion-model keys)
+    out_key: str  # key written to the output
+    action: str  # "merge" | "take" | "drop"
+    reads: tuple[tuple[int, str], ...]  # (input index, raw key in that input), in input order
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype  # dtype of the first tensor read (the output keeps it unless told otherwise)
+    method: str | None = None
+    params: dict = field(default_factory=dict)
+    weights: tuple[float, ...] = ()
+    decided_by: str = "default"  # rule text or policy that decided the action
+    group: str = ""
+    part: str = "unet"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class InputInfo:
+    label: str
+    name: str
+    arch: str
+    prefix: str
+    n_keys: int
+
+
+@dataclass
+class MergePlan:
+    inputs: list[InputInfo]
+    sources: list[TensorSource]
+    method: str
+    params: dict
+    weights: list[float]
+    rules: list[Rule]
+    missing: str
+    others: str
+    out_prefix: str
+    keys: list[KeyPlan]
+    only_in: dict[str, list[str]]
+    rule_hits: dict[str, int]
+    notes: list[str]
+    metadata: dict[str, str]
+
+    def counts(self) -> dict[str, int]:
+        c = {"merge": 0, "take": 0, "drop": 0}
+        for k in self.keys:
+            c[k.action] += 1
+        return c
+
+    def output_keys(self) -> list[KeyPlan]:
+        return [k for k in self.keys if k.action != "drop"]
+
+    def protect_paths(self) -> list[Path]:
+        return [p for s in self.sources for p in s.paths()]
+
+    def summary(self) -> dict:
+        return {
+            "inputs": [vars(i) for i in self.inputs],
+            "method": self.method,
+            "params": _public_params(self.params),
+            "weights": self.weights,
+            "rules": [{"rule": r.text, "action": r.describe(), "keys": self.rule_hits.get(r.text, 0)} for r in self.rules],
+            "missing_policy": self.missing,
+            "others_policy": self.others,
+            "output_prefix": self.out_prefix,
+            "counts": self.counts(),
+            "only_in": self.only_in,
+            "notes": self.notes,
+        }
+
+    def describe(self, limit: int = 12) -> str:
+        """A human summary of the plan (what --dry-run / --plan-only print first)."""
+        from ..report import format_table
+
+        lines = [f"merge {len(self.inputs)} inputs with {self.method}"
+                 + (f" ({format_params(self.params)})" if self.params else "")
+                 + f", weights {', '.join(f'{w:g}' for w in self.weights)}"]
+        lines.append(format_table([{"input": i.label, "arch": i.arch, "keys": i.n_keys, "file": i.name} for i in self.inputs]))
+        c = self.counts()
+        lines.append(f"output: {c['merge']} merged, {c['take']} taken, {c['drop']} dropped keys (prefix {self.out_prefix!r})")
+        if self.rules:
+            lines.append(format_table([{"rule": r.text, "does": r.describe(), "keys": self.rule_hits.get(r.text, 0)}
+                                       for r in self.rules], title="rules (first match wins)"))
+        if self.only_in:
+            items = list(self.only_in.items())
+            shown = ", ".join(f"{k} [{'+'.join(v)}]" for k, v in items[:limit])
+            more = f" … and {len(items) - limit} more" if len(items) > limit else ""
+            lines.append(f"{len(items)} keys not in every input ({self.missing}): {shown}{more}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _public_params(params: dict) -> dict:
+    """Parameters as users write them: the base input as a letter, not an index."""
+    return {k: (input_label(v) if k == "base" and isinstance(v, int) else v) for k, v in params.items()}
+
+
+def report_group(name: str, part: str = "unet") -> str:
+    """The key group a key is reported under: a numbered block (`double_blocks.3`, `input_blocks.4`,
+    `middle_block.1`), else its top module (`time_embed`, `img_in`)."""
+    if part != "unet":
+        return part
+    m = re.match(r"^([A-Za-z_]*blocks?)\.(\d+)\.", name)
+    if m:
+        return f"{m.group(1)}.{m.group(2)}"
+    parts = name.split(".")
+    if parts[0] == "time_text_embed" and len(parts) > 2:
+        return ".".join(parts[:2])
+    return parts[0]
+
+
+def _method_params(method: MergeMethod, given: dict, n_inputs: int, where: str) -> dict:
+    unknown = set(given) - set(method.defaults)
+    if unknown:
+        raise WeightsmithError(f"{where}: {method.name} has no parameter {', '.join(sorted(unknown))} "
+                               f"(it takes {', '.join(method.defaults) or 'none'})")
+    params = {**method.defaults, **given}
+    if "base" in params:
+        b = params["base"]
+        idx = parse_input_ref(b, f"{where}: base") if isinstance(b, str) else int(b)
+        if not 0 <= idx < n_inputs:
+            raise WeightsmithError(f"{where}: base {b!r} is not one of the {n_inputs} inputs")
+        params["base"] = idx
+    if "seed" in params:
+        params["seed"] = int(params["seed"])
+    for k, default in method.defaults.items():
+        v = params[k]
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise WeightsmithError(f"{where}: {method.name} parameter {k} must be true or false, got {v!r}")
+        if isinstance(default, float) and not isinstance(v, (int, float)):
+            raise WeightsmithError(f"{where}: {method.name} parameter {k} must be a number, got {v!r}")
+    return params
+
+
+def _check_inputs(method: MergeMethod, n: int, where: str) -> None:
+    if n < method.min_inputs or (method.max_inputs is not None and n > method.max_inputs):
+        raise WeightsmithError(f"{where}: {method.name} takes {method.inputs_text()} models, got {n}")
+
+
+def _parts(source: TensorSource, prefix: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(diffusion name -> raw key, other raw key -> raw key) of one input."""
+    diff, other = {}, {}
+    n = len(prefix)
+    for k in source.keys():
+        if k.startswith(prefix):
+            diff[k[n:]] = k
+        else:
+            other[k] = k
+    return diff, other
+
+
+def plan_merge(
+    sources,
+    method: str = "weighted_sum",
+    weights=None,
+    rules=None,
+    missing_policy: str = "take",
+    params: dict | str | None = None,
+    presets=None,
+    others: str = "copy",
+) -> MergePlan:
+    """Decide, from headers only, what every output key will be. `sources` are paths, dicts or
+    TensorSources (A, B, C… in order); `rules` REGEX=ACTION lines (see rules.py) checked before `presets`."""
+    srcs = [as_source(s) for s in sources]
+    n = len(srcs)
+    if n < 2:
+        raise WeightsmithError(f"a merge needs at least 2 models, got {n}")
+    if missing_policy not in MISSING_POLICIES:
+        raise WeightsmithError(f"missing-key policy {missing_policy!r}: choose one of {', '.join(MISSING_POLICIES)}")
+    if others not in OTHERS_POLICIES:
+        raise WeightsmithError(f"policy for non-diffusion keys {others!r}: choose one of {', '.join(OTHERS_POLICIES)}")
+    m = get_method(method)
+    _check_inputs(m, n, "method")
+    given = parse_params(params, "parameters") if isinstance(params, str) else dict(params or {})
+    global_params = _method_params(m, given, n, "parameters")
+    w = parse_weights(weights)
+    notes: list[str] = []
+    explicit_weights = w is not None
+    if w is None:
+        w = m.default_weights(n)
+    elif len(w) != n:
+        raise WeightsmithError(f"weights {','.join(f'{x:g}' for x in w)}: give one weight per model ({n})")
+    elif m.weights == "none":
+        notes.append(f"{m.name} does not use weights; the given weights apply only where a rule picks another method")
+    rule_list = parse_rules(rules) + parse_rules(preset_rules(presets or []))
+
+    infos, prefixes, namings, families = [], [], [], []
+    for i, s in enumerate(srcs):
+        a = detect_arch(s)
+        prefix = detect_diffusion_prefix(s.keys())
+        prefixes.append(prefix)
+        namings.append(a.naming)
+        families.append(a.family)
+        infos.append(InputInfo(input_label(i), Path(s.name).name if s.paths() else s.name, a.arch, prefix, len(s)))
+    known_namings = {x for x in namings if x != "unknown"}
+    if len(known_namings) > 1:
+        detail = ", ".join(f"{i.label}: {x}" for i, x in zip(infos, namings))
+        raise MismatchError(f"the inputs use different key naming ({detail}); keys cannot be matched by name. "
+                            "Convert them to one naming first (e.g. diffusers -> ComfyUI/BFL)")
+    known_families = {x for x in families if x != "unknown"}
+    if len(known_families) > 1:
+        detail = ", ".join(f"{i.label}: {i.arch}" for i in infos)
+        raise MismatchError(f"the inputs are different architectures ({detail}); they cannot be merged")
+
+    maps = [_parts(s, p) for s, p in zip(srcs, prefixes)]
+    out_prefix = prefixes[0]
+
+    # (name, part, {input index: raw key}) in output order: A's keys first, then keys only others have
+    entries: dict[tuple[str, str], dict[int, str]] = {}
+    for i, (diff, other) in enumerate(maps):
+        for name, raw in diff.items():
+            entries.setdefault((name, "unet"), {})[i] = raw
+        if others == "drop" or (others == "copy" and i > 0):
+            continue
+        for raw in other:
+            part = key_group(raw)
+            entries.setdefault((raw, part if part != "unet" else "other"), {})[i] = raw
+
+    keys: list[KeyPlan] = []
+    only_in: dict[str, list[str]] = {}
+    rule_hits = {r.text: 0 for r in rule_list}
+    seen_out: set[str] = set()
+    for (name, part), present in entries.items():
+        has = sorted(present)
+        if len(has) < n and (part == "unet" or others == "merge"):
+            only_in[name] = [input_label(i) for i in has]
+        kp = _plan_key(name, part, present, has, n, srcs, m, global_params, w, explicit_weights, rule_list, rule_hits,
+                       missing_policy, others)
+        kp.out_key = (out_prefix + name) if part == "unet" else name
+        if kp.action != "drop":
+            if kp.out_key in seen_out:
+                raise MismatchError(f"two input keys map to the output key {kp.out_key!r}; drop one with a rule")
+            seen_out.add(kp.out_key)
+        keys.append(kp)
+
+    for r in rule_list:
+        if rule_hits[r.text] == 0:
+            notes.append(f"rule {r.text!r} matched no key")
+    if not any(k.action != "drop" for k in keys):
+        raise WeightsmithError("the plan writes no tensor at all (every key dropped); check the rules")
+
+    recipe = {"method": m.name, "params": _public_params(global_params), "weights": w, "rules": [r.text for r in rule_list],
+              "missing": missing_policy, "others": others, "inputs": [i.name for i in infos]}
+    metadata = {"weightsmith.merge": json.dumps(recipe, default=str)}
+    return MergePlan(infos, srcs, m.name, global_params, w, rule_list, missing_policy, others, out_prefix, keys,
+                     only_in, rule_hits, notes, metadata)
+
+
+def _plan_key(name, part, present, has, n, srcs, m, global_params, w, explicit_weights, rule_list, rule_hits,
+              missing_policy, others) -> KeyPlan:
+    infos = {i: srcs[i].info(present[i]) for i in has}
+    group = report_group(name, part)
+
+    def plan(action, reads, decided, method=None, params=None, weights=()):
+        first = infos[reads[0]] if reads else infos[has[0]]
+        return KeyPlan(name, "", action, tuple((i, present[i]) for i in reads), first.shape, first.dtype, method,
+                       dict(params or {}), tuple(weights), decided, group, part)
+
+    if part != "unet" and others == "copy":
+        return plan("take", [has[0]], "others: copied from A")
+
+    action_rule, weight_rule = resolve(name, rule_list)
+    if action_rule is not None:
+        rule_hits[action_rule.text] += 1
+    if weight_rule is not None:
+        rule_hits[weight_rule.text] += 1
+
+    if action_rule is not None and action_rule.kind == "drop":
+        return plan("drop", [], action_rule.text)
+    if action_rule is not None and action_rule.kind == "take":
+        src = has[0] if action_rule.take is None else action_rule.take
+        if src not in present:
+            raise MismatchError(f"rule {action_rule.text!r}: input {input_label(src)} has no key {name!r} "
+                                f"(only {', '.join(input_label(i) for i in has)} have it)")
+        return plan("take", [src], action_rule.text)
+
+    if len(has) < n:
+        where = f"{name!r} is only in {', '.join(input_label(i) for i in has)}"
+        if missing_policy == "error":
+            raise MismatchError(f"{where}; add a rule for it (e.g. '{re.escape(name)}=take:first') or choose "
+                                "missing policy take or drop")
+        if missing_policy == "drop":
+            return plan("drop", [], "missing: dropped")
+        return plan("take", [has[0]], f"missing: taken from {input_label(has[0])}")
+
+    dtypes = {i: infos[i].dtype for i in has}
+    floats = [d.is_floating_point for d in dtypes.values()]
+    if not all(floats):
+        if any(floats):
+            detail = ", ".join(f"{input_label(i)} {str(d).replace('torch.', '')}" for i, d in dtypes.items())
+            raise MismatchError(f"{name!r}: dtypes of different kinds ({detail}); take it from one input with a rule "
+                                f"such as '{re.escape(name)}=take:A'")
+        return plan("take", [has[0]], "non-float: copied from A")
+    shapes = {i: infos[i].shape for i in has}
+    if len(set(shapes.values())) > 1:
+        detail = ", ".join(f"{input_label(i)} {list(s)}" for i, s in shapes.items())
+        raise MismatchError(f"{name!r}: shapes differ ({detail}); nothing is broadcast. Take it from one input with "
+                            f"a rule such as '{re.escape(name)}=take:A'")
+
+    method, params, decided = m, global_params, "default"
+    if action_rule is not None and action_rule.kind == "method":
+        method = METHODS[action_rule.method]
+        _check_inputs(method, n, f"rule {action_rule.text!r}")
+        inherited = {k: v for k, v in global_params.items()} if method.name == m.name else {}
+        params = _method_params(method, {**inherited, **action_rule.params}, n, f"rule {action_rule.text!r}")
+        decided = action_rule.text
+    weights = list(w)
+    if weight_rule is not None:
+        if len(weight_rule.weights or ()) != n:
+            raise WeightsmithError(f"rule {weight_rule.text!r}: give one weight per model ({n})")
+        weights = list(weight_rule.weights)
+        decided = decided if decided != "default" else weight_rule.text
+    elif method is not m and not explicit_weights:
+        weights = method.default_weights(n)
+    return plan("merge", list(has), decided, method.name, params, weights)

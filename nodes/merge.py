@@ -1,0 +1,305 @@
+"""Merge nodes: in-graph on MODELs (lazy ModelPatcher patches) and file to file (streaming)."""
+
+from __future__ import annotations
+
+import comfy.lora
+import comfy.model_management as mm
+import folder_paths
+import torch
+from comfy.weight_adapter import WeightAdapterBase
+
+from ..core.dtypes import OUTPUT_DTYPE_CHOICES
+from ..core.errors import BadFileError
+from ..core.merge.execute import execute_merge
+from ..core.merge.methods import METHODS, derive_seed, format_params
+from ..core.merge.plan import MISSING_POLICIES, OTHERS_POLICIES, MergePlan, plan_merge
+from ..core.merge.rules import PRESETS
+from .common import (
+    CATEGORY,
+    DIFFUSION_PREFIX,
+    PatcherSource,
+    compute_device,
+    image_tensor,
+    input_path,
+    output_path,
+    progress,
+    ui_report,
+)
+
+FILE_FOLDERS = ("diffusion_models", "checkpoints")
+OUTPUT_FOLDERS = ["output", "diffusion_models", "checkpoints"]
+NONE = "none"
+
+METHODS_TOOLTIP = "Merge method. " + " | ".join(
+    f"{m.name} ({m.inputs_text()} models{'; ' + format_params(m.defaults) if m.defaults else ''}): {m.description}"
+    for m in METHODS.values())
+WEIGHTS_TOOLTIP = ("One weight per connected model, comma-separated (e.g. 0.7,0.3). Empty: the method's default "
+                   "(equal weights, normalised to sum 1, for weighted_sum/slerp; 1 each for ties/dare).")
+RULES_TOOLTIP = ("Per-key rules, one REGEX=ACTION per line, first match wins (separately for method and weights). "
+                 "REGEX is searched in names like double_blocks.0.img_attn.qkv.weight, or a group: @double @single "
+                 "@img @txt @guidance @time @vector @embedders @in @mid @out @double.3 @in.4 … ACTION: a method "
+                 "(ties(density=0.3)), take:A / take:2 / take:first, drop, or weight:0.7,0.3. # starts a comment.")
+PARAMS_TOOLTIP = ("Method parameters as NAME=VALUE, comma-separated, e.g. density=0.3, seed=7, base=A. "
+                  "Unknown names are an error.")
+PRESET_TOOLTIP = "Named rule set, applied after your own rules. " + " | ".join(
+    f"{k}: {d}" for k, (d, _) in PRESETS.items())
+
+
+def _effective(entries: list, device: torch.device, key: str) -> torch.Tensor:
+    """One model's effective weight for `key` in fp32, from its get_key_patches entries (ComfyUI's own
+    recursion, as nested model patches are evaluated)."""
+    w, convert = entries[0]
+    t = convert(mm.cast_to_device(w, device, torch.float32, copy=True), inplace=True)
+    if len(entries) > 1:
+        t = comfy.lora.calculate_weight(entries[1:], t, key, intermediate_dtype=torch.float32)
+    return t
+
+
+class MergeAdapter(WeightAdapterBase):
+    """A patch that replaces the weight (model_a's effective weight at this point of the patch list) by
+    the merge of it with the other models' effective weights, computed lazily per key when ComfyUI
+    patches the weight: nothing is materialised before. `weights` = (config, entries_b, entries_c, …):
+    config is (method name, params, merge weights, key name) and entries_x the other model's
+    get_key_patches list for this key (its original tensor plus its own patches). The math is the core
+    method on fp32, so it equals the file merge. In lowvram mode ComfyUI re-runs it at every forward."""
+
+    name = "weightsmith_merge"
+
+    def __init__(self, loaded_keys, weights):
+        self.loaded_keys = loaded_keys
+        self.weights = weights
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        with torch.no_grad():
+            return self._merge(weight, key, strength)
+
+    def _merge(self, weight, key, strength):
+        method_name, params, merge_weights, name = self.weights[0]
+        method = METHODS[method_name]
+        params = dict(params)
+        if method.random:
+            params["seed"] = derive_seed(params.get("seed", 0), name)
+        xs = [weight.float()] + [_effective(e, weight.device, key) for e in self.weights[1:]]
+        merged = method.fn(xs, list(merge_weights), **params)
+        if strength != 1.0:  # partial application: move from model_a towards the merge
+            merged = xs[0] + strength * (merged - xs[0])
+        weight.copy_(merged.to(weight.dtype))
+        return weight
+
+
+def build_patches(plan: MergePlan, models: list) -> tuple[object, list[str]]:
+    """A clone of models[0] with one lazy patch per merged/taken key, and notes on keys it cannot hold.
+    Weighted sums use ComfyUI's nested key patches (as ModelMergeSimple does); other methods a MergeAdapter."""
+    merged = models[0].clone()
+    kps = [m.get_key_patches(DIFFUSION_PREFIX) for m in models]
+    own = kps[0]
+    notes, skipped, dropped = [], [], []
+    for kp in plan.keys:
+        full = DIFFUSION_PREFIX + kp.name
+        if full not in own:
+            if kp.action != "drop":
+                skipped.append(kp.name)
+            continue
+        if kp.action == "drop":
+            dropped.append(kp.name)
+            continue
+        if kp.action == "take":
+            i = kp.reads[0][0]
+            if i != 0:  # weight = 0·A + X_i: model i's effective weight, lazily
+                merged.add_patches({full: kps[i][DIFFUSION_PREFIX + kp.reads[0][1]]}, 1.0, 0.0)
+            continue
+        others = [kps[i][DIFFUSION_PREFIX + raw] for i, raw in kp.reads[1:]]
+        if kp.method == "weighted_sum":
+            w = list(kp.weights)
+            total = sum(w)
+            if kp.params.get("normalize", True) and total != 0:
+                w = [x / total for x in w]
+            # ComfyUI evaluates this as (A·w0 + X1·w1) + X2·w2 …: the order weighted_sum uses too
+            merged.add_patches({full: others[0]}, w[1], w[0])
+            for entries, wi in zip(others[1:], w[2:]):
+                merged.add_patches({full: entries}, wi, 1.0)
+        else:
+            config = (kp.method, dict(kp.params), tuple(kp.weights), kp.name)
+            merged.add_patches({full: MergeAdapter({full}, (config, *others))}, 1.0, 1.0)
+    if skipped:
+        notes.append(f"{len(skipped)} keys are not in model_a and cannot be added to it in-graph "
+                     f"(e.g. {', '.join(skipped[:3])}); use the file merge to include them")
+    if dropped:
+        notes.append(f"{len(dropped)} keys a rule drops keep model_a's weight in-graph (a MODEL keeps model_a's "
+                     f"structure; e.g. {', '.join(dropped[:3])}); use the file merge to leave them out")
+    return merged, notes
+
+
+class WeightsmithMergeModels:
+    DESCRIPTION = (
+        "Merge 2 to 4 MODELs in the graph with any method (weighted sum, add difference, TIES, DARE, SLERP, …) and "
+        "per-key rules. Built on ModelPatcher patches of a clone of model_a, computed lazily when ComfyUI loads the "
+        "model: no extra copy of the model is made. The output keeps model_a's structure. Weighted sums are "
+        "ComfyUI's own nested patches; other methods are recomputed per weight whenever ComfyUI patches the model "
+        "(in lowvram mode at every step: for TIES/DARE on big models prefer Merge Model Files). The report "
+        "(similarity of the inputs and change per block) runs the merge once on the compute device when enabled."
+    )
+    CATEGORY = f"{CATEGORY}/Merge"
+    FUNCTION = "merge"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("MODEL", "STRING", "IMAGE")
+    RETURN_NAMES = ("model", "report", "chart")
+    OUTPUT_TOOLTIPS = (
+        "model_a with every merged weight patched lazily",
+        "the report as text: plan, rules and what they matched, per-block similarity and change",
+        "chart: per block, 1 - cosine similarity of each input to model_a and the relative change of model_a",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_a": ("MODEL", {"tooltip": "Model A: the output keeps its structure; the default base of "
+                                                 "TIES/DARE/add_dissimilar."}),
+                "model_b": ("MODEL", {"tooltip": "Model B."}),
+                "method": (list(METHODS), {"default": "weighted_sum", "tooltip": METHODS_TOOLTIP}),
+                "weights": ("STRING", {"default": "", "tooltip": WEIGHTS_TOOLTIP}),
+                "rules": ("STRING", {"default": "", "multiline": True, "tooltip": RULES_TOOLTIP}),
+                "params": ("STRING", {"default": "", "tooltip": PARAMS_TOOLTIP}),
+                "preset": ([NONE] + list(PRESETS), {"default": NONE, "tooltip": PRESET_TOOLTIP}),
+                "missing": (["take", "error"], {"default": "take",
+                                                "tooltip": "Keys not in every model: take (from model_a when it has "
+                                                           "them) or error."}),
+                "report": ("BOOLEAN", {"default": True,
+                                       "tooltip": "Compute the similarity report and chart now (one pass over the "
+                                                  "models on the compute device). Off: only the plan."}),
+            },
+            "optional": {
+                "model_c": ("MODEL", {"tooltip": "Model C (add_difference/train_difference: A + (B - C))."}),
+                "model_d": ("MODEL", {"tooltip": "Model D (e.g. the base of add_dissimilar with base=D)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def merge(self, model_a, model_b, method, weights, rules, params, preset, missing, report=True, model_c=None,
+              model_d=None, unique_id=None):
+        models = [m for m in (model_a, model_b, model_c, model_d) if m is not None]
+        device = compute_device()
+        sources = [PatcherSource(m, device, name=f"model_{'abcd'[i]}") for i, m in enumerate(models)]
+        plan = plan_merge(sources, method, weights or None, rules, missing, params, [preset], others="drop")
+        merged, notes = build_patches(plan, models)
+        plan.notes.extend(notes)
+        if report:
+            rep = execute_merge(plan, None, device=device, progress=progress(len(plan.keys), unique_id))
+            text = rep.table().replace("dry run: nothing written", "patched lazily (nothing written)")
+            data, chart = rep.to_dict(), rep.chart()
+        else:
+            text, data = plan.describe(), {"plan": plan.summary()}
+            chart = _plan_chart(plan)
+        return {"ui": ui_report(text, data), "result": (merged, text, image_tensor(chart))}
+
+
+def _plan_chart(plan: MergePlan):
+    from ..core.report import bar_chart
+
+    groups: dict[str, dict[str, float]] = {}
+    for kp in plan.keys:
+        g = groups.setdefault(kp.group, {"merge": 0.0, "take": 0.0, "drop": 0.0})
+        g[kp.action] += kp.numel / 1e6
+    labels = list(groups)
+    series = {f"{a} (M params)": [groups[g][a] for g in labels] for a in ("merge", "take", "drop")}
+    return bar_chart(labels, series, title=f"merge plan: {plan.method}, parameters per block", ylabel="M params")
+
+
+def _model_files() -> list[str]:
+    names = []
+    for folder in FILE_FOLDERS:
+        names += [f"{folder}/{n}" for n in folder_paths.get_filename_list(folder)]
+    return names
+
+
+def _resolve(choice: str):
+    folder, _, name = choice.partition("/")
+    if folder not in FILE_FOLDERS or not name:
+        raise BadFileError(f"{choice!r}: pick a file from diffusion_models/ or checkpoints/")
+    return input_path(folder, name)
+
+
+class WeightsmithMergeFiles:
+    DESCRIPTION = (
+        "Merge 2 to 4 model files into a new safetensors file, streamed tensor by tensor (memory stays near one "
+        "tensor, whatever the model size): fp32 math on the compute device, one cast at the end. Keys are matched "
+        "by name across layouts; per-key rules and presets decide methods, weights, takes and drops (e.g. keep the "
+        "guidance embedder of Flux dev when merging with schnell). Interrupt leaves no partial file."
+    )
+    CATEGORY = f"{CATEGORY}/Merge"
+    FUNCTION = "merge"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING", "STRING", "IMAGE")
+    RETURN_NAMES = ("path", "report", "chart")
+    OUTPUT_TOOLTIPS = (
+        "full path of the written file (empty on a dry run)",
+        "the report as text: plan, rules and what they matched, keys only in some models, per-block similarity "
+        "and change",
+        "chart: per block, 1 - cosine similarity of each input to model_a and the relative change of model_a",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = _model_files()
+        optional = [NONE] + files
+        return {
+            "required": {
+                "model_a": (files, {"tooltip": "Model A (diffusion_models/ or checkpoints/): the output keeps its "
+                                               "key prefix; the default base of TIES/DARE/add_dissimilar."}),
+                "model_b": (files, {"tooltip": "Model B."}),
+                "method": (list(METHODS), {"default": "weighted_sum", "tooltip": METHODS_TOOLTIP}),
+                "weights": ("STRING", {"default": "", "tooltip": WEIGHTS_TOOLTIP}),
+                "rules": ("STRING", {"default": "", "multiline": True, "tooltip": RULES_TOOLTIP}),
+                "params": ("STRING", {"default": "", "tooltip": PARAMS_TOOLTIP}),
+                "preset": ([NONE] + list(PRESETS), {"default": NONE, "tooltip": PRESET_TOOLTIP}),
+                "missing": (list(MISSING_POLICIES), {"default": "take",
+                                                     "tooltip": "Keys not in every model: take (from the first model "
+                                                                "that has them), drop, or error. All are listed in "
+                                                                "the report."}),
+                "other_keys": (list(OTHERS_POLICIES), {"default": "copy",
+                                                       "tooltip": "Keys outside the diffusion model (text encoders, "
+                                                                  "VAE of full checkpoints): copy from model_a, "
+                                                                  "merge like the rest, or drop."}),
+                "dtype": (OUTPUT_DTYPE_CHOICES, {"default": "keep",
+                                                 "tooltip": "Output dtype; keep = model_a's dtype per tensor. The "
+                                                            "math is fp32 either way."}),
+                "dry_run": ("BOOLEAN", {"default": False, "tooltip": "Compute the merge and report; write no file."}),
+                "output_folder": (OUTPUT_FOLDERS, {"default": "output",
+                                                   "tooltip": "Where the file goes: ComfyUI's output folder, "
+                                                              "diffusion_models (loadable by Load Diffusion Model) "
+                                                              "or checkpoints."}),
+                "filename_prefix": ("STRING", {"default": "weightsmith/merged",
+                                               "tooltip": "File name prefix inside the output folder; a counter "
+                                                          "is added and nothing is overwritten."}),
+            },
+            "optional": {
+                "model_c": (optional, {"default": NONE, "tooltip": "Model C, or none."}),
+                "model_d": (optional, {"default": NONE, "tooltip": "Model D, or none."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def merge(self, model_a, model_b, method, weights, rules, params, preset, missing, other_keys, dtype, dry_run,
+              output_folder, filename_prefix, model_c=NONE, model_d=NONE, unique_id=None):
+        chosen = [m for m in (model_a, model_b, model_c, model_d) if m and m != NONE]
+        plan = plan_merge([_resolve(m) for m in chosen], method, weights or None, rules, missing, params, [preset],
+                          other_keys)
+        largest = max((kp.numel for kp in plan.keys), default=0)
+        device = compute_device(largest * 4 * (len(chosen) + 3))
+        out = None if dry_run else output_path(output_folder, filename_prefix)
+        rep = execute_merge(plan, out, None if dtype == "keep" else dtype, device, progress(len(plan.keys), unique_id))
+        text = rep.table()
+        return {"ui": ui_report(text, rep.to_dict()),
+                "result": ("" if out is None else str(out), text, image_tensor(rep.chart()))}
+
+
+NODE_CLASS_MAPPINGS = {
+    "WeightsmithMergeModels": WeightsmithMergeModels,
+    "WeightsmithMergeFiles": WeightsmithMergeFiles,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "WeightsmithMergeModels": "Merge Models (Weightsmith)",
+    "WeightsmithMergeFiles": "Merge Model Files (Weightsmith)",
+}
