@@ -1,0 +1,86 @@
+"""`weightsmith mix A B C [D …] -o OUT`: lossless mix — per element, the candidate nearest to (or with
+--maxdiff farthest from) the reference A, streaming; --dry-run only reports."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..dtypes import parse_dtype
+from ..errors import OutputPathError, WeightsmithError
+from ..mix import GROUPS, lossless_mix
+from ..progress import TerminalProgress
+from ..report import save_png, write_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mix",
+        help="lossless mix: per element, keep the candidate nearest to (or farthest from) a reference model",
+        description="Per element of every mixed tensor, write the element of B or C (or further candidates) "
+                    "whose value is nearest to the reference A, comparing |A - alpha*B| with |A - beta*C| (ties "
+                    "take B); --maxdiff takes the farther one (ties take C). alpha/beta only bias the "
+                    "comparison, the written value is unscaled. Recipe: merge A and B with a weighted sum into "
+                    "AB, then `weightsmith mix AB A B -o out.safetensors`.",
+    )
+    p.add_argument("reference", type=Path, help="model A, the reference (its keys and layout make the output)")
+    p.add_argument("candidates", type=Path, nargs="+", help="models B, C (and more): where the elements come from")
+    p.add_argument("-o", "--output", type=Path, help="output .safetensors (required unless --dry-run)")
+    p.add_argument("--alpha", type=float, default=1.0, help="scale of B in the comparison (default 1)")
+    p.add_argument("--beta", type=float, default=1.0, help="scale of C in the comparison (default 1)")
+    p.add_argument("--scales", help="comma-separated comparison scales, one per candidate (overrides alpha/beta)")
+    p.add_argument("--maxdiff", action="store_true", help="take the candidate farthest from A instead of nearest")
+    p.add_argument("--include", default="unet",
+                   help="key groups to mix, comma-separated from unet,te,vae (default unet: the diffusion model; "
+                        "text encoders and VAE are copied from A unless named)")
+    p.add_argument("--on-mismatch", choices=["keep_a", "error"], default="keep_a",
+                   help="a tensor whose shape or kind differs between the models: keep A's and report (default), "
+                        "or stop with an error")
+    p.add_argument("--dtype", default="keep",
+                   help="output dtype: keep (default; each mixed tensor in the dtype holding all candidates "
+                        "exactly) or fp32/fp16/bf16 for every float tensor")
+    p.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:1 …)")
+    p.add_argument("--dry-run", action="store_true", help="write nothing; report similarity and shares per block")
+    p.add_argument("--stats", action="store_true",
+                   help="on a real run, also compute cosine similarities, ties and mean |change| (a dry run "
+                        "always does; the shares taken from each model are always reported)")
+    p.add_argument("--report", type=Path, help="also write the report as JSON here")
+    p.add_argument("--chart", type=Path, help="also write the report chart as PNG here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    include = [g.strip() for g in args.include.split(",") if g.strip()]
+    bad = [g for g in include if g not in GROUPS]
+    if bad or not include:
+        raise WeightsmithError(f"--include takes a comma-separated list of {', '.join(GROUPS)}, not {args.include!r}")
+    if len(args.candidates) < 2:
+        raise WeightsmithError("give a reference and at least two candidates: weightsmith mix A B C -o OUT")
+    if not args.dry_run and args.output is None:
+        raise WeightsmithError("name the output with -o OUT.safetensors, or ask for --dry-run")
+    for extra in (args.report, args.chart):  # fail before the mix, not after it
+        if extra is not None and extra.exists():
+            raise OutputPathError(f"refusing to overwrite existing file {extra}; choose another name")
+    scales = None
+    if args.scales:
+        try:
+            scales = [float(s) for s in args.scales.split(",")]
+        except ValueError:
+            raise WeightsmithError(f"--scales must be numbers separated by commas, not {args.scales!r}") from None
+    try:
+        out_dtype = parse_dtype(args.dtype)
+    except ValueError as e:
+        raise WeightsmithError(str(e)) from None
+    report = lossless_mix(
+        args.reference, candidates=args.candidates, alpha=args.alpha, beta=args.beta, scales=scales,
+        mode="max" if args.maxdiff else "min", out=None if args.dry_run else args.output, include=include,
+        on_mismatch=args.on_mismatch, dry_run=args.dry_run, device=args.device, out_dtype=out_dtype,
+        overwrite=args.overwrite, progress=TerminalProgress("mix"), stats=True if args.stats else None,
+    )
+    print(report.text())
+    if args.report:
+        write_json(args.report, report.to_json())
+    if args.chart:
+        save_png(report.chart(), args.chart)
+    return 0

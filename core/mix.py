@@ -1,0 +1,520 @@
+"""Lossless mix: element by element, keep whichever candidate model is nearest to (or farthest from) a
+reference model, streaming key by key.
+
+The rule, from the "losslessmix" script (`result = c·(|a − α·b| > |a − β·c|) + b·(|a − α·b| ≤ |a − β·c|)`):
+
+* min ("nearest"): take c where b is strictly farther from a than c, else b — ties take b.
+* max ("farthest", the script's --maxdiff): take b where b is strictly farther, else c — ties take c.
+* α, β only bias the comparison; the value written is the unscaled element of b or c.
+
+Dtype semantics (what "bit for bit" means here): the distances are computed in fp32 (fp64 if any input is
+fp64) from the inputs' values, which every float dtype up to fp32 converts to exactly; the written element
+is the picked input element converted to the output dtype. By default that dtype is the promotion of the
+candidates' dtypes (fp16 + fp16 → fp16, fp16 + fp32 → fp32, fp16 + bf16 → fp32), so every picked element
+is written exactly; the reference's dtype plays no part. Where the script's multiply-and-add form
+differs from picking, picking is what is meant: −0.0 stays −0.0 (0·b + c would give +0.0) and an inf in
+the element not taken cannot turn the result into NaN (0·inf). A NaN distance makes the strict comparison
+false, so it counts as "not farther": min keeps b, max takes c.
+
+N candidates (`pick_among`): the same comparison folded left to right — min gives the first nearest
+candidate, max the last farthest; with two candidates it is exactly `pick_nearest`.
+
+Planning (which keys are mixed, which are kept from a and why) is separate from execution; the executor
+reads one tensor of each model at a time (memory-mapped), mixes it in small chunks on worker threads and
+hands it to a writer thread feeding `StreamingWriter`, so memory stays at about two output tensors plus
+a few fixed-size work chunks. The statistics and the report live in `mix_report`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .dtypes import cast_for_output, dtype_name, itemsize
+from .errors import MismatchError, OutputPathError, WeightsmithError
+from .mix_report import GROUPS, ChunkStats, MixReport, Totals, candidate_letters
+from .progress import ProgressFn, no_progress
+from .safetensors_io import StreamingWriter
+from .sources import TensorSource, as_source, classify_keys, detect_diffusion_prefix
+
+MODES = ("min", "max")
+# CPU: chunks just under ATen's parallel grain (32768 elements) run every op serially on the calling
+# thread, in cache; our own worker threads then take stripes of a tensor. This beats OpenMP-parallel
+# ops on big chunks by 3-10x on a loaded machine (their barriers spin while a core is taken elsewhere).
+CPU_CHUNK = 32000
+DEVICE_CHUNK = 1 << 25  # on an accelerator: large enough to keep it busy, small next to its memory
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure element-picking functions
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown lossless mix mode {mode!r}; choose 'min' (nearest) or 'max' (farthest)")
+    return mode
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype distances are compared in: fp64 if any input is fp64, else fp32 (exact for fp8/fp16/bf16)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def output_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The dtype that holds every candidate's elements exactly (torch promotion; fp8 pairs go to fp32)."""
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        if d == out:
+            continue
+        try:
+            out = torch.promote_types(out, d)
+        except RuntimeError:  # torch defines no promotion between fp8 kinds
+            out = torch.float32
+    return out
+
+
+_PROMOTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # fp8 has no mixed-dtype math
+
+
+def _distance_into(buf: torch.Tensor, a: torch.Tensor, x: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """buf = |a − scale·x| in a's (compute) dtype, computed in place as |scale·x − a| (IEEE subtraction is
+    sign-symmetric, so the bits equal the written-out formula's). x None: buf already holds x converted.
+    With scale 1 (1·x is x exactly) the conversion happens inside the subtraction: one pass fewer."""
+    if x is not None and scale == 1.0 and x.dtype in _PROMOTABLE:
+        torch.sub(x, a, out=buf)  # x promotes to a's dtype exactly, then one rounding: same bits
+    else:
+        if x is not None:
+            buf.copy_(x)
+        if scale != 1.0:
+            buf.mul_(scale)
+        buf.sub_(a)
+    return buf.abs_()
+
+
+def _choose(a32: torch.Tensor, candidates: Sequence[torch.Tensor], scales: Sequence[float], mode: str,
+            dist: torch.Tensor, best: torch.Tensor, stats: ChunkStats | None = None) -> torch.Tensor:
+    """Which candidate each element takes: a bool mask (True = the second) for two candidates, else a
+    uint8 index. `dist` and `best` are work buffers shaped like `a32` (flat, compute dtype)."""
+    n = len(candidates)
+    full = stats is not None and stats.full
+    pair = full and n == 2  # b and c are needed side by side for b·c
+    if full:  # the statistics need the candidates converted; the distances then work in place
+        best.copy_(candidates[0])
+        stats.reference(a32)
+        stats.candidate(0, a32, best)
+    if pair:
+        dist.copy_(candidates[1])
+        stats.candidate(1, a32, dist)
+        stats.bc += float(torch.dot(best, dist))
+    _distance_into(best, a32, None if full else candidates[0], scales[0])
+    if stats is not None:
+        stats.check(best)
+    index = None
+    for i in range(1, n):
+        if full and not pair:
+            dist.copy_(candidates[i])
+            stats.candidate(i, a32, dist)
+        _distance_into(dist, a32, None if full else candidates[i], scales[i])
+        if stats is not None:
+            stats.check(dist)
+        take = torch.gt(best, dist)  # the best so far strictly farther (False on ties and NaN)
+        if mode == "max":
+            take.logical_not_()
+        if n == 2:
+            if full:
+                stats.ties += int(torch.count_nonzero(torch.eq(best, dist)))
+            return take
+        if index is None:
+            index = torch.zeros(a32.shape, dtype=torch.uint8, device=a32.device)
+        index.masked_fill_(take, i)
+        if i < n - 1:
+            torch.where(take, dist, best, out=best)
+    assert index is not None
+    return index
+
+
+def _gather(choice: torch.Tensor, candidates: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """out = the chosen candidate's element, converted to out's dtype."""
+    xs = [x.to(out.dtype) for x in candidates]
+    if choice.dtype == torch.bool:
+        return torch.where(choice, xs[1], xs[0], out=out)
+    out.copy_(xs[0])
+    for i in range(1, len(xs)):
+        torch.where(choice == i, xs[i], out, out=out)
+    return out
+
+
+def _check_same_shape(a: torch.Tensor, candidates: Sequence[torch.Tensor]) -> None:
+    for i, x in enumerate(candidates):
+        if x.shape != a.shape:
+            raise MismatchError(f"candidate {i} has shape {tuple(x.shape)}, the reference {tuple(a.shape)}; "
+                                "lossless mix never broadcasts")
+        if not (x.is_floating_point() and a.is_floating_point()):
+            raise MismatchError(f"lossless mix needs float tensors, got {a.dtype} and {x.dtype}")
+
+
+@torch.no_grad()
+def pick_index(a: torch.Tensor, candidates: Sequence[torch.Tensor], scales: Sequence[float] | None = None,
+               mode: str = "min") -> torch.Tensor:
+    """uint8 tensor shaped like `a`: the index of the candidate each element takes."""
+    _check_mode(mode)
+    if len(candidates) < 2:
+        raise ValueError("lossless mix needs at least two candidates")
+    if len(candidates) > 255:
+        raise ValueError("at most 255 candidates")
+    scales = [1.0] * len(candidates) if scales is None else [float(s) for s in scales]
+    if len(scales) != len(candidates):
+        raise ValueError(f"{len(scales)} scales for {len(candidates)} candidates")
+    _check_same_shape(a, candidates)
+    cd = compute_dtype(a.dtype, *(x.dtype for x in candidates))
+    flat = [x.reshape(-1) for x in candidates]
+    a32 = a.reshape(-1).to(cd)
+    dist, best = torch.empty_like(a32), torch.empty_like(a32)
+    choice = _choose(a32, flat, scales, mode, dist, best)
+    return choice.to(torch.uint8).reshape(a.shape)
+
+
+@torch.no_grad()
+def pick_among(a: torch.Tensor, candidates: Sequence[torch.Tensor], scales: Sequence[float] | None = None,
+               mode: str = "min", out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per element, the candidate nearest to (min) or farthest from (max) `a`, compared as |a − s_i·x_i|.
+    Ties: min takes the earliest nearest, max the latest farthest. The value is the unscaled candidate's."""
+    index = pick_index(a, candidates, scales, mode)
+    dt = out_dtype or output_dtype([x.dtype for x in candidates])
+    out = torch.empty(a.shape, dtype=dt, device=a.device)
+    choice = index.bool() if len(candidates) == 2 else index
+    return _gather(choice, candidates, out)
+
+
+def pick_nearest(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float = 1.0, beta: float = 1.0,
+                 mode: str = "min", out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The losslessmix rule: min → c where |a − α·b| > |a − β·c| else b; max → b there else c."""
+    return pick_among(a, [b, c], [alpha, beta], mode, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planning: what happens to each key of the reference
+
+
+@dataclass
+class KeyPlan:
+    key: str  # a's key, also the output key
+    group: str  # unet / te / vae / other
+    block: str  # report row, e.g. double_blocks.3, input_blocks.4, te
+    action: str  # "mix" or "copy"
+    reason: str = ""  # for copies: outside scope / missing / mismatch / not float
+    detail: str = ""
+    sources: list[str] = field(default_factory=list)  # the key in each candidate (mix only)
+    dtype: torch.dtype = torch.float32  # output dtype
+    shape: tuple[int, ...] = ()
+
+
+@dataclass
+class MixPlan:
+    keys: list[KeyPlan]
+    names: list[str]  # a, then each candidate
+    extra: dict[str, list[str]]  # candidate name -> its keys with no counterpart in a
+
+    def mixed(self) -> list[KeyPlan]:
+        return [k for k in self.keys if k.action == "mix"]
+
+    def copied(self, reason: str) -> list[KeyPlan]:
+        return [k for k in self.keys if k.action == "copy" and k.reason == reason]
+
+
+def _canonical(source: TensorSource) -> tuple[dict[str, str], dict[str, str]]:
+    """(canonical name -> raw key, raw key -> group). Diffusion-model keys lose their prefix so that a full
+    checkpoint (`model.diffusion_model.x`) lines up with a bare diffusion-model file (`x`)."""
+    keys = source.keys()
+    groups = classify_keys(keys)
+    prefix = detect_diffusion_prefix(keys)
+    canon: dict[str, str] = {}
+    for k in keys:
+        g = groups[k]
+        name = k[len(prefix):] if g == "unet" and prefix and k.startswith(prefix) else k
+        canon[f"{g}:{name}"] = k
+    return canon, groups
+
+
+def _block(group: str, canon: str) -> str:
+    if group != "unet":
+        return group
+    parts = canon.split(":", 1)[1].split(".")
+    if len(parts) > 2 and parts[0].endswith("blocks") and parts[1].isdigit():  # double_blocks.3, input_blocks.4
+        return f"{parts[0]}.{parts[1]}"
+    return parts[0]
+
+
+def plan_mix(a: TensorSource, candidates: Sequence[TensorSource], include: Sequence[str] = ("unet",),
+             on_mismatch: str = "keep_a", out_dtype: torch.dtype | None = None) -> MixPlan:
+    """Decide, from headers only, what happens to each of a's keys. Raises MismatchError (on_mismatch
+    'error') before anything is read or written."""
+    bad = set(include) - set(GROUPS)
+    if bad:
+        raise WeightsmithError(f"unknown key group(s) {sorted(bad)} in include; choose from {', '.join(GROUPS)}")
+    if on_mismatch not in ("keep_a", "error"):
+        raise WeightsmithError(f"on_mismatch must be 'keep_a' or 'error', not {on_mismatch!r}")
+    a_canon, a_groups = _canonical(a)
+    cands = [_canonical(c)[0] for c in candidates]
+    names = [a.name] + [c.name for c in candidates]
+    plans: list[KeyPlan] = []
+    for canon, key in a_canon.items():
+        info = a.info(key)
+        group = a_groups[key]
+        kp = KeyPlan(key, group, _block(group, canon), "copy", dtype=out_dtype or info.dtype, shape=info.shape)
+        plans.append(kp)
+        if not info.dtype.is_floating_point:
+            kp.reason, kp.dtype = "not float", info.dtype
+            continue
+        if group not in include:
+            kp.reason = "outside scope"
+            continue
+        missing = [names[i + 1] for i, c in enumerate(cands) if canon not in c]
+        if missing:
+            kp.reason, kp.detail = "missing", "absent from " + ", ".join(missing)
+            continue
+        raw = [c[canon] for c in cands]
+        infos = [src.info(r) for src, r in zip(candidates, raw)]
+        problems = [f"{names[i + 1]} has {tuple(x.shape)} {dtype_name(x.dtype)}" for i, x in enumerate(infos)
+                    if x.shape != info.shape or not x.dtype.is_floating_point]
+        if problems:
+            kp.reason = "mismatch"
+            kp.detail = f"{names[0]} has {tuple(info.shape)} {dtype_name(info.dtype)}; " + "; ".join(problems)
+            if on_mismatch == "error":
+                raise MismatchError(f"tensor {key!r}: {kp.detail} (never broadcast; pass on_mismatch='keep_a' "
+                                    "to keep the reference's tensor and report it)")
+            continue
+        kp.action, kp.sources = "mix", raw
+        kp.dtype = out_dtype or output_dtype([x.dtype for x in infos])
+    a_set = set(a_canon)
+    extra = {names[i + 1]: sorted(c[k] for k in c if k not in a_set) for i, c in enumerate(cands)}
+    return MixPlan(plans, names, {k: v for k, v in extra.items() if v})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Execution
+
+
+@torch.no_grad()
+def _mix_range(a: torch.Tensor, xs: Sequence[torch.Tensor], scales: Sequence[float], mode: str, cd: torch.dtype,
+               out_dtype: torch.dtype, device: torch.device, chunk: int, lo: int, hi: int, out: torch.Tensor | None,
+               stats: ChunkStats) -> None:
+    """Mix elements lo:hi of flat tensors chunk by chunk on `device` (picks into `out` when given)."""
+    size = min(chunk, hi - lo)
+    a32, dist, best = (torch.empty(size, dtype=cd, device=device) for _ in range(3))
+    on_cpu = device.type == "cpu"
+    direct = on_cpu and out is not None  # picks land straight in the output tensor
+    piece = None if direct else torch.empty(size, dtype=out_dtype, device=device)
+    for start in range(lo, hi, chunk):
+        m = min(chunk, hi - start)
+        sl = slice(start, start + m)
+        a_c = a32[:m].copy_(a[sl])
+        cands = [x[sl] if on_cpu else x[sl].to(device) for x in xs]
+        choice = _choose(a_c, cands, scales, mode, dist[:m], best[:m], stats)
+        target = out[sl] if direct else piece[:m]
+        _gather(choice, cands, target)
+        if choice.dtype == torch.bool:
+            nc = int(torch.count_nonzero(choice))
+            stats.taken[0] += m - nc
+            stats.taken[1] += nc
+        else:
+            for i, cnt in enumerate(torch.bincount(choice.to(torch.int64), minlength=len(xs)).tolist()):
+                stats.taken[i] += cnt
+        if not stats.full:
+            stats.elements += m
+        else:
+            stats.abs_change += float(dist[:m].copy_(target).sub_(a_c).abs_().sum(dtype=torch.float64))
+        if out is not None and not direct:
+            out[sl].copy_(target)
+
+
+def _in_mode(inference: bool, fn, *args) -> None:
+    """Run fn in a worker thread under the caller's inference mode (ComfyUI runs nodes inside it, and an
+    inference tensor may not be written from a thread outside it)."""
+    with torch.inference_mode(inference):
+        fn(*args)
+
+
+class _OutputBuffers:
+    """Two reusable CPU buffers, each the size of the largest mixed tensor, used in turn: one receives the
+    key being mixed while the writer thread may still be writing the previous one. Reusing them spares
+    the page faults and zeroing of a fresh allocation per key."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.bufs: list[torch.Tensor | None] = [None, None]
+        self.turn = 0
+
+    def take(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        i, self.turn = self.turn, self.turn ^ 1
+        if self.bufs[i] is None:
+            self.bufs[i] = torch.empty(self.nbytes, dtype=torch.uint8)
+        return self.bufs[i][: n * itemsize(dtype)].view(dtype)
+
+
+def _mix_tensor(a: torch.Tensor, xs: Sequence[torch.Tensor], scales: Sequence[float], mode: str,
+                out_dtype: torch.dtype, device: torch.device, chunk: int, stats: ChunkStats,
+                out: torch.Tensor | None, pool: ThreadPoolExecutor | None = None, workers: int = 1,
+                ) -> torch.Tensor | None:
+    """Mix one key into `out` (flat, CPU; None: statistics only) and return it shaped like `a`. With a
+    pool, `workers` stripes of whole chunks run side by side, each with its own buffers and statistics."""
+    cd = compute_dtype(a.dtype, *(x.dtype for x in xs))
+    n = a.numel()
+    flat = [t.reshape(-1) for t in (a, *xs)]
+    if pool is None or workers < 2 or n <= chunk:
+        _mix_range(flat[0], flat[1:], scales, mode, cd, out_dtype, device, chunk, 0, n, out, stats)
+    else:
+        per = math.ceil(math.ceil(n / chunk) / workers) * chunk  # whole chunks per stripe
+        parts = [(lo, min(lo + per, n), ChunkStats(len(xs), stats.full)) for lo in range(0, n, per)]
+        inference = torch.is_inference_mode_enabled()
+        futures = [pool.submit(_in_mode, inference, _mix_range, flat[0], flat[1:], scales, mode, cd, out_dtype,
+                               device, chunk, lo, hi, out, st) for lo, hi, st in parts]
+        for f in futures:
+            f.result()
+        for _, _, st in parts:
+            stats.merge(st)
+    return None if out is None else out.view(a.shape)
+
+
+def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSource], scales: Sequence[float],
+                mode: str = "min", out: str | os.PathLike | None = None, dry_run: bool = False,
+                device: str | torch.device = "cpu", progress: ProgressFn | None = None, stats: bool | None = None,
+                overwrite: bool = False, chunk: int | None = None, metadata: Mapping[str, str] | None = None,
+                ) -> MixReport:
+    """Run a plan: stream every key of a (mixed or copied) into `out`, or only analyse when dry_run.
+    `stats`: True for cosines and mean |change| besides the shares taken (default on dry runs only); a dry
+    run with stats False computes nothing and reports the plan."""
+    _check_mode(mode)
+    full = dry_run if stats is None else bool(stats)
+    device = torch.device(device)
+    chunk = chunk or (CPU_CHUNK if device.type == "cpu" else DEVICE_CHUNK)
+    progress = progress or no_progress
+    letters = candidate_letters(len(candidates))
+    t0 = time.perf_counter()
+    totals: dict[str, Totals] = {}
+    nonfinite: dict[str, list[str]] = {}
+    # A dry run without statistics has nothing to compute: its report is the plan's key counts.
+    steps = (plan.mixed() if full else []) if dry_run else plan.keys
+    writer = None
+    if not dry_run:
+        if out is None:
+            raise OutputPathError("no output path given; name an output file or ask for a dry run")
+        protect = [p for s in (a, *candidates) for p in s.paths()]
+        writer = StreamingWriter(out, {k.key: (k.shape, k.dtype) for k in plan.keys}, metadata, protect=protect,
+                                 overwrite=overwrite)
+        writer.__enter__()
+    buffers = _OutputBuffers(max((math.prod(k.shape) * itemsize(k.dtype) for k in plan.mixed()), default=0))
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="weightsmith-mix") if workers > 1 else None
+    # The file is written by its own thread while the next key is mixed; at most one finished tensor waits.
+    io = ThreadPoolExecutor(1, thread_name_prefix="weightsmith-write") if writer is not None else None
+    pending: Future | None = None
+    inference = torch.is_inference_mode_enabled()
+    try:
+        for done, kp in enumerate(steps, 1):
+            if kp.action == "mix":
+                s = ChunkStats(len(candidates), full)
+                inputs = [a.get(kp.key)] + [c.get(k) for c, k in zip(candidates, kp.sources)]
+                dest = buffers.take(inputs[0].numel(), kp.dtype) if writer is not None else None
+                t = _mix_tensor(inputs[0], inputs[1:], scales, mode, kp.dtype, device, chunk, s, dest, pool, workers)
+                if s.nonfinite:  # rare: find out which inputs hold the NaN/Inf, for the report
+                    for src, key, x in zip((a, *candidates), [kp.key, *kp.sources], inputs):
+                        if not bool(torch.isfinite(x.float() if x.dtype not in _PROMOTABLE else x).all()):
+                            nonfinite.setdefault(src.name, []).append(key)
+                del inputs
+                for label in dict.fromkeys((kp.group, kp.block)):  # te/vae keys are their own block
+                    totals.setdefault(label, Totals(len(candidates))).add(s)
+            else:
+                t = a.get(kp.key)
+                if t.dtype != kp.dtype:
+                    t = cast_for_output(t, kp.dtype)
+            if io is not None:
+                if pending is not None:
+                    pending.result()
+                pending = io.submit(_in_mode, inference, writer.write, kp.key, t)
+            del t
+            progress(done, len(steps))
+        if pending is not None:
+            pending.result()
+    except BaseException as e:
+        if pending is not None:
+            wait([pending])  # the file must not be closed under a write in flight
+        if writer is not None:
+            writer.__exit__(type(e), e, e.__traceback__)
+        raise
+    finally:
+        for executor in (pool, io):
+            if executor is not None:
+                executor.shutdown()
+    if writer is not None:
+        writer.__exit__(None, None, None)
+    if not steps:
+        for kp in plan.mixed():
+            for label in dict.fromkeys((kp.group, kp.block)):
+                totals.setdefault(label, Totals(len(candidates))).add(None)
+    rows = [tot.row(label, letters) for label, tot in totals.items() if label in GROUPS]
+    rows += [tot.row(label, letters) for label, tot in totals.items() if label not in GROUPS]
+    copied = {r: [k.key for k in plan.copied(r)] for r in ("outside scope", "missing", "mismatch", "not float")}
+    dtypes: dict[str, int] = {}
+    for k in plan.keys:
+        dtypes[dtype_name(k.dtype)] = dtypes.get(dtype_name(k.dtype), 0) + 1
+    return MixReport(mode, [float(s) for s in scales], plan.names, None if dry_run else Path(out), dry_run,
+                     str(device), rows, len(plan.mixed()), {r: v for r, v in copied.items() if v},
+                     {k.key: k.detail for k in plan.keys if k.detail}, plan.extra, dtypes,
+                     time.perf_counter() - t0, nonfinite)
+
+
+def lossless_mix(a, b=None, c=None, *, candidates: Sequence | None = None, alpha: float = 1.0, beta: float = 1.0,
+                 scales: Sequence[float] | None = None, mode: str = "min", out: str | os.PathLike | None = None,
+                 include: Sequence[str] = ("unet",), on_mismatch: str = "keep_a", dry_run: bool = False,
+                 device: str | torch.device = "cpu", progress: ProgressFn | None = None,
+                 out_dtype: torch.dtype | None = None, stats: bool | None = None, overwrite: bool = False,
+                 chunk: int | None = None) -> MixReport:
+    """Mix models file to file (paths, dicts or TensorSources; .safetensors, sharded, or .ckpt via
+    weights_only): per element of every float key in the `include` groups, the candidate nearest to (mode
+    'min') or farthest from ('max') the reference `a`. Keys outside the scope, non-float keys, keys missing
+    from a candidate and mismatching keys keep a's tensor and are reported. `candidates` replaces b, c for
+    N-model mixes, with `scales` (default [alpha, beta, 1, …]). Nothing is written on a dry run.
+    `stats` (default: on dry runs) adds cosine similarities and mean |change| to the report's shares."""
+    _check_mode(mode)
+    cand_in = list(candidates) if candidates is not None else [x for x in (b, c) if x is not None]
+    if len(cand_in) < 2:
+        raise WeightsmithError("lossless mix needs a reference and at least two candidates (a, b, c)")
+    if scales is None:
+        scales = [alpha, beta] + [1.0] * (len(cand_in) - 2)
+    if len(scales) != len(cand_in):
+        raise WeightsmithError(f"{len(scales)} scales given for {len(cand_in)} candidates")
+    opened: list[TensorSource] = []
+
+    def src(x) -> TensorSource:
+        s = as_source(x)
+        if s is not x:
+            opened.append(s)
+            # NaN/Inf in mixed tensors are found by the mix itself at a fraction of a per-read isfinite pass
+            s.set_nonfinite_policy("ignore")
+        return s
+
+    try:
+        a_src = src(a)
+        c_src = [src(x) for x in cand_in]
+        plan = plan_mix(a_src, c_src, include, on_mismatch, out_dtype)
+        if not plan.mixed():
+            raise MismatchError(f"nothing to mix: no float key of {a_src.name} in the groups {', '.join(include)} "
+                                "has a same-shaped counterpart in every candidate (different architectures?)")
+        meta = dict(a_src.metadata)
+        meta["weightsmith.mix"] = json.dumps({"mode": mode, "scales": [float(s) for s in scales],
+                                              "reference": Path(a_src.name).name,
+                                              "candidates": [Path(s.name).name for s in c_src]})
+        return execute_mix(plan, a_src, c_src, scales, mode, out, dry_run, device, progress, stats, overwrite,
+                           chunk, meta)
+    finally:
+        for s in opened:
+            s.close()
