@@ -10,7 +10,7 @@ setup:
 	@bash scripts/setup_env.sh >/dev/null
 
 demo: setup
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py $(ARGS)
 
 test:
 	bash scripts/run_tests.sh
@@ -19,7 +19,8 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not e2e and not browser" tests
 
 bench: setup
-	$(PY) bench/run_all.py
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/run_all.py $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check .
