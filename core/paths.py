@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import OutputPathError
@@ -108,3 +109,35 @@ def write_new_file(path: str | os.PathLike, data: bytes) -> Path:
             pass
     return path
 
+
+
+def check_new_output(
+    path: str | os.PathLike,
+    what: str = "report",
+    protect: Iterable[str | os.PathLike] = (),
+    others: Iterable[str | os.PathLike | None] = (),
+) -> Path:
+    """Check a secondary output (`--report`, `--chart`, `--json`) before any work is done, so a bad path
+    fails at once instead of after a long merge: it must not be an input (`protect`), already exist,
+    or be another output of the same command (`others`, e.g. `-o`), and its folder must exist.
+    The final write (`write_new_file`) still refuses to overwrite; this only makes the refusal early."""
+    path = Path(path)
+    target = path.resolve()
+    for p in protect:
+        p = Path(p)
+        try:
+            if p.resolve() == target or (path.exists() and p.exists() and os.path.samefile(p, path)):
+                raise OutputPathError(f"refusing to write the {what} to {path}: it is one of the inputs ({p}); "
+                                      f"choose another file name for the {what}")
+        except OSError:
+            continue
+    for o in others:
+        if o is not None and Path(o).resolve() == target:
+            raise OutputPathError(f"the {what} path {path} is also another output of this command; "
+                                  f"choose a different file name for the {what}")
+    if path.exists() or path.is_symlink():
+        raise OutputPathError(f"refusing to overwrite existing file {path} with the {what}; choose another name "
+                              "or remove it")
+    if not target.parent.is_dir():
+        raise OutputPathError(f"folder {path.parent} does not exist; create it or choose another path for the {what}")
+    return path

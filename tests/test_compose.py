@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightsmith.errors import MismatchError
+from weightsmith.errors import BadFileError, MismatchError
 from weightsmith.lora.compose import compose_loras, rerank_lora
 from weightsmith.lora.lowrank import choose_rank, dense_truncated_svd, recompress, svd_of_product
 from weightsmith.lora.model import LoRA, LoraTerm, ModuleDelta
@@ -165,6 +165,32 @@ def test_shape_mismatch_names_module_and_inputs():
         compose_loras([(fused_lora(), 1.0), (other, 1.0)], names=["A", "B"])
     with pytest.raises(MismatchError, match="at least one"):
         compose_loras([])
+
+
+def test_nan_factors_are_reported_in_exact_mode_and_refused_by_recompression():
+    nan = fused_lora()
+    nan.modules[PROJ].terms[0].up[0, 0] = float("nan")
+    out, rep = compose_loras([(fused_lora(seed=3), 1.0), (nan, 0.5)], names=["ok.safetensors", "nan.safetensors"])
+    assert not torch.isfinite(out.modules[PROJ].terms[0].up).all()  # copied as it is, and said so
+    assert rep.summary()["nonfinite_modules"] == [{"module": PROJ, "inputs": ["nan.safetensors"]}]
+    assert any("NaN/Inf" in w and PROJ in w and "nan.safetensors" in w for w in rep.warnings)
+    assert "NaN/Inf" in rep.text()
+    for call in (lambda: compose_loras([(nan, 1.0)], rank=2, names=["nan.safetensors"]),
+                 lambda: rerank_lora(nan, rank=2, name="nan.safetensors")):
+        with pytest.raises(BadFileError, match=r"nan\.safetensors: module '.*img_attn\.proj' holds NaN.*download"):
+            call()
+    with pytest.raises(MismatchError, match="NaN or Inf"):  # the factor algebra itself never reaches LAPACK
+        svd_of_product(nan.modules[PROJ].terms[0].up, nan.modules[PROJ].terms[0].down)
+
+
+def test_strengths_that_overflow_fp32_are_refused():
+    with pytest.raises(MismatchError, match=r"A: strength 1e\+39 is beyond fp32's range.*give a smaller"):
+        compose_loras([(fused_lora(), 1e39)], names=["A"])
+    with pytest.raises(MismatchError, match="not a finite number; give"):
+        compose_loras([(fused_lora(), float("nan"))], names=["A"])
+    # finite for fp32, but the stored alpha (strength · alpha, as fp32) would be inf
+    with pytest.raises(MismatchError, match=r"module '.*img_attn.*' \(A\): .*overflow fp32.*smaller strengths"):
+        compose_loras([(fused_lora(), 3e38)], names=["A"])
 
 
 def test_rank_warning_and_unknown_keys_reported():

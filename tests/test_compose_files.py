@@ -106,6 +106,25 @@ def test_cli_errors_are_clear(files, tmp_path, capsys):
     assert load_lora(out).arch == "chroma"
 
 
+def test_report_path_is_checked_first_and_fp16_overflow_is_refused(files, tmp_path, capsys):
+    """--report naming an input or an existing file fails before any work (exit 2, nothing written); a
+    strength whose re-compressed factors do not fit fp16 is refused naming the input, never written as inf."""
+    d, p = files
+    out = tmp_path / "x.safetensors"
+    (tmp_path / "old.json").write_text("{}")
+    for argv in (["compose", str(p["a"]), "-o", str(out), "--report", str(p["a"])],
+                 ["rerank", str(p["a"]), "--rank", "2", "-o", str(out), "--report", str(tmp_path / "old.json")],
+                 ["compose", str(p["a"]), "-o", str(out), "--report", str(out)]):
+        assert main(argv) == 2
+        assert "choose" in capsys.readouterr().err
+        assert sorted(x.name for x in tmp_path.iterdir()) == ["old.json"]
+    assert main(["compose", f"{p['a']}:1e14", "--rank", "2", "--dtype", "fp16", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert p["a"].name in err and "fp16" in err and "--dtype fp32" in err and not out.exists()
+    assert main(["compose", f"{p['a']}:1e14", "--rank", "2", "--dtype", "fp32", "-o", str(out)]) == 0
+    assert all(bool(t.isfinite().all()) for t in load_file(out).values())
+
+
 @pytest.mark.comfy
 @pytest.mark.parametrize("fmt", ["comfy", "kohya", "diffusers"])
 def test_composed_file_in_comfy_equals_chained_loaders(files, fmt):

@@ -244,6 +244,43 @@ def _write(path, sd):
     return path
 
 
+ADD = {"normalize": False}  # weights 1, 1: the plain sum
+
+
+@pytest.mark.parametrize("chunk", [None, 64], ids=["whole", "row_blocks"])
+def test_overflow_of_the_output_dtype_is_refused_after_the_cast(tmp_path, chunk):
+    """Finiteness is judged on the values as written: 1e5 is finite in fp32 but inf in fp16. The merge
+    stops naming the key and the dtype to widen; nothing is written. NaN from an input is still reported."""
+    a = {"blocks.0.w": torch.full((64, 64), 3e4), "blocks.1.w": torch.ones(8)}
+    b = {"blocks.0.w": torch.full((64, 64), 7e4), "blocks.1.w": torch.ones(8)}
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(WeightsmithError, match=r"'blocks\.0\.w'.*fp16.*wider --dtype") as e:
+        execute_merge(plan_merge([a, b], weights=[1.0, 1.0], params=ADD), out, "fp16", chunk_elems=chunk)
+    assert "Nothing was written" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+    rep = execute_merge(plan_merge([a, b], weights=[1.0, 1.0], params=ADD), out, "fp32", chunk_elems=chunk)  # fits
+    assert rep.nonfinite_keys() == [] and float(load_file(out)["blocks.0.w"][0, 0]) == 1e5
+    b["blocks.1.w"] = torch.full((8,), float("nan"))
+    rep = execute_merge(plan_merge([a, b], weights=[0.5, 0.5]), None, "fp16", chunk_elems=chunk)
+    assert rep.nonfinite_keys() == ["blocks.1.w"]
+    with pytest.raises(WeightsmithError, match=r"'blocks\.0\.w'.*fp16"):  # a taken key cast to fp16 too
+        execute_merge(plan_merge([a, b], rules=["blocks.0=take:B"]), None, "fp16")
+
+
+def test_report_and_chart_paths_are_checked_before_the_merge(tmp_path, dev_schnell, capsys):
+    a, b = _write(tmp_path / "a.safetensors", dev_schnell[0]), _write(tmp_path / "b.safetensors", dev_schnell[1])
+    out = tmp_path / "m.safetensors"
+    (tmp_path / "old.json").write_text("{}")
+    for extra in (["--report", str(b)], ["--report", str(tmp_path / "old.json")], ["--chart", str(out)],
+                  ["--report", str(tmp_path / "r.png"), "--chart", str(tmp_path / "r.png")],
+                  ["--report", str(tmp_path / "missing" / "r.json")]):
+        before = sorted(p.name for p in tmp_path.iterdir())
+        assert cli_main(["merge", str(a), str(b), "-o", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and ("choose" in err or "create" in err), err
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # no model written before the refusal
+
+
 def test_plan_validation_errors(dev_schnell):
     dev, schnell = dev_schnell
     with pytest.raises(WeightsmithError, match="takes 3 models"):

@@ -4,12 +4,14 @@ lower rank), both through the canonical LoRA: any input format in, the chosen fo
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
-from ..dtypes import parse_dtype
+from ..dtypes import dtype_name, parse_dtype
 from ..errors import MismatchError
+from ..paths import check_new_output
 from ..progress import TerminalProgress
 from ..report import write_json
 
@@ -96,11 +98,52 @@ def _check_device(device: str) -> None:
         raise MismatchError(f"--device {device}: no CUDA device is available here; use --device cpu")
 
 
+def _check_report_path(args: argparse.Namespace, inputs: list[Path]) -> None:
+    """--report is an output too: a bad path (an input, an existing file) fails before any work."""
+    if args.report:
+        check_new_output(args.report, "report", protect=inputs, others=[args.output])
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if not t.is_floating_point():
+        return True
+    if t.dtype.itemsize == 1:
+        t = t.to(torch.float16)  # no fp8 kernels; the conversion is exact
+    # a sum first (NaN/Inf propagate into it, and it is far cheaper than isfinite); confirm a failure
+    return math.isfinite(float(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
+def _check_storable(lora, fmt: str, dtype: torch.dtype, inputs: list[Path]) -> None:
+    """Refuse to write values the output dtype turns into inf (e.g. re-compressed factors of a large
+    strength stored as fp16). compose_loras already refused or reported what is not finite in fp32, so
+    only dtypes of a narrower range (fp16, fp8) can add inf here, and only they pay for this check (one
+    extra state dict and a sum per tensor); bf16 shares fp32's exponent range. Values that are already
+    non-finite in fp32 came from the inputs and are reported by the compose report."""
+    if torch.finfo(dtype).max > 1e38:  # fp32, bf16, fp64
+        return
+    from ..lora.formats import lora_state_dict
+
+    stored = lora_state_dict(lora, fmt, dtype)
+    bad = [k for k, t in stored.items() if not _all_finite(t)]
+    del stored
+    if not bad:
+        return
+    exact = lora_state_dict(lora, fmt, None)  # the composed fp32 values, before the cast
+    overflowed = [k for k in bad if _all_finite(exact[k])]
+    if overflowed:
+        limit = max(float(exact[k].float().abs().max()) for k in overflowed)
+        raise MismatchError(
+            f"composing {', '.join(p.name for p in inputs)}: {len(overflowed)} tensor(s) (e.g. {overflowed[0]!r}) hold "
+            f"values up to {limit:.3g}, beyond {dtype_name(dtype)}'s range (±{torch.finfo(dtype).max:.6g}): they "
+            "would be written as inf. Use --dtype fp32 (or bf16), or smaller strengths; nothing was written")
+
+
 def _finish(lora, report, args, inputs: list[Path], loras) -> int:
     from ..lora.formats import save_lora
 
-    path = save_lora(lora, args.output, fmt=args.format, dtype=_output_dtype(args.dtype, loras),
-                     metadata=lora.metadata, protect=inputs)
+    dtype = _output_dtype(args.dtype, loras)
+    _check_storable(lora, args.format, dtype, inputs)
+    path = save_lora(lora, args.output, fmt=args.format, dtype=dtype, metadata=lora.metadata, protect=inputs)
     print(report.text(limit=20))
     if args.report:
         write_json(args.report, report.to_dict())
@@ -115,6 +158,7 @@ def run_compose(args: argparse.Namespace) -> int:
 
     _check_device(args.device)
     pairs = parse_inputs(args.loras, args.inputs, args.strengths)
+    _check_report_path(args, [p for p, _ in pairs])
     loras = [load_lora(p) for p, _ in pairs]
     if args.target_arch == "chroma":
         from ..lora.convert import flux_to_chroma
@@ -137,6 +181,7 @@ def run_rerank(args: argparse.Namespace) -> int:
     if args.rank is None and args.energy is None:
         raise MismatchError("rerank needs --rank R and/or --energy E")
     _check_device(args.device)
+    _check_report_path(args, [args.input])
     source = load_lora(args.input)
     lora, report = rerank_lora(source, rank=args.rank, energy=args.energy, device=args.device,
                                progress=TerminalProgress("rerank"), name=args.input.name)

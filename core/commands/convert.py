@@ -20,6 +20,7 @@ from ..lora.formats import (
 )
 from ..lora.model import LoRA
 from ..lora.reproject import REPROJECT_METHODS
+from ..paths import check_new_output
 from ..report import format_table, write_json
 from ..sources import open_model
 
@@ -71,6 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    if args.report:  # an output too: a bad path (an input, an existing file) fails before any work
+        check_new_output(args.report, "report", protect=[args.input], others=[args.output])
     lora = load_lora(args.input, arch=args.arch)
     if args.reproject:
         if args.target_arch != "chroma" or not (args.flux_base and args.chroma_base):
@@ -141,6 +144,8 @@ def _inspect_model(path: Path) -> dict:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    if args.json:
+        check_new_output(args.json, "JSON summary", protect=[args.file])
     src = open_model(args.file)
     if detect_format(src.keys()) == "unknown":
         data = _inspect_model(args.file)

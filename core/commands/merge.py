@@ -11,6 +11,7 @@ from ..merge.execute import execute_merge
 from ..merge.methods import describe_methods
 from ..merge.plan import MISSING_POLICIES, OTHERS_POLICIES, plan_merge
 from ..merge.rules import PRESETS, group_aliases
+from ..paths import check_new_output
 from ..progress import TerminalProgress
 from ..report import format_table, save_png
 
@@ -70,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
         raise WeightsmithError("give an output file with -o OUT.safetensors (or use --dry-run / --plan-only)")
     if args.output is not None and args.output.suffix.lower() not in (".safetensors", ".sft"):
         raise WeightsmithError(f"output {args.output} must end in .safetensors")
+    # --report/--chart are outputs too: a bad path (an input, an existing file) fails now, not after the merge
+    if args.report:
+        check_new_output(args.report, "report", protect=args.models, others=[args.output, args.chart])
+    if args.chart and not args.plan_only:
+        check_new_output(args.chart, "chart", protect=args.models, others=[args.output])
     plan = plan_merge(args.models, args.method, args.weights, args.rule, args.missing, "\n".join(args.param),
                       args.preset, args.others)
     if args.plan_only:

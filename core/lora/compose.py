@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import MismatchError
+from ..errors import BadFileError, MismatchError
 from ..progress import ProgressFn, no_progress
 from ..report import format_table
 from .lowrank import recompress
 from .model import LoRA, LoraTerm, ModuleDelta
 
 DEFAULT_WARN_RANK = 256
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 def lora_arch(arch: str) -> str:
@@ -163,28 +164,35 @@ def _validate_shapes(plan: _ModulePlan, names: Sequence[str]) -> None:
         full_rows = {p.length for p in plan.pieces if p.full}
         if len(full_rows) > 1:
             who = ", ".join(f"{names[p.source]}: {p.length}" for p in plan.pieces if p.full)
-            raise MismatchError(f"module {plan.name!r} has different output sizes in the inputs ({who}); are they for the same model?")
+            raise MismatchError(f"module {plan.name!r} has different output sizes in the inputs ({who}): these LoRAs "
+                                "were made for different models; compose only LoRAs made for the same model")
         limit = full_rows.pop() if full_rows else None
         for p in plan.pieces:
             if p.down.shape[1] != ref.down.shape[1]:
                 raise MismatchError(
                     f"module {plan.name!r}: {names[ref.source]} has input width {ref.down_tail}, {names[p.source]} "
-                    f"has {p.down_tail}; these LoRAs are for different models."
+                    f"has {p.down_tail}: these LoRAs were made for different models; compose only LoRAs made for "
+                    "the same model"
                 )
             if limit is not None and p.end > limit:
                 raise MismatchError(
-                    f"module {plan.name!r}: {names[p.source]} targets rows {p.start}..{p.end} of a weight with {limit} rows."
+                    f"module {plan.name!r}: {names[p.source]} targets rows {p.start}..{p.end} of a weight with {limit} "
+                    "rows: the LoRAs were made for different models; compose only LoRAs made for the same model"
                 )
         tails = {p.down_tail for p in plan.pieces if len(p.down_tail) > 1}
         if len(tails) > 1:
-            raise MismatchError(f"module {plan.name!r}: the inputs use different conv kernel shapes {sorted(tails)}.")
+            raise MismatchError(f"module {plan.name!r}: {', '.join(names[i] for i in dict.fromkeys(plan.sources))} use "
+                                f"different conv kernel shapes {sorted(tails)}; compose only LoRAs made for the same model")
     shapes = {tuple(d.shape) for d, _, _ in plan.diffs}
     if plan.replacement is not None:
         shapes.add(tuple(plan.replacement[0].shape))
     if len({math.prod(s) for s in shapes}) > 1:
-        raise MismatchError(f"module {plan.name!r}: the inputs' full diffs / replacements have different shapes {sorted(shapes)}.")
+        raise MismatchError(f"module {plan.name!r}: the full diffs / replacements of "
+                            f"{', '.join(names[i] for i in dict.fromkeys(plan.sources))} have different shapes "
+                            f"{sorted(shapes)}; compose only LoRAs made for the same model")
     if len({d.numel() for d, _, _ in plan.bias_diffs}) > 1:
-        raise MismatchError(f"module {plan.name!r}: the inputs' bias diffs have different sizes.")
+        raise MismatchError(f"module {plan.name!r}: the bias diffs of {', '.join(names[i] for _, _, i in plan.bias_diffs)} "
+                            "have different sizes; compose only LoRAs made for the same model")
 
 
 def plan_compose(items: Sequence[tuple[LoRA, float]], names: Sequence[str]) -> tuple[str, list[_ModulePlan]]:
@@ -193,7 +201,10 @@ def plan_compose(items: Sequence[tuple[LoRA, float]], names: Sequence[str]) -> t
     arch = _check_arches(loras, names)
     for (_, s), n in zip(items, names):
         if not math.isfinite(s):
-            raise MismatchError(f"{n}: strength {s} is not a finite number")
+            raise MismatchError(f"{n}: strength {s} is not a finite number; give a finite strength such as 1 or -0.5")
+        if abs(s) > FP32_MAX:  # finite for Python, but inf in the fp32 math and in any file
+            raise MismatchError(f"{n}: strength {s:g} is beyond fp32's range (±{FP32_MAX:.3g}), so the composed "
+                                "change would be infinite; give a smaller strength")
     per_module: dict[str, list[tuple[int, ModuleDelta, float]]] = {}
     for idx, (lora, strength) in enumerate(items):
         for mod_name, delta in lora.modules.items():
@@ -276,6 +287,49 @@ class ModuleReport:
     rel_error: float = 0.0
     energy_kept: float = 1.0
     note: str = ""
+    nonfinite_inputs: list[str] = field(default_factory=list)  # inputs whose NaN/Inf reached this module
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Every value of `t` is finite. A sum first (NaN/Inf propagate into it; measured ~4x cheaper than
+    isfinite, which took most of an exact compose's time); only a non-finite sum is confirmed exactly."""
+    if t.dtype.itemsize == 1 and t.dtype.is_floating_point:
+        t = t.to(torch.float16)  # no fp8 kernels; the conversion is exact
+    return math.isfinite(float(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
+def _delta_is_finite(d: ModuleDelta) -> bool:
+    """Every value the module will store is finite, alphas included (they are stored as fp32)."""
+    dense = [x for x in (d.diff, d.diff_b, d.set_weight) if x is not None]
+    return (all(_finite(t.up) and _finite(t.down) for t in d.terms) and all(_finite(x) for x in dense)
+            and all(t.alpha is None or abs(t.alpha) <= FP32_MAX for t in d.terms))
+
+
+def _nonfinite_inputs(plan: _ModulePlan, names: Sequence[str]) -> list[str]:
+    """The inputs whose contribution to this module holds NaN/Inf (scanned only when the result does)."""
+    bad = {p.source for p in plan.pieces if not (_finite(p.up) and _finite(p.down))}
+    bad |= {i for d, _, i in [*plan.diffs, *plan.bias_diffs] if not _finite(d)}
+    if plan.replacement is not None and not _finite(plan.replacement[0]):
+        bad.add(plan.replacement[1])
+    return [names[i] for i in sorted(bad)]
+
+
+def _overflow_error(plan: _ModulePlan, names: Sequence[str]) -> MismatchError:
+    files = ", ".join(names[i] for i in dict.fromkeys(plan.sources))
+    return MismatchError(f"module {plan.name!r} ({files}): the strengths make the composed change overflow fp32 "
+                         "(it would be stored as inf); give smaller strengths. Nothing was written")
+
+
+def _nonfinite_recompression_error(plan: _ModulePlan, names: Sequence[str]) -> Exception:
+    """Re-compression factorises the module (QR + SVD), which NaN/Inf make impossible: refuse, naming
+    the file(s) and the module, rather than let LAPACK fail."""
+    bad = _nonfinite_inputs(plan, names)
+    if not bad:
+        return _overflow_error(plan, names)
+    return BadFileError(f"{', '.join(bad)}: module {plan.name!r} holds NaN or Inf values, so it cannot be re-compressed "
+                        "(--rank/--energy, rerank); download the file again or leave it out. An exact compose (no "
+                        "--rank/--energy) copies such values as they are, with a warning; `weightsmith inspect FILE` "
+                        "lists the tensors that hold them")
 
 
 def _exact_terms(plan: _ModulePlan) -> list[LoraTerm]:
@@ -293,7 +347,8 @@ def _exact_terms(plan: _ModulePlan) -> list[LoraTerm]:
     return terms
 
 
-def _recompressed_terms(plan: _ModulePlan, rank: int | None, energy: float | None, device, rep: ModuleReport) -> list[LoraTerm]:
+def _recompressed_terms(plan: _ModulePlan, rank: int | None, energy: float | None, device, rep: ModuleReport,
+                        names: Sequence[str]) -> list[LoraTerm]:
     groups = _clusters(plan.pieces)
     stacks = [_stack_cluster(g, lambda p: p.coef, device) for g in groups]
     if len(stacks) == 1:
@@ -303,6 +358,8 @@ def _recompressed_terms(plan: _ModulePlan, rank: int | None, energy: float | Non
         # columns, so U_all @ D_all is the module's ΔW on those rows (rows between slices are zero anyway).
         up_all = torch.block_diag(*[u for u, _ in stacks])
         down_all = torch.cat([d for _, d in stacks], dim=0)
+    if not (_finite(up_all) and _finite(down_all)):
+        raise _nonfinite_recompression_error(plan, names)
     rc = recompress(up_all, down_all, rank, energy)
     rep.norm, rep.abs_error, rep.rel_error, rep.energy_kept = rc.norm, rc.abs_error, rc.rel_error, rc.energy_kept
     rep.rank_out = rc.rank
@@ -347,7 +404,7 @@ def _execute_module(plan: _ModulePlan, rank: int | None, energy: float | None, d
     elif plan.pieces:
         recompressing = energy is not None or (rank is not None and plan.rank_in > rank)
         if recompressing:
-            out.terms = _recompressed_terms(plan, rank, energy, device, rep)
+            out.terms = _recompressed_terms(plan, rank, energy, device, rep, names)
         else:
             out.terms = _exact_terms(plan)
             rep.rank_out = sum(t.rank for t in out.terms)
@@ -365,6 +422,13 @@ def _execute_module(plan: _ModulePlan, rank: int | None, energy: float | None, d
         for d, s, _ in plan.bias_diffs:
             acc += d.to(device, torch.float32).reshape(b.shape) * s
         out.diff_b = acc.cpu()
+    if not _delta_is_finite(out):
+        # NaN/Inf from an input are copied as they are and reported (exact mode: nothing is factorised);
+        # NaN/Inf that the strengths created from finite inputs are an overflow, refused
+        rep.nonfinite_inputs = _nonfinite_inputs(plan, names)
+        if not rep.nonfinite_inputs:
+            raise _overflow_error(plan, names)
+        rep.note = "; ".join(filter(None, [rep.note, "NaN/Inf from the inputs"]))
     kinds = [k for k, present in (("lowrank", out.terms), ("diff", out.diff is not None),
                                   ("set", out.set_weight is not None), ("bias", out.diff_b is not None)) if present]
     rep.kind = "+".join(kinds) or "zero"
@@ -404,6 +468,8 @@ class ComposeReport:
             "max_rel_error": self.max_rel_error,
             "seconds": round(self.seconds, 3),
             "warnings": self.warnings,
+            "nonfinite_modules": [{"module": m.module, "inputs": m.nonfinite_inputs}
+                                  for m in self.modules if m.nonfinite_inputs],
         }
 
     def to_dict(self) -> dict:
@@ -478,6 +544,13 @@ def compose_loras(
         if lora.unknown_keys:
             shown = ", ".join(lora.unknown_keys[:5]) + (" …" if len(lora.unknown_keys) > 5 else "")
             warnings.append(f"{n}: {len(lora.unknown_keys)} key(s) no reader understood were not composed: {shown}")
+    nonfinite = [r for r in reports if r.nonfinite_inputs]
+    if nonfinite:
+        shown = "; ".join(f"{r.module} (from {', '.join(r.nonfinite_inputs)})" for r in nonfinite[:8])
+        more = f" … and {len(nonfinite) - 8} more" if len(nonfinite) > 8 else ""
+        warnings.append(f"{len(nonfinite)} module(s) hold NaN/Inf values from their inputs, copied as they are: "
+                        f"{shown}{more}. A model patched with them gives NaN outputs: download those inputs again or "
+                        "leave them out (`weightsmith inspect FILE` lists the tensors)")
     big = [r for r in reports if r.rank_out > warn_rank]
     if big:
         worst = max(big, key=lambda r: r.rank_out)

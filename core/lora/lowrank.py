@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import MismatchError
+
 EXACT_DTYPE = torch.float64
 
 
@@ -72,6 +74,10 @@ def svd_of_product(up: torch.Tensor, down: torch.Tensor) -> ProductSVD:
     """Thin SVD of up [out, R] @ down [R, in] from the factors (two QRs + SVD of the small core), in fp64."""
     up = up.to(EXACT_DTYPE)
     down = down.to(EXACT_DTYPE)
+    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        # LAPACK would fail with a bare LinAlgError; callers that know the file name check first
+        raise MismatchError("the LoRA factors hold NaN or Inf values, which have no SVD; find the file that holds "
+                            "them with `weightsmith inspect FILE` and download it again")
     with _one_cpu_thread(up.device):
         q_up, r_up = torch.linalg.qr(up)  # reduced: [out, k1], [k1, R]
         q_down, r_down = torch.linalg.qr(down.T)  # [in, k2], [k2, R]

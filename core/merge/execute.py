@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..dtypes import FP8_DTYPES, cast_for_output, parse_dtype
+from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name, parse_dtype
 from ..errors import BadFileError, WeightsmithError
 from ..progress import ProgressFn, no_progress
 from ..safetensors_io import StreamingWriter
@@ -69,22 +70,47 @@ def _store(dst: torch.Tensor, y: torch.Tensor) -> None:
 STATS_SAMPLE_EVERY = 16  # with stats="sample", every 16th row block of a large tensor feeds the report's sums
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.dtype in FP8_DTYPES:
+        t = t.to(torch.float16)
+    return bool(torch.isfinite(t).all())
+
+
+def _has_nan(t: torch.Tensor) -> bool:
+    if t.dtype in FP8_DTYPES:
+        t = t.to(torch.float16)
+    return bool(torch.isnan(t).any())
+
+
+def _stored_is_finite(stored: torch.Tensor, y: torch.Tensor) -> bool:
+    """A cheap test that a block as written (`stored`, in the output dtype) holds only finite values:
+    NaN/Inf propagate into its sum, whether they came from the fp32 result `y` or from the cast (1e5 is
+    inf in fp16). Measured on a fp16 merge: ~3% more compute than summing `y` (which misses the cast's
+    overflow), where an isfinite pass over each cast block added ~8%. A sum beyond the dtype's range
+    fails it too: callers confirm a failure with `_all_finite`. fp8 has no sum kernel and saturates on
+    the cast (cast_for_output), so there `y` is checked."""
+    t = y if stored.dtype in FP8_DTYPES else stored
+    return math.isfinite(float(t.sum()))
+
+
 class _Accumulator:
     """The report's sums over the blocks of one key: |xᵢ|², x_A·xᵢ and |y − x_A|² (as Python floats, i.e.
-    float64, added in block order so the result does not depend on thread timing), and whether every
-    output value is finite (from a plain sum of each block: NaN/Inf propagate into it)."""
+    float64, added in block order so the result does not depend on thread timing), and whether some
+    block may store NaN/Inf in the output dtype (`suspect`, from `_stored_is_finite`)."""
 
     def __init__(self, n: int):
         self.sq = [0.0] * n
         self.dot = [0.0] * n
         self.change = 0.0
-        self.finite = True
+        self.suspect = False
         self.sampled = False
 
     @staticmethod
-    def partial(xs: list[torch.Tensor], y: torch.Tensor, sums: bool) -> tuple:
+    def partial(xs: list[torch.Tensor], y: torch.Tensor, stored: torch.Tensor, sums: bool) -> tuple:
+        """The sums of one block: `y` the fp32 result, `stored` the block as written."""
+        suspect = not _stored_is_finite(stored, y)
         if not sums:
-            return None, None, None, math.isfinite(float(y.sum()))
+            return None, None, None, suspect
         a = xs[0].reshape(-1)
         sq, dot = [], [0.0]
         vecdot = torch.linalg.vecdot  # measured faster than torch.dot on one thread
@@ -95,11 +121,11 @@ class _Accumulator:
                 dot.append(float(vecdot(a, f)))
         d = y.reshape(-1) - a
         change = float(vecdot(d, d))
-        return sq, dot, change, math.isfinite(change) and all(math.isfinite(v) for v in sq)
+        return sq, dot, change, suspect
 
     def add(self, part: tuple) -> None:
-        sq, dot, change, finite = part
-        self.finite = self.finite and finite
+        sq, dot, change, suspect = part
+        self.suspect = self.suspect or suspect
         if sq is None:
             self.sampled = True
             return
@@ -157,8 +183,9 @@ def _merge_tensor(kp: KeyPlan, plan: MergePlan, dev: torch.device, out_dtype: to
                 r0 = index * step
                 xs = [t[r0:r0 + step].to(dev, torch.float32) for t in full]
                 y = method.fn(xs, weights, **params)
-                _store(out[r0:r0 + step], y.cpu() if y.device.type != "cpu" else y)
-                return _Accumulator.partial(xs, y, sample_every > 0 and index % sample_every == 0)
+                dst = out[r0:r0 + step]
+                _store(dst, y.cpu() if y.device.type != "cpu" else y)
+                return _Accumulator.partial(xs, y, dst, sample_every > 0 and index % sample_every == 0)
 
         blocks = range((rows + step - 1) // step)
         with _single_thread(dev.type == "cpu"):
@@ -170,8 +197,9 @@ def _merge_tensor(kp: KeyPlan, plan: MergePlan, dev: torch.device, out_dtype: to
     y = method.fn(xs, weights, **params)
     if tuple(y.shape) != kp.shape:
         raise WeightsmithError(f"{kp.name!r}: method {kp.method} returned shape {list(y.shape)}, expected {list(kp.shape)}")
-    acc.add(_Accumulator.partial(xs, y, sample_every > 0))
-    return cast_for_output(y, out_dtype).cpu()
+    out = cast_for_output(y, out_dtype)
+    acc.add(_Accumulator.partial(xs, y, out, sample_every > 0))
+    return out.cpu()
 
 
 class _WriteBehind:
@@ -222,15 +250,26 @@ def _check_inputs_finite(plan: MergePlan, kp: KeyPlan, policies: list[str]) -> l
     inputs scanned); a source whose policy is "error" stops the merge, naming file and key."""
     bad = []
     for i, raw in kp.reads:
-        t = plan.sources[i].get(raw)
-        if t.dtype in FP8_DTYPES:
-            t = t.to(torch.float16)  # isfinite has no fp8 kernel; the conversion is exact
-        if not bool(torch.isfinite(t).all()):
+        if not _all_finite(plan.sources[i].get(raw)):
             bad.append(plan.inputs[i].label)
             if policies[i] == "error":
-                raise BadFileError(f"{plan.sources[i].name}: tensor {raw!r} contains NaN or Inf values; the file is "
-                                   "corrupt or the model diverged")
+                raise BadFileError(f"{plan.sources[i].name}: tensor {raw!r} contains NaN or Inf values (the file is "
+                                   "corrupt or the model diverged); download the file again, or leave the key out "
+                                   f"of the merge with a rule such as '{re.escape(kp.name)}=take:A' or "
+                                   f"'{re.escape(kp.name)}=drop'")
     return bad
+
+
+def _overflow_error(kp: KeyPlan, plan: MergePlan, dtype: torch.dtype) -> WeightsmithError:
+    """The merged values of a key overflow the output dtype (or fp32 itself) although every input is
+    finite: writing them would store inf. Say which key and what to change (the dtype or the weights)."""
+    name = dtype_name(dtype)
+    files = ", ".join(f"{plan.inputs[i].label} {plan.inputs[i].name}" for i, _ in kp.reads)
+    wider = "a smaller magnitude (weights closer to 0)" if dtype == torch.float32 else (
+        "a wider --dtype (bf16 or fp32), or smaller weights")
+    return WeightsmithError(f"{kp.out_key!r} (merged from {files}): the merged values exceed {name}'s range "
+                            f"(±{torch.finfo(dtype).max:.6g}) and would be written as inf; use {wider}. "
+                            "Nothing was written")
 
 
 def execute_merge(
@@ -289,17 +328,30 @@ def execute_merge(
                 i, raw = kp.reads[0]
                 t = plan.sources[i].get(raw)
                 want = output_dtype(kp, out_dtype)
+                if t.dtype != want:
+                    cast = cast_for_output(t.float(), want)
+                    # a narrower dtype can turn finite values into inf; the input's own NaN/Inf are copied
+                    if not _stored_is_finite(cast, t) and not _all_finite(cast) and _all_finite(t):
+                        raise _overflow_error(kp, plan, want)
+                    t = cast
                 if write is not None:
-                    write(kp.out_key, t if t.dtype == want else cast_for_output(t.float(), want))
+                    write(kp.out_key, t)
             elif kp.action == "merge":
                 acc = _Accumulator(len(kp.reads))
-                out = _merge_tensor(kp, plan, dev, output_dtype(kp, out_dtype), chunk, acc, sample_every, pool,
-                                    buffers)
+                want = output_dtype(kp, out_dtype)
+                out = _merge_tensor(kp, plan, dev, want, chunk, acc, sample_every, pool, buffers)
                 if sample_every:
                     ks.sq, ks.dot, ks.change, ks.sampled = acc.sq, acc.dot, acc.change, acc.sampled
-                if not acc.finite:
+                # Finiteness is judged on the values as written (after the cast), checked exactly only
+                # when a block's sum raised the suspicion. NaN/Inf that come from the inputs (or a NaN the
+                # method made) are reported with the inputs that hold them; ±inf from finite inputs is an
+                # overflow of the output dtype (or of fp32): refused, since the user can widen the dtype.
+                if acc.suspect and not _all_finite(out):
+                    bad_inputs = _check_inputs_finite(plan, kp, policies)
+                    if not bad_inputs and not _has_nan(out):
+                        raise _overflow_error(kp, plan, want)
                     ks.finite = False
-                    ks.nonfinite_inputs = _check_inputs_finite(plan, kp, policies)
+                    ks.nonfinite_inputs = bad_inputs
                 if write is not None:
                     write(kp.out_key, out)
                 del out

@@ -230,15 +230,16 @@ def plan_merge(
         namings.append(a.naming)
         families.append(a.family)
         infos.append(InputInfo(input_label(i), Path(s.name).name if s.paths() else s.name, a.arch, prefix, len(s)))
-    known_namings = {x for x in namings if x != "unknown"}
-    if len(known_namings) > 1:
-        detail = ", ".join(f"{i.label}: {x}" for i, x in zip(infos, namings))
-        raise MismatchError(f"the inputs use different key naming ({detail}); keys cannot be matched by name. "
-                            "Convert them to one naming first (e.g. diffusers -> ComfyUI/BFL)")
     known_families = {x for x in families if x != "unknown"}
     if len(known_families) > 1:
-        detail = ", ".join(f"{i.label}: {i.arch}" for i in infos)
-        raise MismatchError(f"the inputs are different architectures ({detail}); they cannot be merged")
+        detail = ", ".join(f"{i.label} {i.name}: {i.arch}" for i in infos)
+        raise MismatchError(f"the inputs are different architectures ({detail}); they cannot be merged: give models "
+                            "of one architecture")
+    known_namings = {x for x in namings if x != "unknown"}
+    if len(known_namings) > 1:
+        detail = ", ".join(f"{i.label} {i.name}: {x}" for i, x in zip(infos, namings))
+        raise MismatchError(f"the inputs use different key naming ({detail}); keys cannot be matched by name. "
+                            "Convert them to one naming first (e.g. diffusers -> ComfyUI/BFL)")
 
     maps = [_parts(s, p) for s, p in zip(srcs, prefixes)]
     out_prefix = prefixes[0]
@@ -262,8 +263,8 @@ def plan_merge(
         has = sorted(present)
         if len(has) < n and (part == "unet" or others == "merge"):
             only_in[name] = [input_label(i) for i in has]
-        kp = _plan_key(name, part, present, has, n, srcs, m, global_params, w, explicit_weights, rule_list, rule_hits,
-                       missing_policy, others)
+        kp = _plan_key(name, part, present, has, n, srcs, infos, m, global_params, w, explicit_weights, rule_list,
+                       rule_hits, missing_policy, others)
         kp.out_key = (out_prefix + name) if part == "unet" else name
         if kp.action != "drop":
             if kp.out_key in seen_out:
@@ -284,7 +285,18 @@ def plan_merge(
                      only_in, rule_hits, notes, metadata)
 
 
-def _plan_key(name, part, present, has, n, srcs, m, global_params, w, explicit_weights, rule_list, rule_hits,
+def _named(inputs: list[InputInfo], i: int) -> str:
+    """An input as messages name it: its letter and its file (`B tuned.safetensors`)."""
+    return f"{inputs[i].label} ({inputs[i].name})"
+
+
+def _files(inputs: list[InputInfo], which) -> str:
+    """`base.safetensors (A) and tuned.safetensors (B)`: the files behind the letters of a message."""
+    named = [f"{inputs[i].name} ({inputs[i].label})" for i in which]
+    return ", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else "".join(named)
+
+
+def _plan_key(name, part, present, has, n, srcs, inputs, m, global_params, w, explicit_weights, rule_list, rule_hits,
               missing_policy, others) -> KeyPlan:
     infos = {i: srcs[i].info(present[i]) for i in has}
     group = report_group(name, part)
@@ -309,11 +321,12 @@ def _plan_key(name, part, present, has, n, srcs, m, global_params, w, explicit_w
         src = has[0] if action_rule.take is None else action_rule.take
         if src not in present:
             raise MismatchError(f"rule {action_rule.text!r}: input {input_label(src)} has no key {name!r} "
-                                f"(only {', '.join(input_label(i) for i in has)} have it)")
+                                f"(only {', '.join(_named(inputs, i) for i in has)} have it); take it from one of "
+                                "those or change the rule")
         return plan("take", [src], action_rule.text)
 
     if len(has) < n:
-        where = f"{name!r} is only in {', '.join(input_label(i) for i in has)}"
+        where = f"{name!r} is only in {', '.join(_named(inputs, i) for i in has)}"
         if missing_policy == "error":
             raise MismatchError(f"{where}; add a rule for it (e.g. '{re.escape(name)}=take:first') or choose "
                                 "missing policy take or drop")
@@ -326,14 +339,14 @@ def _plan_key(name, part, present, has, n, srcs, m, global_params, w, explicit_w
     if not all(floats):
         if any(floats):
             detail = ", ".join(f"{input_label(i)} {str(d).replace('torch.', '')}" for i, d in dtypes.items())
-            raise MismatchError(f"{name!r}: dtypes of different kinds ({detail}); take it from one input with a rule "
-                                f"such as '{re.escape(name)}=take:A'")
+            raise MismatchError(f"{name!r}: dtypes of different kinds ({detail}) in {_files(inputs, has)}; take it "
+                                f"from one input with a rule such as '{re.escape(name)}=take:A'")
         return plan("take", [has[0]], "non-float: copied from A")
     shapes = {i: infos[i].shape for i in has}
     if len(set(shapes.values())) > 1:
         detail = ", ".join(f"{input_label(i)} {list(s)}" for i, s in shapes.items())
-        raise MismatchError(f"{name!r}: shapes differ ({detail}); nothing is broadcast. Take it from one input with "
-                            f"a rule such as '{re.escape(name)}=take:A'")
+        raise MismatchError(f"{name!r}: shapes differ ({detail}) in {_files(inputs, has)}; nothing is broadcast. "
+                            f"Take it from one input with a rule such as '{re.escape(name)}=take:A'")
 
     method, params, decided = m, global_params, "default"
     if action_rule is not None and action_rule.kind == "method":
