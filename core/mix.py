@@ -38,8 +38,9 @@ from pathlib import Path
 
 import torch
 
+from .arch import detect_arch
 from .dtypes import cast_for_output, dtype_name, itemsize
-from .errors import MismatchError, OutputPathError, WeightsmithError
+from .errors import BadFileError, MismatchError, OutputPathError, WeightsmithError
 from .mix_report import GROUPS, ChunkStats, MixReport, Totals, candidate_letters
 from .progress import ProgressFn, no_progress
 from .safetensors_io import StreamingWriter
@@ -51,6 +52,60 @@ MODES = ("min", "max")
 # ops on big chunks by 3-10x on a loaded machine (their barriers spin while a core is taken elsewhere).
 CPU_CHUNK = 32000
 DEVICE_CHUNK = 1 << 25  # on an accelerator: large enough to keep it busy, small next to its memory
+
+
+# ---------------------------------------------------------------------------------------------------
+# Up-front checks: refuse what cannot be mixed before anything is read or written
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The compute device, checked before any work: a missing GPU is a clear error, not a torch traceback."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise WeightsmithError(f"unknown device {device!r} ({e}); give cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise WeightsmithError(f"device {device} requested but no CUDA GPU is available here; use device cpu "
+                                   "(--device cpu)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise WeightsmithError(f"device {device} does not exist: this machine has {count} CUDA GPU(s) "
+                                   f"(cuda:0 to cuda:{count - 1}); choose one of them, or use cpu")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as e:
+            raise WeightsmithError(f"device {device} is not usable here ({e}); use device cpu or cuda") from None
+    return dev
+
+
+def _mix_family(arch: str) -> str:
+    """Models that can be mixed with each other: Flux dev/schnell and Chroma share their block layout (keys
+    only one of them has are kept from the reference and reported); SD1.5 and SDXL do not."""
+    return "flux" if arch.startswith("flux") or arch == "chroma" else arch
+
+
+def check_same_architecture(models: Sequence[tuple[str, str]]) -> None:
+    """Refuse (name, arch) pairs of different architectures, naming every model; 'unknown' matches anything
+    (its keys are then matched by name and shape, and what does not match is reported)."""
+    known = {_mix_family(arch) for _, arch in models if arch != "unknown"}
+    if len(known) > 1:
+        detail = ", ".join(f"{name}: {arch}" for name, arch in models)
+        raise MismatchError(
+            f"the models are different architectures ({detail}); a lossless mix compares the same weight of "
+            "each model element by element: give a reference and candidates of one architecture")
+
+
+def check_mixable(a: TensorSource, candidates: Sequence[TensorSource]) -> None:
+    """From headers only: every model holds tensors, and all are of one architecture."""
+    sources = [a, *candidates]
+    for s in sources:
+        if len(s) == 0:
+            raise BadFileError(f"{s.name}: holds no tensors at all, so there is nothing to mix; give a model file "
+                               "(the download may have failed: download it again)")
+    labels = ["a", *candidate_letters(len(candidates))]
+    check_same_architecture([(f"{x} {s.name}", detect_arch(s).arch) for x, s in zip(labels, sources)])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -394,7 +449,7 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
     run with stats False computes nothing and reports the plan."""
     _check_mode(mode)
     full = dry_run if stats is None else bool(stats)
-    device = torch.device(device)
+    device = resolve_device(device)
     chunk = chunk or (CPU_CHUNK if device.type == "cpu" else DEVICE_CHUNK)
     progress = progress or no_progress
     letters = candidate_letters(len(candidates))
@@ -492,6 +547,7 @@ def lossless_mix(a, b=None, c=None, *, candidates: Sequence | None = None, alpha
         scales = [alpha, beta] + [1.0] * (len(cand_in) - 2)
     if len(scales) != len(cand_in):
         raise WeightsmithError(f"{len(scales)} scales given for {len(cand_in)} candidates")
+    device = resolve_device(device)
     opened: list[TensorSource] = []
 
     def src(x) -> TensorSource:
@@ -505,10 +561,14 @@ def lossless_mix(a, b=None, c=None, *, candidates: Sequence | None = None, alpha
     try:
         a_src = src(a)
         c_src = [src(x) for x in cand_in]
+        check_mixable(a_src, c_src)
         plan = plan_mix(a_src, c_src, include, on_mismatch, out_dtype)
         if not plan.mixed():
-            raise MismatchError(f"nothing to mix: no float key of {a_src.name} in the groups {', '.join(include)} "
-                                "has a same-shaped counterpart in every candidate (different architectures?)")
+            others = ", ".join(s.name for s in c_src)
+            raise MismatchError(
+                f"nothing to mix: no float tensor of {a_src.name} in the group(s) {', '.join(include)} has a "
+                f"same-shaped counterpart in every candidate ({others}); give models of one architecture that "
+                "hold these groups, or choose other groups to mix (include / --include unet,te,vae)")
         meta = dict(a_src.metadata)
         meta["weightsmith.mix"] = json.dumps({"mode": mode, "scales": [float(s) for s in scales],
                                               "reference": Path(a_src.name).name,

@@ -9,7 +9,7 @@ import torch
 from comfy.weight_adapter import WeightAdapterBase
 
 from ..core.errors import BadFileError, MismatchError
-from ..core.mix import execute_mix, lossless_mix, pick_among, plan_mix
+from ..core.mix import check_same_architecture, execute_mix, lossless_mix, pick_among, plan_mix
 from .common import (
     CATEGORY,
     DIFFUSION_PREFIX,
@@ -17,6 +17,7 @@ from .common import (
     compute_device,
     image_tensor,
     input_path,
+    model_arch,
     output_path,
     progress,
     ui_report,
@@ -108,13 +109,15 @@ class WeightsmithLosslessMix:
 
     def mix(self, model_a, model_b, model_c, alpha, beta, mode, report=True, unique_id=None):
         mode = MODES[mode]
+        check_same_architecture([(n, model_arch(m)) for m, n in ((model_a, "model_a"), (model_b, "model_b"),
+                                                                 (model_c, "model_c"))])
         device = compute_device(1 << 30)  # the report pass holds three fp32 copies of one weight at a time
         sources = [PatcherSource(m, device, name=n) for m, n in ((model_a, "a"), (model_b, "b"), (model_c, "c"))]
         # Compare in fp32 whatever the in-memory dtypes are: the patch runs on fp32 weights too.
         plan = plan_mix(sources[0], sources[1:], include=("unet",), out_dtype=torch.float32)
         if not plan.mixed():
-            raise MismatchError("nothing to mix: model_b and model_c share no same-shaped weight with model_a "
-                                "(different architectures?)")
+            raise MismatchError("nothing to mix: model_b and model_c share no same-shaped diffusion-model weight "
+                                "with model_a; connect three models of one architecture")
         kp_b = model_b.get_key_patches(DIFFUSION_PREFIX)
         kp_c = model_c.get_key_patches(DIFFUSION_PREFIX)
         config = torch.tensor([1.0 if mode == "max" else 0.0, alpha, beta], dtype=torch.float64)

@@ -305,7 +305,7 @@ BAD_REQUESTS = {
     "WeightsmithMergeFiles": (lambda f: {"model_a": "diffusion_models/a.safetensors",
                                          "model_b": "diffusion_models/b.safetensors", "rules": "(unclosed=take:A"},
                               "WeightsmithError"),
-    "WeightsmithLosslessMix": (lambda f: {"model_a": _flux(), "model_b": _flux(), "model_c": _sd15()}, "BadFileError"),
+    "WeightsmithLosslessMix": (lambda f: {"model_a": _flux(), "model_b": _flux(), "model_c": _sd15()}, "MismatchError"),
     "WeightsmithLosslessMixFiles": (lambda f: {"model_a": "diffusion_models/a.safetensors",
                                                "model_b": "diffusion_models/b.safetensors",
                                                "model_c": "diffusion_models/c.safetensors",

@@ -7,8 +7,9 @@ import argparse
 from pathlib import Path
 
 from ..dtypes import parse_dtype
-from ..errors import OutputPathError, WeightsmithError
-from ..mix import GROUPS, lossless_mix
+from ..errors import WeightsmithError
+from ..mix import GROUPS, lossless_mix, resolve_device
+from ..paths import check_new_output
 from ..progress import TerminalProgress
 from ..report import save_png, write_json
 
@@ -59,9 +60,13 @@ def run(args: argparse.Namespace) -> int:
         raise WeightsmithError("give a reference and at least two candidates: weightsmith mix A B C -o OUT")
     if not args.dry_run and args.output is None:
         raise WeightsmithError("name the output with -o OUT.safetensors, or ask for --dry-run")
-    for extra in (args.report, args.chart):  # fail before the mix, not after it
-        if extra is not None and extra.exists():
-            raise OutputPathError(f"refusing to overwrite existing file {extra}; choose another name")
+    resolve_device(args.device)  # a missing GPU fails here, before any file is opened
+    inputs = [args.reference, *args.candidates]
+    output = None if args.dry_run else args.output
+    # The report and chart are written after the mix: check their paths now, so a bad one costs nothing.
+    for what, path, other in (("report", args.report, args.chart), ("chart", args.chart, args.report)):
+        if path is not None:
+            check_new_output(path, what, protect=inputs, others=[output, other])
     scales = None
     if args.scales:
         try:
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise WeightsmithError(str(e)) from None
     report = lossless_mix(
         args.reference, candidates=args.candidates, alpha=args.alpha, beta=args.beta, scales=scales,
-        mode="max" if args.maxdiff else "min", out=None if args.dry_run else args.output, include=include,
+        mode="max" if args.maxdiff else "min", out=output, include=include,
         on_mismatch=args.on_mismatch, dry_run=args.dry_run, device=args.device, out_dtype=out_dtype,
         overwrite=args.overwrite, progress=TerminalProgress("mix"), stats=True if args.stats else None,
     )
