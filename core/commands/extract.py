@@ -1,0 +1,138 @@
+"""`weightsmith extract` (two models → LoRA + reconstruction report) and `weightsmith validate` (the same
+report for any LoRA file against the fine-tune it claims to reproduce)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import MismatchError, OutputPathError
+from ..lora.extract import DEFAULT_MIN_DELTA, extract_lora, leave_out
+from ..lora.formats import WRITABLE_FORMATS, lora_state_dict, save_lora
+from ..lora.model import LoRA, ModuleDelta
+from ..lora.svd import METHODS, RANK_MODES
+from ..lora.validate import ReconstructionReport, validate_lora
+from ..progress import TerminalProgress
+from ..report import save_png, write_json
+from ..sources import as_source
+
+
+def _positive_or_none(text: str) -> int | None:
+    value = int(text)
+    return None if value <= 0 else value
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="where the math runs: cpu, cuda, cuda:1 … (default cpu)")
+    p.add_argument("--report", type=Path, help="write the full report (summary, blocks, modules) as JSON")
+    p.add_argument("--chart", type=Path, help="write the error-per-block chart as PNG")
+    p.add_argument("--modules", action="store_true", help="print the per-module table too")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract", help="extract a LoRA from a base and a fine-tuned model, with a reconstruction report",
+                       description="ΔW = TUNED − BASE per layer, factorised (randomized SVD when the rank is small, "
+                                   "exact otherwise). alpha = rank (scale 1). Neither model is loaded whole.")
+    p.add_argument("base", help="base model (.safetensors, sharded folder, index.json or .ckpt)")
+    p.add_argument("tuned", help="the fine-tune of BASE")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output LoRA .safetensors")
+    p.add_argument("--rank", type=int, default=64, help="rank of linear layers (fixed mode; default 64)")
+    p.add_argument("--conv-rank", type=int, default=None,
+                   help="rank of k×k convolutions (default: --rank; 0 leaves them out)")
+    p.add_argument("--rank-mode", choices=RANK_MODES, default="fixed",
+                   help="fixed: --rank; energy: smallest rank keeping --energy of |dW|^2; error: smallest rank "
+                        "with relative error <= --error; full: exact, every direction")
+    p.add_argument("--energy", type=float, default=0.99, help="energy to keep in energy mode (default 0.99)")
+    p.add_argument("--error", type=float, default=0.05, help="relative error target in error mode (default 0.05)")
+    p.add_argument("--max-rank", type=_positive_or_none, default=None, help="per-layer rank cap for every mode")
+    p.add_argument("--min-delta", type=float, default=DEFAULT_MIN_DELTA,
+                   help="skip layers with |dW|/|W| below this (default %(default)g)")
+    p.add_argument("--no-diff", dest="store_diff", action="store_false",
+                   help="leave out 1-D weights and biases (stored as full diffs by default)")
+    p.add_argument("--clamp-quantile", type=float, default=None,
+                   help="clamp factor entries at this quantile of their magnitudes (e.g. 0.99; off by default: it adds error)")
+    p.add_argument("--method", choices=METHODS, default="auto", help="SVD method (auto picks per layer)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the stored factors")
+    p.add_argument("--format", default="comfy", choices=WRITABLE_FORMATS,
+                   help="file format (comfy: diffusion_model.*.lora_up/down/alpha; kohya: lora_unet_*)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (results are deterministic)")
+    _report_args(p)
+    p.set_defaults(func=run_extract)
+
+    v = sub.add_parser("validate", help="how well a LoRA reproduces TUNED − BASE (works for any tool's LoRA)")
+    v.add_argument("base", help="base model the fine-tune started from")
+    v.add_argument("tuned", help="the fine-tune the LoRA should reproduce")
+    v.add_argument("lora", help="LoRA file in any format `weightsmith inspect` recognises")
+    v.add_argument("--strength", type=float, default=1.0, help="strength to apply the LoRA at (default 1)")
+    _report_args(v)
+    v.set_defaults(func=run_validate)
+
+
+def _emit(report: ReconstructionReport, args: argparse.Namespace) -> None:
+    print(report.text(per_module=args.modules))
+    if args.report:
+        write_json(args.report, report.to_dict())
+        print(f"report: {args.report}")
+    if args.chart and report.modules:
+        save_png(report.chart(), args.chart)
+        print(f"chart: {args.chart}")
+
+
+def _writable(lora: LoRA, name: str, md: ModuleDelta, fmt: str) -> bool:
+    try:
+        lora_state_dict(LoRA(modules={name: md}, arch=lora.arch, metadata=lora.metadata), fmt)
+    except MismatchError:
+        return False
+    return True
+
+
+def unwritable_parts(lora: LoRA, fmt: str) -> tuple[list[str], list[str]]:
+    """(modules `fmt` cannot write at all, modules it can write only without their bias change): kohya has
+    no key for Flux's norm `.scale` diffs; diffusers/OneTrainer split qkv/linear1, where a bias diff has
+    no name."""
+    whole, bias = [], []
+    for name, md in lora.modules.items():
+        if _writable(lora, name, md, fmt):
+            continue
+        if md.diff_b is not None and _writable(lora, name, ModuleDelta(terms=md.terms, diff=md.diff), fmt):
+            bias.append(name)
+        else:
+            whole.append(name)
+    return whole, bias
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    if args.output.exists():  # checked before the work; the writer refuses it again, atomically
+        raise OutputPathError(f"{args.output}: exists; choose another name or remove it")
+    base, tuned = as_source(args.base), as_source(args.tuned)
+    lora, report = extract_lora(
+        base, tuned, rank=args.rank, conv_rank=args.conv_rank, rank_mode=args.rank_mode, energy=args.energy,
+        error=args.error, max_rank=args.max_rank, min_delta=args.min_delta, store_diff=args.store_diff,
+        device=args.device, progress=TerminalProgress("extract"), clamp_quantile=args.clamp_quantile,
+        dtype=args.dtype, method=args.method, seed=args.seed,
+    )
+    if args.format != "comfy":
+        whole, bias = unwritable_parts(lora, args.format)
+        reason = f"the {args.format} format has no name for it"
+        leave_out(lora, report, whole, reason)
+        leave_out(lora, report, bias, reason, bias_only=True)
+        for what, names in (("modules", whole), ("bias changes of modules", bias)):
+            if names:
+                print(f"note: left out {len(names)} {what} the {args.format} format cannot name "
+                      f"({', '.join(names[:3])}{', …' if len(names) > 3 else ''}); --format comfy keeps them")
+    _emit(report, args)
+    if not lora.modules:
+        print("no LoRA written: it would be empty")
+        return 1
+    path = save_lora(lora, args.output, fmt=args.format, protect=[*base.paths(), *tuned.paths()])
+    print(f"wrote {path} ({args.format}, {len(lora.modules)} modules)")
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    report = validate_lora(args.base, args.tuned, args.lora, device=args.device, strength=args.strength,
+                           progress=TerminalProgress("validate"))
+    _emit(report, args)
+    if report.orphans:
+        print(f"{len(report.orphans)} LoRA modules target nothing in these models: {', '.join(report.orphans[:5])}")
+    return 0

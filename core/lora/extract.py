@@ -1,0 +1,248 @@
+"""Extract a LoRA from two models: ΔW = tuned − base, layer by layer, factorised at a chosen rank.
+
+Planning (which tensor becomes what, under which rank policy) is separate from execution (one layer at a
+time: load both tensors, subtract in fp32 on the chosen device, factorise, cast, measure, free). Neither
+model is ever held whole: sources are memory-mapped files, in-memory dicts or ComfyUI ModelPatchers
+(`nodes.common.PatcherSource`) that compute one effective weight at a time.
+
+What is stored per layer:
+  linear [out, in]          up [out, r], down [r, in]
+  conv   [out, in, kh, kw]  flattened to [out, in·kh·kw]; up [out, r, 1, 1], down [r, in, kh, kw] (kohya/LoCon)
+  1x1 conv                  as a linear, same 4-D layout
+  1-D weights / norm scales `diff` (the full change), biases `diff_b`  (with store_diff)
+Factors split √S on both sides and alpha = the stored rank: scale 1 in every loader. The report's
+errors are measured on the factors as stored (after the cast to the output dtype and any clamp).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from ..dtypes import cast_for_output, dtype_name, parse_dtype
+from ..errors import WeightsmithError
+from ..progress import ProgressFn, no_progress
+from . import keymaps
+from .model import LoRA, LoraTerm
+from .svd import RankPolicy, clamp_factors, frobenius, low_rank, residual_sq_norm, subtract_
+from .validate import ExtractionReport, ModelPair, ModuleReport, lora_arch, module_kind, pair_models
+
+DEFAULT_MIN_DELTA = 1e-6
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    rank: int = 64
+    conv_rank: int | None = None  # None: same as `rank`; 0: leave k×k convs out
+    rank_mode: str = "fixed"
+    energy: float = 0.99
+    error: float = 0.05
+    max_rank: int | None = None
+    min_delta: float = DEFAULT_MIN_DELTA  # ‖ΔW‖ / ‖W_base‖ below which a layer counts as unchanged
+    store_diff: bool = True
+    clamp_quantile: float | None = None
+    dtype: torch.dtype = torch.bfloat16
+    method: str = "auto"  # auto | randomized | exact
+    seed: int = 0
+
+    def linear_policy(self) -> RankPolicy:
+        return RankPolicy(self.rank_mode, self.rank, self.energy, self.error, self.max_rank)
+
+    def conv_policy(self) -> RankPolicy:
+        rank = self.conv_rank or self.rank
+        cap = self.max_rank
+        if self.conv_rank and self.rank_mode in ("energy", "error"):
+            cap = self.conv_rank if cap is None else min(cap, self.conv_rank)
+        return RankPolicy(self.rank_mode, rank, self.energy, self.error, cap)
+
+    def as_metadata(self) -> dict:
+        return {
+            "rank": self.rank, "conv_rank": self.conv_rank, "rank_mode": self.rank_mode, "energy": self.energy,
+            "error": self.error, "max_rank": self.max_rank, "min_delta": self.min_delta,
+            "store_diff": self.store_diff, "clamp_quantile": self.clamp_quantile,
+            "dtype": dtype_name(self.dtype), "method": self.method, "seed": self.seed,
+        }
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    key: str  # model tensor key, prefix stripped
+    module: str | None  # canonical LoRA module name (None: not representable)
+    kind: str  # linear | conv1x1 | conv | vector | bias | other
+    action: str  # lowrank | diff | diff_b | drop
+    policy: RankPolicy | None = None
+    reason: str = ""  # why a changed tensor is dropped
+
+
+def plan_layer(key: str, shape: tuple[int, ...], dtype: torch.dtype, opts: ExtractOptions) -> LayerPlan:
+    kind = module_kind(key, shape)
+    if not dtype.is_floating_point:
+        return LayerPlan(key, None, "other", "drop", reason="not a floating-point tensor")
+    if kind == "bias":
+        module = keymaps.DIFFUSION + key[: -len(".bias")]
+        if opts.store_diff:
+            return LayerPlan(key, module, kind, "diff_b")
+        return LayerPlan(key, module, kind, "drop", reason="biases are left out (store_diff off)")
+    module = keymaps.module_of_key(key)
+    if module is None:
+        return LayerPlan(key, None, "other", "drop", reason="no LoRA key can address this tensor")
+    if kind == "vector":
+        if opts.store_diff:
+            return LayerPlan(key, module, kind, "diff")
+        return LayerPlan(key, module, kind, "drop", reason="1-D weights are left out (store_diff off)")
+    if kind == "conv":
+        if opts.conv_rank == 0:
+            return LayerPlan(key, module, kind, "drop", reason="conv_rank 0 leaves k×k convolutions out")
+        return LayerPlan(key, module, kind, "lowrank", opts.conv_policy())
+    return LayerPlan(key, module, kind, "lowrank", opts.linear_policy())
+
+
+def plan_extraction(pair: ModelPair, opts: ExtractOptions) -> list[LayerPlan]:
+    return [plan_layer(k, pair.info(k).shape, pair.info(k).dtype, opts) for k in pair.keys]
+
+
+def _key_seed(seed: int, key: str) -> int:
+    """A per-layer seed independent of layer order (so any subset of layers extracts identically)."""
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**62)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+    out = cast_for_output(t, dtype)
+    if dtype.is_floating_point and not bool(torch.isfinite(out).all()):
+        raise WeightsmithError(
+            f"{key}: the LoRA factors overflow {dtype_name(dtype)}; extract with dtype bf16 or fp32"
+        )
+    return out
+
+
+def extract_layer(plan: LayerPlan, delta: torch.Tensor, norm: float, opts: ExtractOptions, lora: LoRA) -> ModuleReport:
+    """Factorise (or store) one layer's change into `lora`; the module's report, errors measured on what
+    was stored."""
+    shape = tuple(delta.shape)
+    if plan.action in ("diff", "diff_b"):
+        stored = _cast(delta, opts.dtype, plan.key)
+        err = frobenius(delta - stored.float()) / norm
+        md = lora.module(plan.module)
+        if plan.action == "diff":
+            md.diff = stored.cpu()
+        else:
+            md.diff_b = stored.cpu()
+        return ModuleReport(plan.key, shape, plan.kind, "diff", norm, err, 0.0, True, None, 1.0, "diff")
+    mat = delta.reshape(shape[0], -1)
+    lr = low_rank(mat, plan.policy, method=opts.method, seed=_key_seed(opts.seed, plan.key), total_sq=norm * norm)
+    up, down = lr.up, lr.down
+    if opts.clamp_quantile:
+        up, down = clamp_factors(up, down, opts.clamp_quantile)
+    up, down = _cast(up, opts.dtype, plan.key), _cast(down, opts.dtype, plan.key)
+    err = math.sqrt(residual_sq_norm(mat, up.float(), down.float())) / norm
+    r = lr.rank
+    lora.module(plan.module).terms.append(
+        LoraTerm(up=up.reshape(shape[0], r, *([1] * (len(shape) - 2))).cpu(),
+                 down=down.reshape(r, *shape[1:]).cpu(), alpha=float(r))
+    )
+    note = "" if lr.target_met else f"target not reached within the rank cap {plan.policy.cap(min(mat.shape))}"
+    return ModuleReport(plan.key, shape, plan.kind, "lowrank", norm, err, lr.optimal_error, lr.optimal_is_exact,
+                        r, lr.energy, lr.method, note)
+
+
+@torch.no_grad()  # sources may hand out nn.Parameters (ModelPatchers): no autograd graphs
+def extract_lora(
+    base,
+    tuned,
+    rank: int = 64,
+    conv_rank: int | None = None,
+    rank_mode: str = "fixed",
+    energy: float = 0.99,
+    error: float = 0.05,
+    max_rank: int | None = None,
+    min_delta: float = DEFAULT_MIN_DELTA,
+    store_diff: bool = True,
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | None = None,
+    clamp_quantile: float | None = None,
+    dtype: str | torch.dtype = "bf16",
+    method: str = "auto",
+    seed: int = 0,
+) -> tuple[LoRA, ExtractionReport]:
+    """The LoRA taking `base` to `tuned` (paths, state dicts or TensorSources; checkpoint prefixes do not
+    matter), and its reconstruction report. Identical models give an empty LoRA and a report saying so;
+    models of different architectures raise MismatchError naming the keys."""
+    out_dtype = parse_dtype(dtype) or torch.bfloat16
+    opts = ExtractOptions(rank, conv_rank, rank_mode, energy, error, max_rank, min_delta, store_diff,
+                          clamp_quantile or None, out_dtype, method, seed)
+    opts.linear_policy()  # validates the rank settings before any tensor is read
+    opts.conv_policy()
+    if min_delta < 0:
+        raise ValueError(f"min_delta must be ≥ 0 (got {min_delta})")
+    device = torch.device(device)
+    progress = progress or no_progress
+    t0 = time.perf_counter()
+    pair = pair_models(base, tuned)
+    plans = plan_extraction(pair, opts)
+    lora = LoRA(arch=lora_arch(pair.arch), source_format="extracted")
+    report = ExtractionReport("extraction", pair.arch, settings=opts.as_metadata() | {"device": str(device)})
+    for i, plan in enumerate(plans):
+        progress(i, len(plans))
+        report.compared += 1
+        b = pair.base.get(plan.key)  # stored dtype; a file's tensor stays memory-mapped on the CPU
+        delta = subtract_(pair.tuned.get(plan.key).to(device, torch.float32, copy=True), b)  # one fp32 copy
+        norm = frobenius(delta)
+        base_norm = frobenius(b)
+        del b
+        shape = tuple(delta.shape)
+        if norm == 0.0:
+            report.unchanged += 1
+        elif norm <= opts.min_delta * base_norm:
+            report.modules.append(ModuleReport(plan.key, shape, plan.kind, "skipped", norm, 1.0,
+                                               note=f"|dW|/|W| = {norm / base_norm:.3g} below min_delta"))
+        elif plan.action == "drop":
+            report.modules.append(ModuleReport(plan.key, shape, plan.kind, "dropped", norm, 1.0, note=plan.reason))
+        else:
+            report.modules.append(extract_layer(plan, delta, norm, opts, lora))
+        del delta
+    progress(len(plans), len(plans))
+    report.seconds = time.perf_counter() - t0
+    if not report.modules:
+        report.message = (f"base and tuned are identical on all {report.compared} tensors: "
+                          "nothing to extract, the LoRA is empty")
+    elif not lora.modules:
+        report.message = (f"no layer changed enough to extract ({len(report.modules)} changed tensors, all "
+                          "skipped or left out): the LoRA is empty")
+    lora.metadata = {"weightsmith.extract": json.dumps(opts.as_metadata()),
+                     "weightsmith.extract_summary": json.dumps(_metadata_summary(report))}
+    return lora, report
+
+
+def leave_out(lora: LoRA, report: ExtractionReport, modules: list[str], reason: str, bias_only: bool = False) -> None:
+    """Remove `modules` (or only their bias changes) from an extracted LoRA after the fact, e.g. because a
+    file format has no name for them, marking what they covered as dropped so the report stays true to
+    what is saved."""
+    keys = set()
+    for name in modules:
+        md = lora.modules.get(name)
+        if md is None:
+            continue
+        if md.diff_b is not None:
+            keys.add(keymaps.bias_key(name))
+            md.diff_b = None
+        if not bias_only and (md.terms or md.diff is not None):
+            keys.add(keymaps.weight_key(name))
+            md.terms, md.diff = [], None
+        if md.is_empty():
+            del lora.modules[name]
+    for m in report.modules:
+        if m.key in keys:
+            m.status, m.error, m.optimal_error, m.rank, m.energy, m.method, m.note = (
+                "dropped", 1.0, None, None, None, "", reason)
+
+
+def _metadata_summary(report: ExtractionReport) -> dict:
+    s = report.summary()
+    keep = ("arch", "changed", "lowrank", "diff", "skipped", "dropped", "rank_min", "rank_max",
+            "error_global", "error_weighted", "optimal_global")
+    return {k: s[k] for k in keep}

@@ -1,0 +1,415 @@
+"""How well a LoRA reproduces a fine-tune: the reconstruction report, for extracted LoRAs and any other.
+
+For every weight the base and tuned models share, the true change ΔW = tuned − base (fp32) is compared
+with the change the LoRA applies, ΔŴ (`ModuleDelta.dense_delta`, diffs, biases, `set_weight`):
+
+    error          ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F
+    optimal error  the best any rank-r matrix can do, r = the module's rank (from the singular values of
+                   ΔW: exact for the exact SVD, a tight upper bound for the randomized one; 0 for diffs)
+    energy kept    the fraction of ‖ΔW‖² the module keeps
+
+Totals weight modules by ‖ΔW‖ (so an untouched-but-noisy layer does not dominate): `error_weighted`
+= Σ‖ΔW_i‖·e_i / Σ‖ΔW_i‖, and `error_global` = the relative Frobenius error of the whole model's change
+(weights ‖ΔW_i‖²). Coverage counts changed / extracted (or covered) / skipped / dropped (or missing).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..arch import detect_arch
+from ..errors import BadFileError, MismatchError
+from ..progress import ProgressFn, no_progress
+from ..report import bar_chart, format_table
+from ..safetensors_io import TensorInfo
+from ..sources import TensorSource, as_source, diffusion_view
+from . import keymaps
+from .formats import LORA_ARCHES, load_lora
+from .model import LoRA, ModuleDelta
+from .svd import RankPolicy, frobenius, low_rank, subtract_
+
+# ---------------------------------------------------------------------------------------------------
+# Pairing two models
+
+
+@dataclass
+class ModelPair:
+    base: TensorSource  # diffusion-model view, prefix stripped
+    tuned: TensorSource
+    keys: list[str]  # shared keys, in the base's order
+    arch: str  # detect_arch of the base ("unknown" when not recognised)
+
+    def info(self, key: str) -> TensorInfo:
+        return self.base.info(key)
+
+
+def _examples(keys: list[str], n: int = 3) -> str:
+    shown = ", ".join(sorted(keys)[:n])
+    return shown + (", …" if len(keys) > n else "")
+
+
+def pair_models(base, tuned) -> ModelPair:
+    """The diffusion models of `base` and `tuned` (paths, dicts or TensorSources), checked to share one
+    architecture: the same keys (whatever prefix each file uses) with the same shapes."""
+    b_src, t_src = as_source(base), as_source(tuned)
+    b, t = diffusion_view(b_src), diffusion_view(t_src)
+    if not len(b):
+        raise BadFileError(f"{b_src.name}: holds no diffusion-model tensors")
+    if not len(t):
+        raise BadFileError(f"{t_src.name}: holds no diffusion-model tensors")
+    b_arch, t_arch = detect_arch(b_src), detect_arch(t_src)
+    t_keys = set(t.keys())
+    only_base = [k for k in b.keys() if k not in t_keys]
+    only_tuned = sorted(t_keys.difference(b.keys()))
+    if only_base or only_tuned:
+        raise MismatchError(
+            f"{b_src.name} ({b_arch.arch}) and {t_src.name} ({t_arch.arch}) are not the same architecture: "
+            f"{len(only_base)} tensors only in the base ({_examples(only_base) or 'none'}), "
+            f"{len(only_tuned)} only in the tuned model ({_examples(only_tuned) or 'none'}). "
+            "Extract from a fine-tune and the exact model it was tuned from."
+        )
+    for k in b.keys():
+        sb, st = b.info(k).shape, t.info(k).shape
+        if sb != st:
+            raise MismatchError(
+                f"{k}: shape {list(sb)} in {b_src.name} but {list(st)} in {t_src.name}; "
+                "the two models are different architectures or sizes"
+            )
+    return ModelPair(base=b, tuned=t, keys=b.keys(), arch=b_arch.arch)
+
+
+def lora_arch(arch: str) -> str:
+    """The LoRA architecture name of a model architecture (Flux dev and schnell share LoRAs)."""
+    return "flux" if arch.startswith("flux") else arch
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass
+class ModuleReport:
+    key: str  # model tensor key (prefix stripped): `double_blocks.0.img_attn.qkv.weight`
+    shape: tuple[int, ...]
+    kind: str  # linear | conv1x1 | conv | vector | bias | other
+    status: str  # lowrank | diff | skipped | dropped (extraction); also missing | spurious (validation)
+    norm: float  # ‖ΔW‖_F
+    error: float  # relative Frobenius error of what the LoRA applies (1.0: nothing applied)
+    optimal_error: float | None = None  # best achievable at `rank` (None: not applicable)
+    optimal_exact: bool = True  # False: `optimal_error` is the randomized SVD's upper bound
+    rank: int | None = None  # None for dense diffs
+    energy: float | None = None
+    method: str = ""  # randomized | exact | diff | ""
+    note: str = ""
+
+    def row(self) -> dict:
+        return {
+            "key": self.key, "kind": self.kind, "status": self.status, "rank": "" if self.rank is None else self.rank,
+            "method": self.method, "norm": self.norm, "error": self.error,
+            "optimal": "" if self.optimal_error is None else self.optimal_error,
+            "energy": "" if self.energy is None else self.energy,
+        }
+
+
+COVERED = ("lowrank", "diff", "set")
+
+
+def block_of(key: str) -> str:
+    """The block a key belongs to, for per-block totals: `double_blocks.3`, `input_blocks.4`, `img_in`."""
+    parts = key.split(".")
+    if len(parts) > 2 and parts[1].isdigit():
+        return f"{parts[0]}.{parts[1]}"
+    return parts[0]
+
+
+def _aggregate(mods: list[ModuleReport]) -> dict:
+    norms = [m.norm for m in mods]
+    total_sq = sum(n * n for n in norms)
+    total = sum(norms)
+    err_sq = sum((m.norm * m.error) ** 2 for m in mods)
+    opt = [m.optimal_error if m.optimal_error is not None else (0.0 if m.status in COVERED else 1.0) for m in mods]
+    opt_sq = sum((m.norm * o) ** 2 for m, o in zip(mods, opt))
+    out = {
+        "error_global": math.sqrt(err_sq / total_sq) if total_sq > 0 else 0.0,
+        "error_weighted": sum(m.norm * m.error for m in mods) / total if total > 0 else 0.0,
+        "optimal_global": math.sqrt(opt_sq / total_sq) if total_sq > 0 else 0.0,
+    }
+    out["ratio_to_optimal"] = out["error_global"] / out["optimal_global"] if out["optimal_global"] > 0 else None
+    return out
+
+
+@dataclass
+class ReconstructionReport:
+    kind: str  # "extraction" | "validation"
+    arch: str
+    modules: list[ModuleReport] = field(default_factory=list)
+    unchanged: int = 0  # tensors with ΔW exactly 0 (and nothing applied)
+    compared: int = 0  # tensors compared
+    settings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    message: str = ""
+
+    @property
+    def changed(self) -> list[ModuleReport]:
+        return [m for m in self.modules if m.status != "spurious"]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in self.modules:
+            out[m.status] = out.get(m.status, 0) + 1
+        return out
+
+    def summary(self) -> dict:
+        c = self.counts()
+        ranks = [m.rank for m in self.modules if m.status == "lowrank" and m.rank is not None]
+        methods: dict[str, int] = {}
+        for m in self.modules:
+            if m.method:
+                methods[m.method] = methods.get(m.method, 0) + 1
+        out = {
+            "kind": self.kind,
+            "arch": self.arch,
+            "tensors_compared": self.compared,
+            "unchanged": self.unchanged,
+            "changed": len(self.changed),
+            "covered": sum(c.get(s, 0) for s in COVERED),
+            "lowrank": c.get("lowrank", 0),
+            "diff": c.get("diff", 0),
+            "skipped": c.get("skipped", 0),
+            "dropped": c.get("dropped", 0),
+            "missing": c.get("missing", 0),
+            "spurious": c.get("spurious", 0),
+            "rank_min": min(ranks) if ranks else 0,
+            "rank_max": max(ranks) if ranks else 0,
+            "rank_mean": sum(ranks) / len(ranks) if ranks else 0.0,
+            "methods": methods,
+            "optimal_is_bound": any(not m.optimal_exact for m in self.modules),
+            "seconds": round(self.seconds, 3),
+        }
+        out.update(_aggregate(self.changed))
+        return out
+
+    def blocks(self) -> list[dict]:
+        groups: dict[str, list[ModuleReport]] = {}
+        for m in self.changed:
+            groups.setdefault(block_of(m.key), []).append(m)
+        rows = []
+        for name, mods in groups.items():
+            agg = _aggregate(mods)
+            ranks = [m.rank for m in mods if m.rank]
+            rows.append({
+                "block": name, "modules": len(mods),
+                "covered": sum(m.status in COVERED for m in mods),
+                "rank": f"{min(ranks)}-{max(ranks)}" if ranks and min(ranks) != max(ranks) else (ranks[0] if ranks else ""),
+                "error": agg["error_global"], "optimal": agg["optimal_global"],
+                "ratio": agg["ratio_to_optimal"] if agg["ratio_to_optimal"] is not None else "",
+            })
+        return rows
+
+    def to_dict(self) -> dict:
+        return {
+            "summary": self.summary(), "settings": self.settings, "message": self.message,
+            "blocks": self.blocks(),
+            "modules": [dict(m.row(), shape=list(m.shape), optimal_exact=m.optimal_exact, note=m.note) for m in self.modules],
+        }
+
+    def headline(self) -> str:
+        s = self.summary()
+        if self.message:
+            return self.message
+        ratio = f" = {s['ratio_to_optimal']:.4f}x" if s["ratio_to_optimal"] else ""
+        bound = " (bound)" if s["optimal_is_bound"] else ""
+        what = "extracted" if self.kind == "extraction" else "covered"
+        return (
+            f"{self.arch}: {s['changed']} changed tensors of {s['tensors_compared']}: {s['covered']} {what} "
+            f"({s['lowrank']} low-rank, rank {s['rank_min']}-{s['rank_max']}; {s['diff']} dense diffs), "
+            f"{s['skipped']} skipped, {s['dropped'] + s['missing']} not represented. "
+            f"Relative error {s['error_global']:.4g} (weighted mean {s['error_weighted']:.4g}), "
+            f"optimal{bound} {s['optimal_global']:.4g}{ratio}."
+        )
+
+    def text(self, per_module: bool = False) -> str:
+        parts = [self.headline(), "", format_table(self.blocks(), title="per block")]
+        if per_module:
+            parts += ["", format_table([m.row() for m in self.modules], title="per module")]
+        return "\n".join(parts)
+
+    def chart(self) -> np.ndarray:
+        blocks = self.blocks()
+        title = f"LoRA {self.kind}: relative error per block (global {self.summary()['error_global']:.4g})"
+        return bar_chart(
+            [b["block"] for b in blocks],
+            {"error": [b["error"] for b in blocks], "optimal at rank": [b["optimal"] for b in blocks]},
+            title=title, ylabel="|dW - LoRA| / |dW|",
+        )
+
+
+class ExtractionReport(ReconstructionReport):
+    pass
+
+
+class ValidationReport(ReconstructionReport):
+    orphans: list[str]  # LoRA modules whose target the models do not have
+    other_components: int  # LoRA modules for text encoders etc. (not checked)
+
+    def __init__(self, *args, orphans: list[str] | None = None, other_components: int = 0, **kw):
+        super().__init__(*args, **kw)
+        self.orphans = list(orphans or [])
+        self.other_components = other_components
+
+    def summary(self) -> dict:
+        out = super().summary()
+        out["orphan_modules"] = len(self.orphans)
+        out["other_component_modules"] = self.other_components
+        return out
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["orphans"] = self.orphans
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring one module
+
+
+def module_kind(key: str, shape: tuple[int, ...]) -> str:
+    if key.endswith(".bias"):
+        return "bias"
+    if len(shape) <= 1:
+        return "vector"
+    if len(shape) == 2:
+        return "linear"
+    return "conv1x1" if all(d == 1 for d in shape[2:]) else "conv"
+
+
+def relative_error(delta: torch.Tensor, approx: torch.Tensor, norm: float) -> float:
+    if norm == 0:
+        return 0.0
+    return frobenius(delta - approx) / norm
+
+
+def optimal_at_rank(delta: torch.Tensor, rank: int, seed: int = 0) -> tuple[float, bool]:
+    """(relative error of the best rank-`rank` approximation of `delta`, exact?). Where the randomized SVD
+    is used it runs 4 power iterations (not 2): a bound other LoRAs are judged against should be tight."""
+    mat = delta.reshape(delta.shape[0], -1)
+    if rank >= min(mat.shape):
+        return 0.0, True
+    lr = low_rank(mat, RankPolicy("fixed", rank=rank), power_iterations=4, seed=seed)
+    return lr.optimal_error, lr.optimal_is_exact
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation of any LoRA
+
+
+def _family(arch: str) -> str:
+    return {"flux": "flux", "chroma": "flux", "sdxl": "sd", "sd15": "sd"}.get(arch, "unknown")
+
+
+def _as_lora(lora, arch: str) -> LoRA:
+    """`lora` as a canonical LoRA, checked to be for the models' architecture family."""
+    hint = arch if arch in LORA_ARCHES else None
+    if isinstance(lora, (str, os.PathLike, Mapping, TensorSource)):
+        return load_lora(lora, arch=hint)
+    if not isinstance(lora, LoRA):
+        raise TypeError(f"expected a LoRA, a path or a state dict, got {type(lora).__name__}")
+    if hint and "unknown" not in (lora.arch, hint) and _family(lora.arch) != _family(hint):
+        raise MismatchError(f"the LoRA is for {lora.arch} but the models are {arch}")
+    return lora
+
+
+def _applied_delta(md: ModuleDelta, key: str, base_w: torch.Tensor, strength: float) -> torch.Tensor | None:
+    """What the module does to the tensor `key` (fp32, on base_w's device), or None if it does nothing."""
+    dev = base_w.device
+    if key.endswith(".bias"):
+        return None if md.diff_b is None else md.diff_b.to(dev, torch.float32).reshape(base_w.shape) * strength
+    if md.set_weight is not None:
+        return md.set_weight.to(dev, torch.float32).reshape(base_w.shape) - base_w
+    if not md.terms and md.diff is None:
+        return None
+    return md.dense_delta(tuple(base_w.shape), torch.float32, dev) * strength
+
+
+@torch.no_grad()  # sources may hand out nn.Parameters (ModelPatchers): no autograd graphs
+def validate_lora(base, tuned, lora, device: str | torch.device = "cpu", strength: float = 1.0,
+                  progress: ProgressFn | None = None) -> ValidationReport:
+    """The reconstruction report of `lora` (a LoRA, a file in any format `formats.load_lora` reads, or a
+    state dict) against the fine-tune it claims to reproduce: `tuned` relative to `base`."""
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    progress = progress or no_progress
+    pair = pair_models(base, tuned)
+    arch = lora_arch(pair.arch)
+    lora = _as_lora(lora, arch)
+    keys = set(pair.keys)
+    targets: dict[str, ModuleDelta] = {}
+    orphans, other = [], 0
+    for name, md in lora.modules.items():
+        if not name.startswith(keymaps.DIFFUSION):
+            other += 1
+            continue
+        wkey = keymaps.weight_key(name)
+        bkey = keymaps.bias_key(name)
+        hit = False
+        if (md.terms or md.diff is not None or md.set_weight is not None) and wkey in keys:
+            targets[wkey] = md
+            hit = True
+        if md.diff_b is not None and bkey in keys:
+            targets[bkey] = md
+            hit = True
+        if not hit:
+            orphans.append(name)
+    report = ValidationReport("validation", pair.arch, orphans=orphans, other_components=other,
+                              settings={"strength": strength, "lora_format": lora.source_format,
+                                        "lora_arch": lora.arch, "device": str(device)})
+    for i, key in enumerate(pair.keys):
+        progress(i, len(pair.keys))
+        report.compared += 1
+        info = pair.info(key)
+        if not info.dtype.is_floating_point:
+            continue
+        b = pair.base.get(key).to(device, torch.float32)
+        delta = subtract_(pair.tuned.get(key).to(device, torch.float32, copy=True), b)
+        norm = frobenius(delta)
+        md = targets.get(key)
+        applied = _applied_delta(md, key, b, strength) if md is not None else None
+        kind = module_kind(key, info.shape)
+        if applied is None:
+            if norm == 0:
+                report.unchanged += 1
+            else:
+                report.modules.append(ModuleReport(key, info.shape, kind, "missing", norm, 1.0))
+            continue
+        if norm == 0:
+            spur = frobenius(applied)
+            if spur == 0:
+                report.unchanged += 1
+                continue
+            report.modules.append(ModuleReport(key, info.shape, kind, "spurious", 0.0, 0.0,
+                                               note=f"changes an unchanged tensor by {spur:.4g} (Frobenius)"))
+            continue
+        err = relative_error(delta, applied, norm)
+        dense = key.endswith(".bias") or md.diff is not None or md.set_weight is not None
+        if dense:
+            status = "set" if md.set_weight is not None and not key.endswith(".bias") else "diff"
+            report.modules.append(ModuleReport(key, info.shape, kind, status, norm, err, 0.0, True, None,
+                                               max(0.0, 1 - err * err), "diff"))
+            continue
+        rank = md.rank
+        opt, exact = optimal_at_rank(delta, rank)
+        report.modules.append(ModuleReport(key, info.shape, kind, "lowrank", norm, err, opt, exact, rank,
+                                           max(0.0, 1 - err * err)))
+        del b, delta, applied
+    progress(len(pair.keys), len(pair.keys))
+    if not report.modules:
+        report.message = f"base and tuned are identical on all {report.compared} tensors: there is nothing to reproduce"
+    report.seconds = time.perf_counter() - t0
+    return report
