@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from .arch import detect_arch
+from .devices import resolve_device
 from .dtypes import cast_for_output, dtype_name, itemsize
 from .errors import BadFileError, MismatchError, OutputPathError, WeightsmithError
 from .mix_report import GROUPS, ChunkStats, MixReport, Totals, candidate_letters
@@ -56,28 +57,6 @@ DEVICE_CHUNK = 1 << 25  # on an accelerator: large enough to keep it busy, small
 
 # ---------------------------------------------------------------------------------------------------
 # Up-front checks: refuse what cannot be mixed before anything is read or written
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """The compute device, checked before any work: a missing GPU is a clear error, not a torch traceback."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise WeightsmithError(f"unknown device {device!r} ({e}); give cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise WeightsmithError(f"device {device} requested but no CUDA GPU is available here; use device cpu "
-                                   "(--device cpu)")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise WeightsmithError(f"device {device} does not exist: this machine has {count} CUDA GPU(s) "
-                                   f"(cuda:0 to cuda:{count - 1}); choose one of them, or use cpu")
-    elif dev.type != "cpu":
-        try:
-            torch.empty(0, device=dev)
-        except (RuntimeError, AssertionError) as e:
-            raise WeightsmithError(f"device {device} is not usable here ({e}); use device cpu or cuda") from None
-    return dev
 
 
 def _mix_family(arch: str) -> str:

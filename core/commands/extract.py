@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..devices import resolve_device
 from ..errors import MismatchError, OutputPathError
 from ..lora.extract import DEFAULT_MIN_DELTA, extract_lora, leave_out
 from ..lora.formats import WRITABLE_FORMATS, lora_state_dict, save_lora
 from ..lora.model import LoRA, ModuleDelta
 from ..lora.svd import METHODS, RANK_MODES
 from ..lora.validate import ReconstructionReport, validate_lora
+from ..paths import check_new_output
 from ..progress import TerminalProgress
 from ..report import save_png, write_json
 from ..sources import as_source
@@ -101,10 +103,24 @@ def unwritable_parts(lora: LoRA, fmt: str) -> tuple[list[str], list[str]]:
     return whole, bias
 
 
+def _check_outputs(args: argparse.Namespace, inputs: list, output: Path | None = None) -> None:
+    """Refuse bad --report / --chart paths and a missing GPU before any tensor is read (the final writes
+    refuse them again, atomically)."""
+    resolve_device(args.device)
+    for what, path in (("report", args.report), ("chart", args.chart)):
+        if path is not None:
+            others = [output] + [p for w, p in (("report", args.report), ("chart", args.chart)) if w != what]
+            check_new_output(path, what, protect=inputs, others=others)
+
+
 def run_extract(args: argparse.Namespace) -> int:
     if args.output.exists():  # checked before the work; the writer refuses it again, atomically
         raise OutputPathError(f"{args.output}: exists; choose another name or remove it")
+    if not args.output.parent.is_dir():
+        raise OutputPathError(f"folder {args.output.parent} does not exist; create it or choose another path "
+                              f"for {args.output.name}")
     base, tuned = as_source(args.base), as_source(args.tuned)
+    _check_outputs(args, [*base.paths(), *tuned.paths()], args.output)
     lora, report = extract_lora(
         base, tuned, rank=args.rank, conv_rank=args.conv_rank, rank_mode=args.rank_mode, energy=args.energy,
         error=args.error, max_rank=args.max_rank, min_delta=args.min_delta, store_diff=args.store_diff,
@@ -130,6 +146,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    _check_outputs(args, [args.base, args.tuned, args.lora])
     report = validate_lora(args.base, args.tuned, args.lora, device=args.device, strength=args.strength,
                            progress=TerminalProgress("validate"))
     _emit(report, args)

@@ -24,13 +24,23 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import resolve_device
 from ..dtypes import cast_for_output, dtype_name, parse_dtype
 from ..errors import WeightsmithError
 from ..progress import ProgressFn, no_progress
 from . import keymaps
 from .model import LoRA, LoraTerm
-from .svd import RankPolicy, clamp_factors, frobenius, low_rank, residual_sq_norm, subtract_
-from .validate import ExtractionReport, ModelPair, ModuleReport, lora_arch, module_kind, pair_models
+from .svd import METHODS, OptionError, RankPolicy, clamp_factors, frobenius, low_rank, residual_sq_norm, subtract_
+from .validate import (
+    ExtractionReport,
+    ModelPair,
+    ModuleReport,
+    lora_arch,
+    module_kind,
+    nonfinite_inputs,
+    nonfinite_module,
+    pair_models,
+)
 
 DEFAULT_MIN_DELTA = 1e-6
 
@@ -77,6 +87,33 @@ class LayerPlan:
     action: str  # lowrank | diff | diff_b | drop
     policy: RankPolicy | None = None
     reason: str = ""  # why a changed tensor is dropped
+
+
+def _output_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    try:
+        out = parse_dtype(dtype) or torch.bfloat16
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+    if not out.is_floating_point:
+        raise OptionError(f"dtype {dtype_name(out)} cannot hold LoRA factors; choose bf16, fp16 or fp32")
+    return out
+
+
+def check_options(opts: ExtractOptions) -> ExtractOptions:
+    """Refuse out-of-range settings before any tensor is read (OptionError: a WeightsmithError)."""
+    opts.linear_policy()  # the rank settings
+    opts.conv_policy()
+    if opts.conv_rank is not None and opts.conv_rank < 0:
+        raise OptionError(f"conv_rank must be ≥ 0 (got {opts.conv_rank}); give 0 to leave k×k convolutions out")
+    if not (isinstance(opts.min_delta, (int, float)) and opts.min_delta >= 0 and math.isfinite(opts.min_delta)):
+        raise OptionError(f"min_delta must be a finite number ≥ 0 (got {opts.min_delta}); give e.g. "
+                          f"{DEFAULT_MIN_DELTA:g}, or 0 to keep every changed layer")
+    if opts.clamp_quantile is not None and not 0.0 < opts.clamp_quantile < 1.0:
+        raise OptionError(f"clamp quantile must be in (0, 1) (got {opts.clamp_quantile}); give e.g. 0.99, or leave "
+                          "the clamp off")
+    if opts.method not in METHODS:
+        raise OptionError(f"unknown SVD method {opts.method!r}; choose one of {', '.join(METHODS)}")
+    return opts
 
 
 def plan_layer(key: str, shape: tuple[int, ...], dtype: torch.dtype, opts: ExtractOptions) -> LayerPlan:
@@ -172,14 +209,9 @@ def extract_lora(
     """The LoRA taking `base` to `tuned` (paths, state dicts or TensorSources; checkpoint prefixes do not
     matter), and its reconstruction report. Identical models give an empty LoRA and a report saying so;
     models of different architectures raise MismatchError naming the keys."""
-    out_dtype = parse_dtype(dtype) or torch.bfloat16
-    opts = ExtractOptions(rank, conv_rank, rank_mode, energy, error, max_rank, min_delta, store_diff,
-                          clamp_quantile or None, out_dtype, method, seed)
-    opts.linear_policy()  # validates the rank settings before any tensor is read
-    opts.conv_policy()
-    if min_delta < 0:
-        raise ValueError(f"min_delta must be ≥ 0 (got {min_delta})")
-    device = torch.device(device)
+    opts = check_options(ExtractOptions(rank, conv_rank, rank_mode, energy, error, max_rank, min_delta, store_diff,
+                                        clamp_quantile or None, _output_dtype(dtype), method, seed))
+    device = resolve_device(device)  # a missing GPU fails here, before any file is read
     progress = progress or no_progress
     t0 = time.perf_counter()
     pair = pair_models(base, tuned)
@@ -195,7 +227,10 @@ def extract_lora(
         base_norm = frobenius(b)
         del b
         shape = tuple(delta.shape)
-        if norm == 0.0:
+        where = nonfinite_inputs(pair, plan.key, delta, norm)
+        if where:  # skipped and reported (the SVD would fail); strict sources refused it on reading
+            report.modules.append(nonfinite_module(plan.key, shape, plan.kind, where))
+        elif norm == 0.0:
             report.unchanged += 1
         elif norm <= opts.min_delta * base_norm:
             report.modules.append(ModuleReport(plan.key, shape, plan.kind, "skipped", norm, 1.0,
@@ -243,6 +278,6 @@ def leave_out(lora: LoRA, report: ExtractionReport, modules: list[str], reason: 
 
 def _metadata_summary(report: ExtractionReport) -> dict:
     s = report.summary()
-    keep = ("arch", "changed", "lowrank", "diff", "skipped", "dropped", "rank_min", "rank_max",
+    keep = ("arch", "changed", "lowrank", "diff", "skipped", "dropped", "nonfinite", "rank_min", "rank_max",
             "error_global", "error_weighted", "optimal_global")
     return {k: s[k] for k in keep}

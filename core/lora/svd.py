@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import WeightsmithError
+
 RANK_MODES = ("fixed", "energy", "error", "full")
 METHODS = ("auto", "randomized", "exact")
 
@@ -37,6 +39,11 @@ ADAPTIVE_START = 32  # first sketch width of the energy / error modes; doubled u
 # Singular values below this fraction of σ₁ are numerical zeros of an fp32 SVD: dropping them changes
 # nothing measurable and keeps a true rank-4 change from being stored as rank 64 of noise.
 NUMERICAL_ZERO = 4 * torch.finfo(torch.float32).eps
+
+
+class OptionError(WeightsmithError, ValueError):
+    """An option value out of range (rank, energy, quantile…): refused before any tensor is read. Also a
+    ValueError, for callers that catch those."""
 
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 per temporary in the norm helpers
@@ -104,15 +111,15 @@ class RankPolicy:
 
     def __post_init__(self) -> None:
         if self.mode not in RANK_MODES:
-            raise ValueError(f"unknown rank mode {self.mode!r}; choose one of {', '.join(RANK_MODES)}")
+            raise OptionError(f"unknown rank mode {self.mode!r}; choose one of {', '.join(RANK_MODES)}")
         if self.mode == "fixed" and self.rank < 1:
-            raise ValueError(f"rank must be ≥ 1 (got {self.rank})")
+            raise OptionError(f"rank must be ≥ 1 (got {self.rank}); give a positive rank, e.g. 16")
         if self.mode == "energy" and not 0.0 < self.energy <= 1.0:
-            raise ValueError(f"energy must be in (0, 1] (got {self.energy})")
+            raise OptionError(f"energy must be in (0, 1] (got {self.energy}); give a fraction of |dW|² to keep, e.g. 0.99")
         if self.mode == "error" and not 0.0 <= self.error < 1.0:
-            raise ValueError(f"error must be in [0, 1) (got {self.error})")
+            raise OptionError(f"error must be in [0, 1) (got {self.error}); give a relative error target, e.g. 0.05")
         if self.max_rank is not None and self.max_rank < 1:
-            raise ValueError(f"max_rank must be ≥ 1 (got {self.max_rank})")
+            raise OptionError(f"max_rank must be ≥ 1 (got {self.max_rank}); give a positive cap or leave it unset")
 
     @property
     def target_energy(self) -> float | None:
@@ -274,7 +281,7 @@ def low_rank(
     the target is met (the known ‖ΔW‖² says when), falling back to the exact SVD once that is cheaper.
     `total_sq` = ‖a‖²_F when the caller already has it."""
     if method not in METHODS:
-        raise ValueError(f"unknown SVD method {method!r}; choose one of {', '.join(METHODS)}")
+        raise OptionError(f"unknown SVD method {method!r}; choose one of {', '.join(METHODS)}")
     m, n = a.shape
     full = min(m, n)
     total_sq = sq_norm(a) if total_sq is None else total_sq  # callers that know ‖a‖² save a pass
@@ -310,7 +317,7 @@ def clamp_factors(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tupl
     outlier clamp, symmetric). Uses kthvalue: torch.quantile refuses inputs above 2^24 elements on some
     torch versions, which silently dropped large layers in other tools."""
     if not 0.0 < quantile < 1.0:
-        raise ValueError(f"clamp quantile must be in (0, 1) (got {quantile})")
+        raise OptionError(f"clamp quantile must be in (0, 1) (got {quantile}); give e.g. 0.99, or leave the clamp off")
     values = torch.cat([up.reshape(-1), down.reshape(-1)]).abs()
     if values.numel() == 0:
         return up, down

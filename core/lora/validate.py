@@ -60,10 +60,10 @@ def pair_models(base, tuned) -> ModelPair:
     architecture: the same keys (whatever prefix each file uses) with the same shapes."""
     b_src, t_src = as_source(base), as_source(tuned)
     b, t = diffusion_view(b_src), diffusion_view(t_src)
-    if not len(b):
-        raise BadFileError(f"{b_src.name}: holds no diffusion-model tensors")
-    if not len(t):
-        raise BadFileError(f"{t_src.name}: holds no diffusion-model tensors")
+    for src, view in ((b_src, b), (t_src, t)):
+        if not len(view):
+            raise BadFileError(f"{src.name}: holds no diffusion-model tensors; give a full model file (UNet / "
+                               "transformer weights): check it is not a LoRA, a VAE or a text encoder")
     b_arch, t_arch = detect_arch(b_src), detect_arch(t_src)
     t_keys = set(t.keys())
     only_base = [k for k in b.keys() if k not in t_keys]
@@ -79,8 +79,8 @@ def pair_models(base, tuned) -> ModelPair:
         sb, st = b.info(k).shape, t.info(k).shape
         if sb != st:
             raise MismatchError(
-                f"{k}: shape {list(sb)} in {b_src.name} but {list(st)} in {t_src.name}; "
-                "the two models are different architectures or sizes"
+                f"{k}: shape {list(sb)} in {b_src.name} but {list(st)} in {t_src.name}; the two models are "
+                "different architectures or sizes: pass a fine-tune and the exact base model it was tuned from"
             )
     return ModelPair(base=b, tuned=t, keys=b.keys(), arch=b_arch.arch)
 
@@ -158,7 +158,7 @@ class ReconstructionReport:
 
     @property
     def changed(self) -> list[ModuleReport]:
-        return [m for m in self.modules if m.status != "spurious"]
+        return [m for m in self.modules if m.status not in ("spurious", "nonfinite")]
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -186,6 +186,7 @@ class ReconstructionReport:
             "dropped": c.get("dropped", 0),
             "missing": c.get("missing", 0),
             "spurious": c.get("spurious", 0),
+            "nonfinite": c.get("nonfinite", 0),
             "rank_min": min(ranks) if ranks else 0,
             "rank_max": max(ranks) if ranks else 0,
             "rank_mean": sum(ranks) / len(ranks) if ranks else 0.0,
@@ -216,6 +217,7 @@ class ReconstructionReport:
     def to_dict(self) -> dict:
         return {
             "summary": self.summary(), "settings": self.settings, "message": self.message,
+            "warnings": self.warnings(),
             "blocks": self.blocks(),
             "modules": [dict(m.row(), shape=list(m.shape), optimal_exact=m.optimal_exact, note=m.note) for m in self.modules],
         }
@@ -235,8 +237,17 @@ class ReconstructionReport:
             f"optimal{bound} {s['optimal_global']:.4g}{ratio}."
         )
 
+    def warnings(self) -> list[str]:
+        bad = [m for m in self.modules if m.status == "nonfinite"]
+        if not bad:
+            return []
+        shown = "; ".join(f"{m.key} ({m.note})" for m in bad[:8])
+        more = f"; … and {len(bad) - 8} more" if len(bad) > 8 else ""
+        return [f"WARNING: {len(bad)} tensors hold NaN or Inf and were left out: {shown}{more}. Use an intact copy "
+                "of the model (re-download it, or take an earlier checkpoint of a diverged fine-tune)"]
+
     def text(self, per_module: bool = False) -> str:
-        parts = [self.headline(), "", format_table(self.blocks(), title="per block")]
+        parts = [self.headline(), *self.warnings(), "", format_table(self.blocks(), title="per block")]
         if per_module:
             parts += ["", format_table([m.row() for m in self.modules], title="per module")]
         return "\n".join(parts)
@@ -278,6 +289,20 @@ class ValidationReport(ReconstructionReport):
 
 # ---------------------------------------------------------------------------------------------------
 # Measuring one module
+
+
+def nonfinite_inputs(pair: ModelPair, key: str, delta: torch.Tensor, norm: float) -> list[str] | None:
+    """None when ΔW = tuned − base is finite; else which model(s) hold NaN/Inf in `key`. Free in the common
+    case: ‖ΔW‖ (computed anyway) is finite exactly when every entry is, unless it overflowed; only a
+    non-finite norm costs an exact scan of ΔW and then of both inputs (to name the culprit)."""
+    if math.isfinite(norm) or bool(torch.isfinite(delta).all()):
+        return None
+    bad = [src.name for src in (pair.base, pair.tuned) if not bool(torch.isfinite(src.get(key)).all())]
+    return bad or [f"{pair.base.name} and {pair.tuned.name}: their difference overflows fp32"]
+
+
+def nonfinite_module(key: str, shape: tuple[int, ...], kind: str, where: list[str]) -> ModuleReport:
+    return ModuleReport(key, tuple(shape), kind, "nonfinite", 0.0, 1.0, note="in " + ", ".join(map(str, where)))
 
 
 def module_kind(key: str, shape: tuple[int, ...]) -> str:
@@ -322,7 +347,8 @@ def _as_lora(lora, arch: str) -> LoRA:
     if not isinstance(lora, LoRA):
         raise TypeError(f"expected a LoRA, a path or a state dict, got {type(lora).__name__}")
     if hint and "unknown" not in (lora.arch, hint) and _family(lora.arch) != _family(hint):
-        raise MismatchError(f"the LoRA is for {lora.arch} but the models are {arch}")
+        raise MismatchError(f"the LoRA is for {lora.arch} but the models are {arch}; validate it against the "
+                            f"{lora.arch} models it was made from, or pick a LoRA made for {arch}")
     return lora
 
 
@@ -379,9 +405,13 @@ def validate_lora(base, tuned, lora, device: str | torch.device = "cpu", strengt
         b = pair.base.get(key).to(device, torch.float32)
         delta = subtract_(pair.tuned.get(key).to(device, torch.float32, copy=True), b)
         norm = frobenius(delta)
+        kind = module_kind(key, info.shape)
+        where = nonfinite_inputs(pair, key, delta, norm)
+        if where:  # an SVD of it would fail; nothing can be measured on this tensor
+            report.modules.append(nonfinite_module(key, info.shape, kind, where))
+            continue
         md = targets.get(key)
         applied = _applied_delta(md, key, b, strength) if md is not None else None
-        kind = module_kind(key, info.shape)
         if applied is None:
             if norm == 0:
                 report.unchanged += 1
@@ -393,10 +423,16 @@ def validate_lora(base, tuned, lora, device: str | torch.device = "cpu", strengt
             if spur == 0:
                 report.unchanged += 1
                 continue
+            if not math.isfinite(spur):
+                report.modules.append(nonfinite_module(key, info.shape, kind, [f"the LoRA's change ({lora.source_format})"]))
+                continue
             report.modules.append(ModuleReport(key, info.shape, kind, "spurious", 0.0, 0.0,
                                                note=f"changes an unchanged tensor by {spur:.4g} (Frobenius)"))
             continue
         err = relative_error(delta, applied, norm)
+        if not math.isfinite(err):
+            report.modules.append(nonfinite_module(key, info.shape, kind, [f"the LoRA's change ({lora.source_format})"]))
+            continue
         dense = key.endswith(".bias") or md.diff is not None or md.set_weight is not None
         if dense:
             status = "set" if md.set_weight is not None and not key.endswith(".bias") else "diff"
