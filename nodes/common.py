@@ -46,6 +46,16 @@ def progress(total: int, node_id: str | None = None):
     return update
 
 
+def effective_weight(entries: list, device: torch.device, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One model's effective weight for `key` from its `get_key_patches` entries (original tensor plus its
+    own patches), computed ComfyUI's way: the same recursion nested model patches go through."""
+    w, convert = entries[0]
+    t = convert(mm.cast_to_device(w, device, dtype, copy=True), inplace=True)
+    if len(entries) > 1:
+        t = comfy.lora.calculate_weight(entries[1:], t, key, intermediate_dtype=dtype)
+    return t
+
+
 class PatcherSource(TensorSource):
     """The diffusion model of a ModelPatcher as a TensorSource: `get(key)` is the effective weight of that
     clone (its own LoRAs and merges applied) computed ComfyUI's way for one key, in fp32 on `device`.
@@ -64,12 +74,7 @@ class PatcherSource(TensorSource):
 
     def _load(self, key: str) -> torch.Tensor:
         full = DIFFUSION_PREFIX + key
-        entries = self._kp[full]
-        w, convert = entries[0]
-        t = convert(mm.cast_to_device(w, self.device, torch.float32, copy=True), inplace=True)
-        if len(entries) > 1:
-            t = comfy.lora.calculate_weight(entries[1:], t, full, intermediate_dtype=torch.float32)
-        return t
+        return effective_weight(self._kp[full], self.device, full)
 
 
 def model_arch(patcher) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import comfy.lora
-import comfy.model_management as mm
 import folder_paths
 import torch
 from comfy.weight_adapter import WeightAdapterBase
@@ -19,6 +17,7 @@ from .common import (
     DIFFUSION_PREFIX,
     PatcherSource,
     compute_device,
+    effective_weight,
     image_tensor,
     input_path,
     output_path,
@@ -43,16 +42,6 @@ PARAMS_TOOLTIP = ("Method parameters as NAME=VALUE, comma-separated, e.g. densit
                   "Unknown names are an error.")
 PRESET_TOOLTIP = "Named rule set, applied after your own rules. " + " | ".join(
     f"{k}: {d}" for k, (d, _) in PRESETS.items())
-
-
-def _effective(entries: list, device: torch.device, key: str) -> torch.Tensor:
-    """One model's effective weight for `key` in fp32, from its get_key_patches entries (ComfyUI's own
-    recursion, as nested model patches are evaluated)."""
-    w, convert = entries[0]
-    t = convert(mm.cast_to_device(w, device, torch.float32, copy=True), inplace=True)
-    if len(entries) > 1:
-        t = comfy.lora.calculate_weight(entries[1:], t, key, intermediate_dtype=torch.float32)
-    return t
 
 
 class MergeAdapter(WeightAdapterBase):
@@ -80,7 +69,7 @@ class MergeAdapter(WeightAdapterBase):
         params = dict(params)
         if method.random:
             params["seed"] = derive_seed(params.get("seed", 0), name)
-        xs = [weight.float()] + [_effective(e, weight.device, key) for e in self.weights[1:]]
+        xs = [weight.float()] + [effective_weight(e, weight.device, key) for e in self.weights[1:]]
         merged = method.fn(xs, list(merge_weights), **params)
         if strength != 1.0:  # partial application: move from model_a towards the merge
             merged = xs[0] + strength * (merged - xs[0])

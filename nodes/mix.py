@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import comfy.lora
-import comfy.model_management as mm
 import folder_paths
 import torch
 from comfy.weight_adapter import WeightAdapterBase
@@ -15,6 +13,7 @@ from .common import (
     DIFFUSION_PREFIX,
     PatcherSource,
     compute_device,
+    effective_weight,
     image_tensor,
     input_path,
     model_arch,
@@ -26,16 +25,6 @@ from .common import (
 MODES = {"min_diff (nearest)": "min", "max_diff (farthest)": "max"}
 FILE_FOLDERS = ("diffusion_models", "checkpoints")
 OUTPUT_FOLDERS = ["diffusion_models", "checkpoints", "output"]
-
-
-def _effective(entries: list, device: torch.device, dtype: torch.dtype, key: str) -> torch.Tensor:
-    """One model's effective weight for `key` from its get_key_patches entries (ComfyUI's own recursion
-    for nested model patches, as ModelMergeSimple's patches are evaluated)."""
-    w, convert = entries[0]
-    t = convert(mm.cast_to_device(w, device, dtype, copy=True), inplace=True)
-    if len(entries) > 1:
-        t = comfy.lora.calculate_weight(entries[1:], t, key, intermediate_dtype=dtype)
-    return t
 
 
 class LosslessMixAdapter(WeightAdapterBase):
@@ -56,7 +45,7 @@ class LosslessMixAdapter(WeightAdapterBase):
         config = self.weights[0].tolist()
         mode = "max" if config[0] else "min"
         dtype = weight.dtype if weight.dtype.is_floating_point else intermediate_dtype
-        candidates = [_effective(e, weight.device, dtype, key) for e in self.weights[1:]]
+        candidates = [effective_weight(e, weight.device, key, dtype) for e in self.weights[1:]]
         mixed = pick_among(weight, candidates, config[1:], mode, out_dtype=weight.dtype)
         if strength != 1.0:  # partial application: move from the reference towards the mix
             mixed = weight + strength * (mixed - weight)
