@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -31,7 +32,7 @@ DIFFUSION_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model
 NONFINITE_POLICIES = ("report", "error", "ignore")
 
 
-class TensorSource:
+class TensorSource(ABC):
     """Read-only mapping of key -> tensor, loaded lazily. Subclasses fill `_infos` and implement `_load`.
 
     Every float tensor read is checked for NaN/Inf (a corrupt download or a diverged fine-tune would
@@ -85,15 +86,16 @@ class TensorSource:
         self.nonfinite = policy
         return self
 
+    @abstractmethod
     def _load(self, key: str) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement _load")
+        """The stored tensor for a key known to exist."""
 
     def paths(self) -> list[Path]:
         """Files this source reads (an output must never replace one of them)."""
         return []
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027  (sources without open handles have nothing to close)
+        return None
 
     def __enter__(self):
         return self
