@@ -1,12 +1,13 @@
-"""Run every benchmark in bench/ (each prints its own table with ratios against baselines measured in the
-same run). `--quick` passes --quick to each.
+"""Run every benchmark in bench/, each in its own process (a benchmark that forks workers must not
+inherit another one's torch threads). Each prints its own table with ratios against baselines measured
+in the same run. `--quick` passes --quick to each.
 
     .venv/bin/python bench/run_all.py [--quick] [names...]
 """
 
 from __future__ import annotations
 
-import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    quick = "--quick" in argv
+    flags = [a for a in argv if a.startswith("-")]
     names = [a for a in argv if not a.startswith("-")]
     failed = []
     for path in sorted(HERE.glob("bench_*.py")):
@@ -23,14 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         if names and name not in names:
             continue
         print(f"\n=== {name} ===", flush=True)
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        rc = mod.main(["--quick"] if quick else [])
-        if rc:
+        if subprocess.run([sys.executable, str(path), *flags]).returncode:
             failed.append(name)
     if failed:
-        print(f"\nbenchmarks missing their targets: {', '.join(failed)}")
+        print(f"\nbenchmarks missing their targets (or failing): {', '.join(failed)}")
     return 1 if failed else 0
 
 
