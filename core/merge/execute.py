@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import resolve_device
 from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name, parse_dtype
 from ..errors import BadFileError, WeightsmithError
 from ..progress import ProgressFn, no_progress
@@ -45,13 +46,6 @@ def _single_thread(active: bool):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    dev = torch.device(device or "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WeightsmithError("device cuda requested but no CUDA GPU is available; use --device cpu")
-    return dev
 
 
 def output_dtype(kp: KeyPlan, dtype: torch.dtype | None) -> torch.dtype:
@@ -296,7 +290,7 @@ def execute_merge(
         raise WeightsmithError(f"stats mode {stats!r}: choose one of {', '.join(STATS_MODES)}")
     sample_every = {"full": 1, "sample": STATS_SAMPLE_EVERY, "off": 0}[stats]
     out_dtype = parse_dtype(dtype)
-    dev = resolve_device(device)
+    dev = resolve_device(device or "cpu")
     chunk = chunk_elems or (CUDA_CHUNK_ELEMS if dev.type == "cuda" else CPU_CHUNK_ELEMS)
     progress = progress or no_progress
     key_plans = plan.keys
