@@ -9,12 +9,17 @@ import sys
 
 from . import commands
 from .errors import WeightsmithError
+from .sources import set_default_nonfinite
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weightsmith",
         description="Merge diffusion models, extract/convert/compose LoRAs and mix models, streaming.",
+    )
+    parser.add_argument(
+        "--nonfinite", choices=["report", "error"], default="report",
+        help="what a NaN/Inf weight in an input does: report it (default) or refuse the input, naming file and key",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
@@ -28,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_default_nonfinite(args.nonfinite)
     try:
         return int(args.func(args) or 0)
     except WeightsmithError as e:

@@ -533,8 +533,10 @@ def lossless_mix(a, b=None, c=None, *, candidates: Sequence | None = None, alpha
         s = as_source(x)
         if s is not x:
             opened.append(s)
-            # NaN/Inf in mixed tensors are found by the mix itself at a fraction of a per-read isfinite pass
-            s.set_nonfinite_policy("ignore")
+            # NaN/Inf in mixed tensors are found by the mix itself at a fraction of a per-read isfinite pass;
+            # a strict ("error") source keeps its per-read check so it refuses before anything is written
+            if s.nonfinite == "report":
+                s.set_nonfinite_policy("ignore")
         return s
 
     try:

@@ -263,10 +263,22 @@ def _shards_of_index(index: Path) -> list[Path]:
     return paths
 
 
-def open_model(path: str | os.PathLike, nonfinite: str = "report") -> TensorSource:
+_default_nonfinite = "report"
+
+
+def set_default_nonfinite(policy: str) -> None:
+    """The policy `open_model` uses when none is given (the CLI's global `--nonfinite`)."""
+    global _default_nonfinite
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite policy must be one of {NONFINITE_POLICIES}, not {policy!r}")
+    _default_nonfinite = policy
+
+
+def open_model(path: str | os.PathLike, nonfinite: str | None = None) -> TensorSource:
     """Open a model or LoRA from a file, a sharded folder, or an index file; reads headers only.
-    `nonfinite`: what a NaN/Inf tensor does when read — 'report' (collect in `nonfinite_keys`), 'error', 'ignore'."""
-    return _open_model(path).set_nonfinite_policy(nonfinite)
+    `nonfinite`: what a NaN/Inf tensor does when read — 'report' (collect in `nonfinite_keys`), 'error', 'ignore';
+    None: the process default ('report' unless `set_default_nonfinite` changed it)."""
+    return _open_model(path).set_nonfinite_policy(nonfinite or _default_nonfinite)
 
 
 def _open_model(path: str | os.PathLike) -> TensorSource:

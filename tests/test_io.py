@@ -284,3 +284,33 @@ def test_nan_and_inf_reported_or_refused(tmp_path):
     base = open_model(prefixed)
     diffusion_view(base).get("w")
     assert base.nonfinite_keys == ["w"]  # named as the reader saw it
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["merge", "{nan}", "{ok}", "-o", "{out}"],
+        ["mix", "{ok}", "{nan}", "{ok2}", "-o", "{out}"],
+        ["extract", "{ok}", "{nan}", "-o", "{out}"],
+    ],
+    ids=["merge", "mix", "extract"],
+)
+def test_cli_nonfinite_error_refuses_nan_inputs(tmp_path, argv):
+    """`weightsmith --nonfinite error …`: an input holding NaN is refused naming file and key; nothing written."""
+    from weightsmith.testmodels import FluxConfig, flux_state_dict
+
+    sd = flux_state_dict(FluxConfig(), "dev", seed=1)
+    save_file(sd, str(tmp_path / "ok.safetensors"))
+    save_file({k: v + 0.01 for k, v in sd.items()}, str(tmp_path / "ok2.safetensors"))
+    bad = dict(sd)
+    bad["img_in.weight"] = bad["img_in.weight"].clone()
+    bad["img_in.weight"][0, 0] = float("nan")
+    save_file(bad, str(tmp_path / "nan.safetensors"))
+    paths = {"nan": tmp_path / "nan.safetensors", "ok": tmp_path / "ok.safetensors",
+             "ok2": tmp_path / "ok2.safetensors", "out": tmp_path / "out.safetensors"}
+    args = [a.format(**paths) for a in argv]
+    r = subprocess.run([sys.executable, "-m", "weightsmith", "--nonfinite", "error", *args], capture_output=True, text=True)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "nan.safetensors" in r.stderr and "img_in.weight" in r.stderr and "NaN" in r.stderr
+    assert not paths["out"].exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors", "ok.safetensors", "ok2.safetensors"]
