@@ -15,6 +15,7 @@ them with `comfy.supported_models.SDXL(cfg)`; 'full' are the real configs (shape
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -237,13 +238,7 @@ def sd_unet_shapes(kind: str = "sd15", size: str = "tiny") -> Shapes:
 
 
 def param_count(shapes: Shapes) -> int:
-    total = 0
-    for shape in shapes.values():
-        n = 1
-        for d in shape:
-            n *= d
-        total += n
-    return total
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
 # --- weights ------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import folder_paths
 import numpy as np
 import torch
 
+from ..core.errors import BadFileError
 from ..core.paths import next_free_path
 from ..core.safetensors_io import TensorInfo
 from ..core.sources import TensorSource
@@ -121,6 +122,25 @@ def output_path(kind: str, prefix: str, ext: str = ".safetensors") -> Path:
 def input_path(folder: str, name: str) -> Path:
     """Full path of a file picked from a ComfyUI model folder list (a clear error if it is gone)."""
     return Path(folder_paths.get_full_path_or_raise(folder, name))
+
+
+MODEL_FILE_FOLDERS = ("diffusion_models", "checkpoints")
+
+
+def model_file_choices() -> list[str]:
+    """Combo values for a model file input: 'diffusion_models/<name>' and 'checkpoints/<name>'."""
+    names = []
+    for folder in MODEL_FILE_FOLDERS:
+        names += [f"{folder}/{n}" for n in folder_paths.get_filename_list(folder)]
+    return names
+
+
+def resolve_model_file(choice: str) -> Path:
+    """Full path of a `model_file_choices()` value (a clear error for anything else)."""
+    folder, _, name = choice.partition("/")
+    if folder not in MODEL_FILE_FOLDERS or not name:
+        raise BadFileError(f"{choice!r}: pick a file from diffusion_models/ or checkpoints/")
+    return input_path(folder, name)
 
 
 def image_tensor(rgb: np.ndarray) -> torch.Tensor:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import folder_paths
 import torch
 from comfy.weight_adapter import WeightAdapterBase
 
 from ..core.dtypes import OUTPUT_DTYPE_CHOICES
-from ..core.errors import BadFileError
 from ..core.merge.execute import execute_merge
 from ..core.merge.methods import METHODS, derive_seed, format_params
 from ..core.merge.plan import MISSING_POLICIES, OTHERS_POLICIES, MergePlan, plan_merge
@@ -19,13 +17,13 @@ from .common import (
     compute_device,
     effective_weight,
     image_tensor,
-    input_path,
+    model_file_choices,
     output_path,
     progress,
+    resolve_model_file,
     ui_report,
 )
 
-FILE_FOLDERS = ("diffusion_models", "checkpoints")
 OUTPUT_FOLDERS = ["output", "diffusion_models", "checkpoints"]
 NONE = "none"
 
@@ -196,20 +194,6 @@ def _plan_chart(plan: MergePlan):
     return bar_chart(labels, series, title=f"merge plan: {plan.method}, parameters per block", ylabel="M params")
 
 
-def _model_files() -> list[str]:
-    names = []
-    for folder in FILE_FOLDERS:
-        names += [f"{folder}/{n}" for n in folder_paths.get_filename_list(folder)]
-    return names
-
-
-def _resolve(choice: str):
-    folder, _, name = choice.partition("/")
-    if folder not in FILE_FOLDERS or not name:
-        raise BadFileError(f"{choice!r}: pick a file from diffusion_models/ or checkpoints/")
-    return input_path(folder, name)
-
-
 class WeightsmithMergeFiles:
     DESCRIPTION = (
         "Merge 2 to 4 model files into a new safetensors file, streamed tensor by tensor (memory stays near one "
@@ -231,7 +215,7 @@ class WeightsmithMergeFiles:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = _model_files()
+        files = model_file_choices()
         optional = [NONE] + files
         return {
             "required": {
@@ -273,7 +257,7 @@ class WeightsmithMergeFiles:
     def merge(self, model_a, model_b, method, weights, rules, params, preset, missing, other_keys, dtype, dry_run,
               output_folder, filename_prefix, model_c=NONE, model_d=NONE, unique_id=None):
         chosen = [m for m in (model_a, model_b, model_c, model_d) if m and m != NONE]
-        plan = plan_merge([_resolve(m) for m in chosen], method, weights or None, rules, missing, params, [preset],
+        plan = plan_merge([resolve_model_file(m) for m in chosen], method, weights or None, rules, missing, params, [preset],
                           other_keys)
         largest = max((kp.numel for kp in plan.keys), default=0)
         device = compute_device(largest * 4 * (len(chosen) + 3))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import folder_paths
 import torch
 from comfy.weight_adapter import WeightAdapterBase
 
@@ -15,15 +14,15 @@ from .common import (
     compute_device,
     effective_weight,
     image_tensor,
-    input_path,
     model_arch,
+    model_file_choices,
     output_path,
     progress,
+    resolve_model_file,
     ui_report,
 )
 
 MODES = {"min_diff (nearest)": "min", "max_diff (farthest)": "max"}
-FILE_FOLDERS = ("diffusion_models", "checkpoints")
 OUTPUT_FOLDERS = ["diffusion_models", "checkpoints", "output"]
 
 
@@ -124,20 +123,6 @@ class WeightsmithLosslessMix:
         return {"ui": ui_report(text, rep.to_json()), "result": (mixed, text, image_tensor(rep.chart()))}
 
 
-def _model_files() -> list[str]:
-    names = []
-    for folder in FILE_FOLDERS:
-        names += [f"{folder}/{n}" for n in folder_paths.get_filename_list(folder)]
-    return names
-
-
-def _resolve(choice: str):
-    folder, _, name = choice.partition("/")
-    if folder not in FILE_FOLDERS or not name:
-        raise BadFileError(f"{choice!r}: pick a file from diffusion_models/ or checkpoints/")
-    return input_path(folder, name)
-
-
 class WeightsmithLosslessMixFiles:
     DESCRIPTION = (
         "Lossless mix of three model files, streamed tensor by tensor into a new safetensors file (memory stays "
@@ -159,7 +144,7 @@ class WeightsmithLosslessMixFiles:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = _model_files()
+        files = model_file_choices()
         return {
             "required": {
                 "model_a": (files, {"tooltip": "The reference file (diffusion_models/ or checkpoints/): each "
@@ -201,7 +186,7 @@ class WeightsmithLosslessMixFiles:
         include = [g for g, on in (("unet", mix_diffusion_model), ("te", mix_text_encoders), ("vae", mix_vae)) if on]
         if not include:
             raise BadFileError("nothing to mix: enable at least one of mix_diffusion_model, mix_text_encoders, mix_vae")
-        paths = [_resolve(m) for m in (model_a, model_b, model_c)]
+        paths = [resolve_model_file(m) for m in (model_a, model_b, model_c)]
         out = None if dry_run else output_path(output_folder, filename_prefix)
         rep = lossless_mix(paths[0], paths[1], paths[2], alpha=alpha, beta=beta, mode=MODES[mode], out=out,
                            include=include, dry_run=dry_run, device=compute_device(1 << 30),

@@ -37,16 +37,8 @@ def test_detect_diffusers_flux_and_unknown():
 
 
 def test_full_size_flux_parameter_counts_match_the_real_models():
+    from weightsmith.sdunet import param_count as count
     from weightsmith.testmodels import FLUX_FULL
-
-    def count(shapes):
-        total = 0
-        for s in shapes.values():
-            n = 1
-            for d in s:
-                n *= d
-            total += n
-        return total
 
     assert count(flux_shapes(FLUX_FULL, "dev")) == 11_901_408_320
     assert count(flux_shapes(FLUX_FULL, "schnell")) == 11_891_178_560

@@ -14,6 +14,7 @@ the shapes unless a rule takes the key from one input; nothing is ever broadcast
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +48,7 @@ class KeyPlan:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
