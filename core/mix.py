@@ -28,12 +28,11 @@ a few fixed-size work chunks. The statistics and the report live in `mix_report`
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ from .devices import resolve_device
 from .dtypes import cast_for_output, dtype_name, itemsize
 from .errors import BadFileError, MismatchError, OutputPathError, WeightsmithError
 from .mix_report import GROUPS, ChunkStats, MixReport, Totals, candidate_letters
+from .pipeline import TASK_ELEMS, KeyPipeline, WorkerBuffers, default_workers
 from .progress import ProgressFn, no_progress
 from .safetensors_io import StreamingWriter
 from .sources import TensorSource, as_source, classify_keys, detect_diffusion_prefix
@@ -370,52 +370,21 @@ def _mix_range(a: torch.Tensor, xs: Sequence[torch.Tensor], scales: Sequence[flo
             out[sl].copy_(target)
 
 
-def _in_mode(inference: bool, fn, *args) -> None:
-    """Run fn in a worker thread under the caller's inference mode (ComfyUI runs nodes inside it, and an
-    inference tensor may not be written from a thread outside it)."""
-    with torch.inference_mode(inference):
-        fn(*args)
+def _copy_task(t: torch.Tensor, dtype: torch.dtype, key: str, writer: StreamingWriter) -> None:
+    writer.write(key, t if t.dtype == dtype else cast_for_output(t, dtype))
 
 
-class _OutputBuffers:
-    """Two reusable CPU buffers, each the size of the largest mixed tensor, used in turn: one receives the
-    key being mixed while the writer thread may still be writing the previous one. Reusing them spares
-    the page faults and zeroing of a fresh allocation per key."""
-
-    def __init__(self, nbytes: int):
-        self.nbytes = nbytes
-        self.bufs: list[torch.Tensor | None] = [None, None]
-        self.turn = 0
-
-    def take(self, n: int, dtype: torch.dtype) -> torch.Tensor:
-        i, self.turn = self.turn, self.turn ^ 1
-        if self.bufs[i] is None:
-            self.bufs[i] = torch.empty(self.nbytes, dtype=torch.uint8)
-        return self.bufs[i][: n * itemsize(dtype)].view(dtype)
-
-
-def _mix_tensor(a: torch.Tensor, xs: Sequence[torch.Tensor], scales: Sequence[float], mode: str,
-                out_dtype: torch.dtype, device: torch.device, chunk: int, stats: ChunkStats,
-                out: torch.Tensor | None, pool: ThreadPoolExecutor | None = None, workers: int = 1,
-                ) -> torch.Tensor | None:
-    """Mix one key into `out` (flat, CPU; None: statistics only) and return it shaped like `a`. With a
-    pool, `workers` stripes of whole chunks run side by side, each with its own buffers and statistics."""
-    cd = compute_dtype(a.dtype, *(x.dtype for x in xs))
-    n = a.numel()
-    flat = [t.reshape(-1) for t in (a, *xs)]
-    if pool is None or workers < 2 or n <= chunk:
-        _mix_range(flat[0], flat[1:], scales, mode, cd, out_dtype, device, chunk, 0, n, out, stats)
-    else:
-        per = math.ceil(math.ceil(n / chunk) / workers) * chunk  # whole chunks per stripe
-        parts = [(lo, min(lo + per, n), ChunkStats(len(xs), stats.full)) for lo in range(0, n, per)]
-        inference = torch.is_inference_mode_enabled()
-        futures = [pool.submit(_in_mode, inference, _mix_range, flat[0], flat[1:], scales, mode, cd, out_dtype,
-                               device, chunk, lo, hi, out, st) for lo, hi, st in parts]
-        for f in futures:
-            f.result()
-        for _, _, st in parts:
-            stats.merge(st)
-    return None if out is None else out.view(a.shape)
+def _mix_task(flat: Sequence[torch.Tensor], scales: Sequence[float], mode: str, cd: torch.dtype,
+              out_dtype: torch.dtype, device: torch.device, chunk: int, lo: int, hi: int, key: str,
+              writer: StreamingWriter | None, buffers: WorkerBuffers, full: bool) -> ChunkStats:
+    """Mix elements lo:hi of one key into this thread's staging buffer and write them to their place."""
+    stats = ChunkStats(len(flat) - 1, full)
+    out = buffers.get("out", hi - lo, out_dtype) if writer is not None else None
+    _mix_range(flat[0][lo:hi], [x[lo:hi] for x in flat[1:]], scales, mode, cd, out_dtype, device, chunk, 0, hi - lo,
+               out, stats)
+    if writer is not None:
+        writer.write_at(key, lo * itemsize(out_dtype), out)
+    return stats
 
 
 def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSource], scales: Sequence[float],
@@ -445,49 +414,45 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
         writer = StreamingWriter(out, {k.key: (k.shape, k.dtype) for k in plan.keys}, metadata, protect=protect,
                                  overwrite=overwrite)
         writer.__enter__()
-    buffers = _OutputBuffers(max((math.prod(k.shape) * itemsize(k.dtype) for k in plan.mixed()), default=0))
-    workers = torch.get_num_threads() if device.type == "cpu" else 1
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="weightsmith-mix") if workers > 1 else None
-    # The file is written by its own thread while the next key is mixed; at most one finished tensor waits.
-    io = ThreadPoolExecutor(1, thread_name_prefix="weightsmith-write") if writer is not None else None
-    pending: Future | None = None
-    inference = torch.is_inference_mode_enabled()
-    try:
-        for done, kp in enumerate(steps, 1):
+    buffers = WorkerBuffers()
+    task_elems = max(TASK_ELEMS, chunk)
+
+    def finisher(kp: KeyPlan, inputs: list[torch.Tensor]):
+        def finish(results: list) -> None:
             if kp.action == "mix":
                 s = ChunkStats(len(candidates), full)
-                inputs = [a.get(kp.key)] + [c.get(k) for c, k in zip(candidates, kp.sources)]
-                dest = buffers.take(inputs[0].numel(), kp.dtype) if writer is not None else None
-                t = _mix_tensor(inputs[0], inputs[1:], scales, mode, kp.dtype, device, chunk, s, dest, pool, workers)
+                for part in results:  # in element order: the sums do not depend on thread timing
+                    s.merge(part)
                 if s.nonfinite:  # rare: find out which inputs hold the NaN/Inf, for the report
                     for src, key, x in zip((a, *candidates), [kp.key, *kp.sources], inputs):
                         if not bool(torch.isfinite(x.float() if x.dtype not in _PROMOTABLE else x).all()):
                             nonfinite.setdefault(src.name, []).append(key)
-                del inputs
                 for label in dict.fromkeys((kp.group, kp.block)):  # te/vae keys are their own block
                     totals.setdefault(label, Totals(len(candidates))).add(s)
-            else:
-                t = a.get(kp.key)
-                if t.dtype != kp.dtype:
-                    t = cast_for_output(t, kp.dtype)
-            if io is not None:
-                if pending is not None:
-                    pending.result()
-                pending = io.submit(_in_mode, inference, writer.write, kp.key, t)
-            del t
-            progress(done, len(steps))
-        if pending is not None:
-            pending.result()
+            finished.append(kp)
+            progress(len(finished), len(steps))
+        return finish
+
+    finished: list[KeyPlan] = []
+    try:
+        with KeyPipeline(default_workers(device), single_threaded_torch=device.type == "cpu") as pipe:
+            for kp in steps:
+                if kp.action == "mix":
+                    # inputs are read here, on the calling thread: sources need not be thread-safe
+                    inputs = [a.get(kp.key)] + [c.get(k) for c, k in zip(candidates, kp.sources)]
+                    flat = [t.reshape(-1) for t in inputs]
+                    cd = compute_dtype(*(t.dtype for t in inputs))
+                    n = flat[0].numel()
+                    pipe.add([partial(_mix_task, flat, scales, mode, cd, kp.dtype, device, chunk, lo,
+                                      min(n, lo + task_elems), kp.key, writer, buffers, full)
+                              for lo in range(0, n, task_elems)], finisher(kp, inputs))
+                else:
+                    tasks = [partial(_copy_task, a.get(kp.key), kp.dtype, kp.key, writer)] if writer is not None else []
+                    pipe.add(tasks, finisher(kp, []))
     except BaseException as e:
-        if pending is not None:
-            wait([pending])  # the file must not be closed under a write in flight
         if writer is not None:
             writer.__exit__(type(e), e, e.__traceback__)
         raise
-    finally:
-        for executor in (pool, io):
-            if executor is not None:
-                executor.shutdown()
     if writer is not None:
         writer.__exit__(None, None, None)
     if not steps:

@@ -2,8 +2,9 @@
 
 The header is checked here before any tensor is touched, so that a truncated or hostile file fails with
 a clear message instead of an allocation of a declared 10^12-element shape or a crash deep in a merge.
-The writer lays out the header from the planned keys, shapes and dtypes, then writes each tensor at its
-offset as it is produced, so an output never has to sit in RAM whole. It writes to a temp file beside
+The writer lays out the header from the planned keys, shapes and dtypes, then writes each tensor (or any
+byte range of one, from any thread) at its offset as it is produced, so an output never has to sit in RAM
+whole. It writes to a temp file beside
 the target and renames at the end: an exception, an interrupt or a full disk leave no file at the output
 path.
 """
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +135,19 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+def _write_all_at(fd: int, data: memoryview, pos: int, lock: threading.Lock) -> None:
+    """Write every byte of `data` at file offset `pos`. pwrite keeps no shared file position, so threads
+    write their parts side by side; where the OS has none (Windows) a lock serialises seek + write."""
+    while len(data):
+        if hasattr(os, "pwrite"):
+            n = os.pwrite(fd, data, pos)
+        else:
+            with lock:
+                os.lseek(fd, pos, os.SEEK_SET)
+                n = os.write(fd, data)
+        data, pos = data[n:], pos + n
+
+
 class StreamingWriter:
     """Write a safetensors file tensor by tensor, atomically.
 
@@ -141,9 +156,10 @@ class StreamingWriter:
         with StreamingWriter(out, plan={"a": ((3, 4), torch.bfloat16)}, metadata={...}) as w:
             w.write("a", tensor)
 
-    Every planned key must be written exactly once (in any order); the file appears at `path` only when
-    the block exits cleanly. `protect` lists input files the output must never replace, and an existing
-    output is never replaced unless `overwrite=True`.
+    Every planned key must be written exactly once (in any order): whole with `write`, or in disjoint
+    byte ranges with `write_at` (thread-safe: row blocks computed by several threads go straight to their
+    place). The file appears at `path` only when the block exits cleanly. `protect` lists input files the
+    output must never replace, and an existing output is never replaced unless `overwrite=True`.
     """
 
     def __init__(
@@ -176,8 +192,10 @@ class StreamingWriter:
         self._header = struct.pack("<Q", len(raw)) + raw
         self._data_start = len(self._header)
         self.total_bytes = self._data_start + pos
-        self._written: set[str] = set()
-        self._file = None
+        self._written: set[str] = set()  # keys written whole
+        self._filled: dict[str, int] = {}  # bytes written so far by write_at
+        self._lock = threading.Lock()
+        self._fd: int | None = None
         self._tmp: Path | None = None
 
     def _check_target(self) -> None:
@@ -195,13 +213,12 @@ class StreamingWriter:
 
     def __enter__(self) -> StreamingWriter:
         try:
-            fd, self._tmp = create_temp_beside(self.path.resolve().parent, self.path.name)
+            self._fd, self._tmp = create_temp_beside(self.path.resolve().parent, self.path.name)
         except OSError as e:
             raise OutputPathError(f"could not create a file beside {self.path}: {e}; check the folder's "
                                   "permissions and free space") from e
-        self._file = os.fdopen(fd, "wb")
         try:
-            self._file.write(self._header)
+            _write_all_at(self._fd, memoryview(self._header), 0, self._lock)
         except BaseException as e:
             self._abort()
             if isinstance(e, OSError):  # a full disk or file size limit already at the header
@@ -209,34 +226,59 @@ class StreamingWriter:
             raise
         return self
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        if self._file is None:
+    def _info(self, key: str) -> TensorInfo:
+        if self._fd is None:
             raise RuntimeError("StreamingWriter.write outside its with-block")
         info = self.infos.get(key)
         if info is None:
             raise KeyError(f"{self.path}: tensor {key!r} was not planned")
-        if key in self._written:
-            raise KeyError(f"{self.path}: tensor {key!r} written twice")
+        return info
+
+    def _put(self, key: str, data: memoryview, pos: int) -> None:
+        fd = self._fd
+        if fd is None:  # aborted by another thread meanwhile
+            raise RuntimeError(f"{self.path}: the output was closed while tensor {key!r} was being written")
+        try:
+            _write_all_at(fd, data, self._data_start + self._offsets[key] + pos, self._lock)
+        except OSError as e:  # disk full, file size limit, I/O error: say where, the temp file goes away
+            raise OutputPathError(f"could not write {self.path} (tensor {key!r}): {e}; free disk space and retry") from e
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        info = self._info(key)
         if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
             raise ValueError(
                 f"{self.path}: tensor {key!r} is {tuple(tensor.shape)} {tensor.dtype}, planned {info.shape} {info.dtype}"
             )
-        pos = self._data_start + self._offsets[key]
-        if self._file.tell() != pos:
-            self._file.seek(pos)
-        try:
-            self._file.write(_tensor_bytes(tensor))
-        except OSError as e:  # disk full, file size limit, I/O error: say where, the temp file goes away
-            raise OutputPathError(f"could not write {self.path} (tensor {key!r}): {e}; free disk space and retry") from e
-        self._written.add(key)
+        with self._lock:
+            if key in self._written or key in self._filled:
+                raise KeyError(f"{self.path}: tensor {key!r} written twice")
+            self._written.add(key)
+        self._put(key, _tensor_bytes(tensor), 0)
+
+    def write_at(self, key: str, byte_offset: int, part: torch.Tensor) -> None:
+        """Write `part` (flat or not; its bytes, in the key's dtype) at `byte_offset` within tensor `key`.
+        The parts of a key must not overlap: together they fill it exactly once."""
+        info = self._info(key)
+        if part.dtype != info.dtype:
+            raise ValueError(f"{self.path}: part of tensor {key!r} is {part.dtype}, planned {info.dtype}")
+        data = _tensor_bytes(part)
+        if byte_offset < 0 or byte_offset + len(data) > info.nbytes:
+            raise ValueError(f"{self.path}: bytes {byte_offset}..{byte_offset + len(data)} lie outside tensor {key!r} "
+                             f"({info.nbytes} bytes)")
+        with self._lock:
+            filled = self._filled.get(key, 0) + len(data)
+            if key in self._written or filled > info.nbytes:
+                raise KeyError(f"{self.path}: tensor {key!r} written twice")
+            self._filled[key] = filled
+        self._put(key, data, byte_offset)
 
     def _abort(self) -> None:
-        if self._file is not None:
+        if self._fd is not None:
             try:
-                self._file.close()
+                os.close(self._fd)
             except OSError:
                 pass
-            self._file = None
+            self._fd = None
         if self._tmp is not None:
             try:
                 self._tmp.unlink()
@@ -245,14 +287,14 @@ class StreamingWriter:
             self._tmp = None
 
     def _commit(self) -> None:
-        missing = [k for k in self.infos if k not in self._written]
+        missing = [k for k, info in self.infos.items()
+                   if k not in self._written and self._filled.get(k, -1) != info.nbytes]
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} planned tensors never written, e.g. {missing[:3]}")
-        assert self._file is not None and self._tmp is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
+        assert self._fd is not None and self._tmp is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
         self._check_target()  # the target may have appeared while we worked
         if self.overwrite:
             os.replace(self._tmp, self.path)

@@ -59,6 +59,31 @@ def test_writer_accepts_any_order_and_checks_plan(tmp_path):
         assert torch.equal(f.get_tensor("a"), torch.eye(2))
 
 
+def test_writer_parts_from_threads_fill_a_tensor_exactly_once(tmp_path):
+    """Row blocks written by several threads with write_at land where planned; overlap, out-of-range
+    parts, a whole write after parts, and an unfilled key are errors."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = torch.arange(64 * 8, dtype=torch.float32).view(64, 8)
+    plan = {"x": ((64, 8), torch.float32), "e": ((0,), torch.float32)}
+    with StreamingWriter(tmp_path / "o.safetensors", plan) as w:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda r: w.write_at("x", r * 8 * 4, x[r:r + 4]), range(60, -1, -4)))
+        with pytest.raises(KeyError, match="twice"):
+            w.write_at("x", 0, x[:1])
+        with pytest.raises(KeyError, match="twice"):
+            w.write("x", x)
+        with pytest.raises(ValueError, match="outside"):
+            w.write_at("e", 0, x[:1])
+        w.write_at("e", 0, torch.empty(0))
+    with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("x"), x) and f.get_tensor("e").numel() == 0
+    with pytest.raises(RuntimeError, match="never written"):
+        with StreamingWriter(tmp_path / "p.safetensors", {"x": ((64, 8), torch.float32)}) as w:
+            w.write_at("x", 0, x[:63])  # one row short
+    assert not (tmp_path / "p.safetensors").exists()
+
+
 def _no_leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 

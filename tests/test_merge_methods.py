@@ -224,6 +224,27 @@ def test_add_dissimilar_on_deltas(models, tmp_path):
     _close(got, {k: _dissimilar_reference(a2[k], b[k], c[k], base[k], 0.5, 0.0, 1.0, 1.0) for k in base}, 2e-6)
 
 
+def test_result_and_report_do_not_depend_on_threads_or_blocks(models, tmp_path):
+    """Worker count and block size change how rows are cut and who writes them, never the bytes of the
+    output, nor the report's sums beyond the fp32 round-off of per-block sums; torch's thread count and
+    the garbage collector are restored after."""
+    import gc
+
+    from weightsmith.merge import execute_merge, plan_merge
+
+    paths, _, _ = models
+    plan = plan_merge([str(p) for p in paths[:3]], "weighted_sum")
+    threads_before = torch.get_num_threads()
+    runs = [execute_merge(plan, tmp_path / f"o{i}.safetensors", "bf16", stats="full", threads=t, chunk_elems=c)
+            for i, (t, c) in enumerate([(1, 1 << 30), (2, 512), (4, 256), (3, 4096)])]
+    assert torch.get_num_threads() == threads_before and gc.isenabled()
+    first = (tmp_path / "o0.safetensors").read_bytes()
+    for i, r in enumerate(runs[1:], 1):
+        assert (tmp_path / f"o{i}.safetensors").read_bytes() == first
+        for a, b in zip(runs[0].key_stats, r.key_stats):
+            assert a.name == b.name and a.sq == pytest.approx(b.sq, rel=1e-6) and a.change == pytest.approx(b.change, rel=1e-6)
+
+
 def test_chunked_equals_whole(models, tmp_path):
     """Row blocks (what large tensors get) give bit-identical results to whole-tensor evaluation."""
     from weightsmith.merge import execute_merge, plan_merge

@@ -2,20 +2,20 @@
 device, one cast at the end, written through the streaming writer (atomic: no partial file ever).
 
 Peak memory follows the largest tensor, never the model: inputs are memory-mapped, and methods whose
-rows are independent (`chunkable`) get a tensor in row blocks of about 128K elements, so their
-fp32 temporaries stay in cache and only the output tensor (in the output dtype) is held whole.
+rows are independent (`chunkable`) get a tensor in row blocks of about 256K elements, so their fp32
+temporaries stay in cache. Row blocks are grouped into tasks that worker threads compute and write
+straight to their place in the output (pipeline.KeyPipeline): the arithmetic and the copy into the page
+cache run on every core, and no whole merged tensor is held.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import queue
 import re
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,29 +23,18 @@ import torch
 from ..devices import resolve_device
 from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name, parse_dtype
 from ..errors import BadFileError, WeightsmithError
+from ..pipeline import TASK_ELEMS, KeyPipeline, WorkerBuffers, default_workers, row_ranges
 from ..progress import ProgressFn, no_progress
 from ..safetensors_io import StreamingWriter
 from .methods import METHODS, derive_seed
 from .plan import KeyPlan, MergePlan, plan_merge
 from .report import KeyStats, MergeReport
 
-CPU_CHUNK_ELEMS = 1 << 17  # 512 KB of fp32 per input: a block and its temporaries stay in L2 (measured fastest)
+CPU_CHUNK_ELEMS = 1 << 18  # 1 MB of fp32 per input: temporaries stay in cache, few ops (measured fastest)
 CUDA_CHUNK_ELEMS = 1 << 26
-
-
-@contextmanager
-def _single_thread(active: bool):
-    """Row blocks are too small to split across threads: on a busy machine the per-op thread hand-off
-    costs more than the work (measured 10x slower with 2 threads than with 1 on 1M-element blocks)."""
-    if not active:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# A whole-tensor (non-row-wise) merge whose fp32 inputs exceed this runs alone, with all cores and
+# nothing else in memory beside it, instead of as one task among others.
+ALONE_BYTES = 64 << 20
 
 
 def output_dtype(kp: KeyPlan, dtype: torch.dtype | None) -> torch.dtype:
@@ -76,164 +65,144 @@ def _has_nan(t: torch.Tensor) -> bool:
     return bool(torch.isnan(t).any())
 
 
-def _stored_is_finite(stored: torch.Tensor, y: torch.Tensor) -> bool:
-    """A cheap test that a block as written (`stored`, in the output dtype) holds only finite values:
-    NaN/Inf propagate into its sum, whether they came from the fp32 result `y` or from the cast (1e5 is
-    inf in fp16). Measured on a fp16 merge: ~3% more compute than summing `y` (which misses the cast's
-    overflow), where an isfinite pass over each cast block added ~8%. A sum beyond the dtype's range
-    fails it too: callers confirm a failure with `_all_finite`. fp8 has no sum kernel and saturates on
-    the cast (cast_for_output), so there `y` is checked."""
-    t = y if stored.dtype in FP8_DTYPES else stored
+def _sum_is_finite(t: torch.Tensor) -> bool:
+    """A cheap test that `t` holds only finite values: NaN/Inf propagate into its sum. A sum beyond the
+    dtype's range fails it too, so a failure is confirmed with `_all_finite`. Checking the block as
+    written (after the cast) also catches the cast's overflow (1e5 is inf in fp16); measured ~3% of the
+    compute, where an isfinite pass over each block added ~8%."""
     return math.isfinite(float(t.sum()))
 
 
-class _Accumulator:
-    """The report's sums over the blocks of one key: |xᵢ|², x_A·xᵢ and |y − x_A|² (as Python floats, i.e.
-    float64, added in block order so the result does not depend on thread timing), and whether some
-    block may store NaN/Inf in the output dtype (`suspect`, from `_stored_is_finite`)."""
-
-    def __init__(self, n: int):
-        self.sq = [0.0] * n
-        self.dot = [0.0] * n
-        self.change = 0.0
-        self.suspect = False
-        self.sampled = False
-
-    @staticmethod
-    def partial(xs: list[torch.Tensor], y: torch.Tensor, stored: torch.Tensor, sums: bool) -> tuple:
-        """The sums of one block: `y` the fp32 result, `stored` the block as written."""
-        suspect = not _stored_is_finite(stored, y)
-        if not sums:
-            return None, None, None, suspect
-        a = xs[0].reshape(-1)
-        sq, dot = [], [0.0]
-        vecdot = torch.linalg.vecdot  # measured faster than torch.dot on one thread
-        for i, x in enumerate(xs):
-            f = x.reshape(-1)
-            sq.append(float(vecdot(f, f)))
-            if i:
-                dot.append(float(vecdot(a, f)))
-        d = y.reshape(-1) - a
-        change = float(vecdot(d, d))
-        return sq, dot, change, suspect
-
-    def add(self, part: tuple) -> None:
-        sq, dot, change, suspect = part
-        self.suspect = self.suspect or suspect
-        if sq is None:
-            self.sampled = True
-            return
-        for i in range(len(self.sq)):
-            self.sq[i] += sq[i]
-            self.dot[i] += dot[i]
-        self.change += change
+def _block_sums(xs: list[torch.Tensor], y: torch.Tensor) -> tuple[list[float], list[float], float]:
+    """The report's sums over one block: |xᵢ|², x_A·xᵢ and |y − x_A|² (Python floats, i.e. float64)."""
+    a = xs[0].reshape(-1)
+    sq, dot = [], [0.0]
+    vecdot = torch.linalg.vecdot  # measured faster than torch.dot on one thread
+    for i, x in enumerate(xs):
+        f = x.reshape(-1)
+        sq.append(float(vecdot(f, f)))
+        if i:
+            dot.append(float(vecdot(a, f)))
+    d = y.reshape(-1) - a
+    return sq, dot, float(vecdot(d, d))
 
 
-def _blockwise(kp: KeyPlan, chunk: int) -> bool:
-    """Whether a merged key is processed in row blocks (into a reusable output buffer)."""
-    return METHODS[kp.method].chunkable and len(kp.shape) >= 2 and kp.numel > chunk and kp.shape[0] > 1
+@dataclass
+class _TaskResult:
+    """What one task of a key reports: the sums of its sampled blocks (in block order), and whether its
+    written values hold NaN/Inf (`nonfinite`) and NaN in particular (`nan`)."""
+
+    sums: list[tuple[list[float], list[float], float]]
+    nonfinite: bool = False
+    nan: bool = False
+    unsampled: bool = False
 
 
-class _OutputBuffers:
-    """Two reusable output buffers, used alternately: while one is being written (write-behind), the next
-    key is computed into the other. Reusing them spares the page faults of a fresh allocation per key
-    (measured: a quarter of the compute time)."""
-
-    def __init__(self, nbytes: int):
-        self.nbytes = nbytes
-        self._bufs: list[torch.Tensor] = []
-        self._turn = 0
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if len(self._bufs) < 2:
-            self._bufs.append(torch.empty(self.nbytes, dtype=torch.uint8))
-        buf = self._bufs[self._turn]
-        self._turn ^= 1
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        return buf[:n].view(dtype).view(shape)
+def _check_written(stored: torch.Tensor, y: torch.Tensor | None, result: _TaskResult) -> None:
+    """Judge finiteness on the values as written; fp8 has no sum kernel and saturates on the cast
+    (cast_for_output), so there the fp32 result `y` raises the suspicion."""
+    probe = y if (stored.dtype in FP8_DTYPES and y is not None) else stored
+    if probe.dtype in FP8_DTYPES:
+        probe = probe.to(torch.float16)
+    if not _sum_is_finite(probe) and not _all_finite(stored):
+        result.nonfinite = True
+        result.nan = _has_nan(stored)
 
 
-def _merge_tensor(kp: KeyPlan, plan: MergePlan, dev: torch.device, out_dtype: torch.dtype, chunk: int,
-                  acc: _Accumulator, sample_every: int, pool: ThreadPoolExecutor | None,
-                  buffers: _OutputBuffers) -> torch.Tensor:
-    method = METHODS[kp.method]
-    params = dict(kp.params)
-    if method.random:
-        params["seed"] = derive_seed(params.get("seed", 0), kp.name)
-    full = [plan.sources[i].get(raw) for i, raw in kp.reads]
-    weights = list(kp.weights)
-    numel = kp.numel
-    if _blockwise(kp, chunk):
-        rows = kp.shape[0]
-        step = max(1, chunk // max(1, numel // rows))
-        out = buffers.take(kp.shape, out_dtype)
+class _MergeContext:
+    """What every task of one merge shares: the plan, device, dtype, writer and per-thread buffers."""
 
-        # grad and inference modes are per thread: the workers take the caller's (ComfyUI runs nodes
-        # under inference_mode, and `out` is then an inference tensor only inference mode may write)
-        inference = torch.is_inference_mode_enabled()
+    def __init__(self, plan: MergePlan, dev: torch.device, out_dtype: torch.dtype | None, chunk: int,
+                 sample_every: int, writer: StreamingWriter | None):
+        self.plan = plan
+        self.dev = dev
+        self.out_dtype = out_dtype
+        self.chunk = chunk
+        self.sample_every = sample_every
+        self.writer = writer
+        self.buffers = WorkerBuffers()
 
-        def block(index: int):
-            with torch.inference_mode(inference), torch.no_grad():
-                r0 = index * step
-                xs = [t[r0:r0 + step].to(dev, torch.float32) for t in full]
-                y = method.fn(xs, weights, **params)
-                dst = out[r0:r0 + step]
-                _store(dst, y.cpu() if y.device.type != "cpu" else y)
-                return _Accumulator.partial(xs, y, dst, sample_every > 0 and index % sample_every == 0)
+    def inputs(self, kp: KeyPlan) -> list[torch.Tensor]:
+        """The key's input tensors (memory-mapped views; read on the calling thread, so sources need not
+        be thread-safe)."""
+        return [self.plan.sources[i].get(raw) for i, raw in kp.reads]
 
-        blocks = range((rows + step - 1) // step)
-        with _single_thread(dev.type == "cpu"):
-            parts = list(pool.map(block, blocks)) if pool is not None else [block(i) for i in blocks]
-        for part in parts:
-            acc.add(part)
-        return out
-    xs = [t.to(dev, torch.float32) for t in full]
-    y = method.fn(xs, weights, **params)
-    if tuple(y.shape) != kp.shape:
-        raise WeightsmithError(f"{kp.name!r}: method {kp.method} returned shape {list(y.shape)}, expected {list(kp.shape)}")
-    out = cast_for_output(y, out_dtype)
-    acc.add(_Accumulator.partial(xs, y, out, sample_every > 0))
-    return out.cpu()
+    def method_args(self, kp: KeyPlan) -> tuple:
+        method = METHODS[kp.method]
+        params = dict(kp.params)
+        if method.random:
+            params["seed"] = derive_seed(params.get("seed", 0), kp.name)
+        return method.fn, list(kp.weights), params
 
+    def blockwise(self, kp: KeyPlan) -> bool:
+        """Whether a merged key is processed in row blocks."""
+        return (METHODS[kp.method].chunkable and len(kp.shape) >= 2 and kp.numel > self.chunk
+                and kp.shape[0] > 1)
 
-class _WriteBehind:
-    """Writes the previous tensor in a thread while the next one is computed: the write (a copy into
-    the page cache, GIL released) and the math overlap on two cores. At most one tensor waits, so memory
-    holds the tensor being written plus the one being computed."""
+    def rows_task(self, kp: KeyPlan, full: list[torch.Tensor], r0: int, r1: int, step: int) -> _TaskResult:
+        """Merge rows [r0, r1) of a key block by block into this thread's staging buffer, then write them."""
+        fn, weights, params = self.method_args(kp)
+        want = output_dtype(kp, self.out_dtype)
+        cols = kp.numel // kp.shape[0]
+        staging = self.buffers.get("out", (r1 - r0) * cols, want)
+        result = _TaskResult([])
+        on_cpu = self.dev.type == "cpu"
+        for b0 in range(r0, r1, step):
+            b1 = min(r1, b0 + step)
+            n = (b1 - b0) * cols
+            shape = (b1 - b0, *kp.shape[1:])
+            xs = []
+            for i, t in enumerate(full):
+                block = t[b0:b1]
+                if on_cpu and block.dtype == torch.float32:
+                    xs.append(block)  # methods never write their inputs: the mapped file is read in place
+                elif on_cpu:
+                    xs.append(self.buffers.get(f"in{i}", n, torch.float32).view(shape).copy_(block))
+                else:
+                    xs.append(block.to(self.dev, torch.float32))
+            y = fn(xs, weights, **params)
+            dst = staging[(b0 - r0) * cols:(b1 - r0) * cols].view(shape)
+            _store(dst, y)  # from a GPU, copy_ casts there and moves the narrower bytes
+            if want in FP8_DTYPES:
+                _check_written(dst, y, result)
+            if self.sample_every and (b0 // step) % self.sample_every == 0:
+                result.sums.append(_block_sums(xs, y))
+            else:
+                result.unsampled = True
+        if want not in FP8_DTYPES:
+            _check_written(staging, None, result)
+        if self.writer is not None:
+            self.writer.write_at(kp.out_key, r0 * cols * staging.element_size(), staging)
+        return result
 
-    def __init__(self, write):
-        self._write = write
-        self._q: queue.Queue = queue.Queue(maxsize=1)
-        self._error: BaseException | None = None
-        self._abort = False
-        self._thread = threading.Thread(target=self._run, name="weightsmith-merge-writer", daemon=True)
-        self._thread.start()
+    def whole_task(self, kp: KeyPlan, full: list[torch.Tensor]) -> _TaskResult:
+        """Merge a key as one tensor (small, 1-D, or a method that needs the whole tensor)."""
+        fn, weights, params = self.method_args(kp)
+        xs = [t.to(self.dev, torch.float32) for t in full]
+        y = fn(xs, weights, **params)
+        if tuple(y.shape) != kp.shape:
+            raise WeightsmithError(f"{kp.name!r}: method {kp.method} returned shape {list(y.shape)}, "
+                                   f"expected {list(kp.shape)}")
+        out = cast_for_output(y, output_dtype(kp, self.out_dtype))
+        result = _TaskResult([_block_sums(xs, y)] if self.sample_every else [])
+        _check_written(out, y, result)
+        del xs, y
+        if self.writer is not None:
+            self.writer.write(kp.out_key, out.cpu())
+        return result
 
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            try:
-                if item is None:
-                    return
-                if self._error is None and not self._abort:
-                    self._write(*item)
-            except BaseException as e:  # handed to the main thread at its next call
-                self._error = e
-            finally:
-                self._q.task_done()
-
-    def __call__(self, key: str, tensor: torch.Tensor) -> None:
-        self._q.join()  # the previous tensor is on disk (or failed) before the next is handed over
-        if self._error is not None:
-            raise self._error
-        self._q.put((key, tensor))
-
-    def close(self, abort: bool = False) -> None:
-        self._abort = abort
-        self._q.put(None)
-        self._thread.join()
-        if self._error is not None and not abort:
-            raise self._error
+    def take_task(self, kp: KeyPlan, t: torch.Tensor) -> None:
+        """Copy a key (`t`, read from one input) to the output, cast to the output dtype if asked."""
+        want = output_dtype(kp, self.out_dtype)
+        if t.dtype != want:
+            cast = cast_for_output(t.float(), want)
+            # a narrower dtype can turn finite values into inf; the input's own NaN/Inf are copied
+            if not _sum_is_finite(cast.float() if want in FP8_DTYPES else cast) and not _all_finite(cast) \
+                    and _all_finite(t):
+                raise _overflow_error(kp, self.plan, want)
+            t = cast
+        if self.writer is not None:
+            self.writer.write(kp.out_key, t)
 
 
 STATS_MODES = ("sample", "full", "off")
@@ -283,7 +252,7 @@ def execute_merge(
     report's similarity/change sums over every element ("full"), over every 16th row block of tensors
     large enough to be processed in blocks ("sample", default: the full sums cost a third of the merge
     time), or not at all ("off"); output NaN/Inf are detected in every mode. `threads`: worker threads
-    for row blocks on the CPU (default: one less than torch's thread count, at most 4)."""
+    (default: one per core, see pipeline.default_workers)."""
     if stats is True or stats is False:
         stats = "sample" if stats else "off"
     if stats not in STATS_MODES:
@@ -303,77 +272,72 @@ def execute_merge(
     # Inputs are not scanned for NaN/Inf up front (a full extra pass over every tensor): a non-finite
     # input shows in the merged output, which is checked for free, and only then are its inputs scanned.
     policies = [getattr(s, "nonfinite", "report") for s in plan.sources]
-    # Row blocks go to worker threads, each running torch single-threaded; one core is left to the
-    # write-behind thread (on 2 cores, one worker measured 1.5x faster than two).
-    if dev.type != "cpu":
-        workers = 1
-    else:
-        workers = threads or max(1, min(torch.get_num_threads(), os.cpu_count() or 1, 5) - 1)
-    buffers = _OutputBuffers(max((kp.numel * output_dtype(kp, out_dtype).itemsize for kp in key_plans
-                                  if kp.action == "merge" and _blockwise(kp, chunk)), default=0))
+    ctx = _MergeContext(plan, dev, out_dtype, chunk, sample_every, writer)
     t0 = time.perf_counter()
     progress(0, total)
 
-    def run(write, pool) -> None:
-        for done, kp in enumerate(key_plans, 1):
-            ks = KeyStats(kp.name, kp.group, kp.action, kp.method, kp.numel,
-                          reads=[plan.inputs[i].label for i, _ in kp.reads], decided_by=kp.decided_by)
-            if kp.action == "take":
-                i, raw = kp.reads[0]
-                t = plan.sources[i].get(raw)
-                want = output_dtype(kp, out_dtype)
-                if t.dtype != want:
-                    cast = cast_for_output(t.float(), want)
-                    # a narrower dtype can turn finite values into inf; the input's own NaN/Inf are copied
-                    if not _stored_is_finite(cast, t) and not _all_finite(cast) and _all_finite(t):
-                        raise _overflow_error(kp, plan, want)
-                    t = cast
-                if write is not None:
-                    write(kp.out_key, t)
-            elif kp.action == "merge":
-                acc = _Accumulator(len(kp.reads))
-                want = output_dtype(kp, out_dtype)
-                out = _merge_tensor(kp, plan, dev, want, chunk, acc, sample_every, pool, buffers)
+    def finisher(kp: KeyPlan, ks: KeyStats):
+        def finish(results: list) -> None:
+            if kp.action == "merge":
+                n = len(kp.reads)
+                sq, dot, change = [0.0] * n, [0.0] * n, 0.0
+                for r in results:  # added in block order: the sums do not depend on thread timing
+                    for bsq, bdot, bchange in r.sums:
+                        sq = [x + y for x, y in zip(sq, bsq)]
+                        dot = [x + y for x, y in zip(dot, bdot)]
+                        change += bchange
                 if sample_every:
-                    ks.sq, ks.dot, ks.change, ks.sampled = acc.sq, acc.dot, acc.change, acc.sampled
-                # Finiteness is judged on the values as written (after the cast), checked exactly only
-                # when a block's sum raised the suspicion. NaN/Inf that come from the inputs (or a NaN the
-                # method made) are reported with the inputs that hold them; ±inf from finite inputs is an
-                # overflow of the output dtype (or of fp32): refused, since the user can widen the dtype.
-                if acc.suspect and not _all_finite(out):
+                    ks.sq, ks.dot, ks.change = sq, dot, change
+                    ks.sampled = any(r.unsampled for r in results)
+                # NaN/Inf in the written values that come from the inputs (or a NaN the method made) are
+                # reported with the inputs that hold them; ±inf from finite inputs is an overflow of the
+                # output dtype (or of fp32): refused, since the user can widen the dtype.
+                if any(r.nonfinite for r in results):
                     bad_inputs = _check_inputs_finite(plan, kp, policies)
-                    if not bad_inputs and not _has_nan(out):
-                        raise _overflow_error(kp, plan, want)
+                    if not bad_inputs and not any(r.nan for r in results):
+                        raise _overflow_error(kp, plan, output_dtype(kp, out_dtype))
                     ks.finite = False
                     ks.nonfinite_inputs = bad_inputs
-                if write is not None:
-                    write(kp.out_key, out)
-                del out
             key_stats.append(ks)
-            progress(done, total)
+            progress(len(key_stats), total)
+        return finish
 
     for s in plan.sources:
         s.nonfinite = "ignore"
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="weightsmith-merge", initializer=torch.set_num_threads,
-                              initargs=(1,)) if workers > 1 else None
+    workers = threads or default_workers(dev)
     try:
         with torch.no_grad():  # MODEL weights are Parameters; nothing here needs autograd
             if writer is not None:
-                with writer as w:
-                    behind = _WriteBehind(w.write)
-                    try:
-                        run(behind, pool)
-                    except BaseException:
-                        behind.close(abort=True)
-                        raise
-                    behind.close()
-            else:
-                run(None, pool)
+                writer.__enter__()
+            try:
+                with KeyPipeline(workers, single_threaded_torch=dev.type == "cpu") as pipe:
+                    for kp in key_plans:
+                        ks = KeyStats(kp.name, kp.group, kp.action, kp.method, kp.numel,
+                                      reads=[plan.inputs[i].label for i, _ in kp.reads], decided_by=kp.decided_by)
+                        finish = finisher(kp, ks)
+                        if kp.action == "take":
+                            pipe.add([partial(ctx.take_task, kp, ctx.inputs(kp)[0])], finish)
+                        elif kp.action != "merge":
+                            finish([])
+                        elif ctx.blockwise(kp):
+                            full = ctx.inputs(kp)
+                            cols = kp.numel // kp.shape[0]
+                            step = max(1, chunk // cols)
+                            pipe.add([partial(ctx.rows_task, kp, full, r0, r1, step)
+                                      for r0, r1 in row_ranges(kp.shape[0], cols, step, max(chunk, TASK_ELEMS))], finish)
+                        elif kp.numel * 4 * len(kp.reads) > ALONE_BYTES:
+                            finish([pipe.run_alone(partial(ctx.whole_task, kp, ctx.inputs(kp)))])
+                        else:
+                            pipe.add([partial(ctx.whole_task, kp, ctx.inputs(kp))], finish)
+            except BaseException as e:
+                if writer is not None:
+                    writer.__exit__(type(e), e, e.__traceback__)
+                raise
+            if writer is not None:
+                writer.__exit__(None, None, None)
     finally:
         for s, pol in zip(plan.sources, policies):
             s.nonfinite = pol
-        if pool is not None:
-            pool.shutdown(wait=True)
     seconds = time.perf_counter() - t0
     return MergeReport(
         plan=plan,
