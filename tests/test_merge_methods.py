@@ -175,6 +175,22 @@ def test_slerp(models, tmp_path):
     assert torch.allclose(m, torch.tensor([0.5**0.5, 0.5**0.5]), atol=1e-7)
 
 
+def test_slerp_gives_the_same_bits_whatever_the_thread_count():
+    # the file merge runs it on single-threaded workers or alone on all cores, the graph on ComfyUI's
+    # threads: a BLAS dot would move the angle, and so every output bit, with the thread count
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(3 * 1 << 20, generator=g), torch.randn(3 * 1 << 20, generator=g)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            outs.append(METHODS["slerp"].fn([a, b], [0.4, 0.6]))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0].view(torch.int32), o.view(torch.int32)) for o in outs[1:])
+
+
 def _comparative_reference(a, b, alpha, beta, gamma, seed, name):
     delta = np.abs(a - b)
     top = delta.max()
@@ -226,8 +242,8 @@ def test_add_dissimilar_on_deltas(models, tmp_path):
 
 def test_result_and_report_do_not_depend_on_threads_or_blocks(models, tmp_path):
     """Worker count and block size change how rows are cut and who writes them, never the bytes of the
-    output, nor the report's sums beyond the fp32 round-off of per-block sums; torch's thread count and
-    the garbage collector are restored after."""
+    output, nor the report's sums beyond the fp32 round-off of per-block sums (a whole-tensor fp32 dot
+    moves ~1e-6 relative); torch's thread count and the garbage collector are restored after."""
     import gc
 
     from weightsmith.merge import execute_merge, plan_merge
@@ -242,7 +258,7 @@ def test_result_and_report_do_not_depend_on_threads_or_blocks(models, tmp_path):
     for i, r in enumerate(runs[1:], 1):
         assert (tmp_path / f"o{i}.safetensors").read_bytes() == first
         for a, b in zip(runs[0].key_stats, r.key_stats):
-            assert a.name == b.name and a.sq == pytest.approx(b.sq, rel=1e-6) and a.change == pytest.approx(b.change, rel=1e-6)
+            assert a.name == b.name and a.sq == pytest.approx(b.sq, rel=1e-5) and a.change == pytest.approx(b.change, rel=1e-5)
 
 
 def test_chunked_equals_whole(models, tmp_path):

@@ -31,7 +31,7 @@ from .plan import KeyPlan, MergePlan, plan_merge
 from .report import KeyStats, MergeReport
 
 CPU_CHUNK_ELEMS = 1 << 18  # 1 MB of fp32 per input: temporaries stay in cache, few ops (measured fastest)
-CUDA_CHUNK_ELEMS = 1 << 26
+CUDA_CHUNK_ELEMS = 1 << 24  # 64 MB of fp32 per input: keeps a GPU busy; the few staging buffers stay small
 # A whole-tensor (non-row-wise) merge whose fp32 inputs exceed this runs alone, with all cores and
 # nothing else in memory beside it, instead of as one task among others.
 ALONE_BYTES = 64 << 20
@@ -142,6 +142,7 @@ class _MergeContext:
     def rows_task(self, kp: KeyPlan, full: list[torch.Tensor], r0: int, r1: int, step: int) -> _TaskResult:
         """Merge rows [r0, r1) of a key block by block into this thread's staging buffer, then write them."""
         fn, weights, params = self.method_args(kp)
+        inplace = METHODS[kp.method].inplace
         want = output_dtype(kp, self.out_dtype)
         cols = kp.numel // kp.shape[0]
         staging = self.buffers.get("out", (r1 - r0) * cols, want)
@@ -154,18 +155,20 @@ class _MergeContext:
             xs = []
             for i, t in enumerate(full):
                 block = t[b0:b1]
-                if on_cpu and block.dtype == torch.float32:
+                if on_cpu and block.dtype == torch.float32 and inplace is None:
                     xs.append(block)  # methods never write their inputs: the mapped file is read in place
                 elif on_cpu:
                     xs.append(self.buffers.get(f"in{i}", n, torch.float32).view(shape).copy_(block))
                 else:
-                    xs.append(block.to(self.dev, torch.float32))
-            y = fn(xs, weights, **params)
+                    xs.append(block.to(self.dev, torch.float32))  # a fresh copy on the device
+            sampled = self.sample_every > 0 and (b0 // step) % self.sample_every == 0
+            # the report's sums need the inputs intact: sampled blocks take the pure function (same bits)
+            y = (fn if sampled or inplace is None else inplace)(xs, weights, **params)
             dst = staging[(b0 - r0) * cols:(b1 - r0) * cols].view(shape)
             _store(dst, y)  # from a GPU, copy_ casts there and moves the narrower bytes
             if want in FP8_DTYPES:
                 _check_written(dst, y, result)
-            if self.sample_every and (b0 // step) % self.sample_every == 0:
+            if sampled:
                 result.sums.append(_block_sums(xs, y))
             else:
                 result.unsampled = True

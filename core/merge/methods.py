@@ -11,11 +11,14 @@ Methods working "relative to a base" (TIES, DARE, add_dissimilar) take the base 
 (`base`, an input index, 0 = model A by default) and merge the other inputs' deltas to it.
 
 `chunkable` methods treat every row (slice along dim 0) independently, so the executor may feed them a
-tensor in row blocks that stay in cache and keep peak memory independent of the tensor's size.
+tensor in row blocks that stay in cache and keep peak memory independent of the tensor's size. A hot
+method may add an in-place twin (`@inplace_twin`): the same operations in the same order, so the same
+bits, but allowed to overwrite its inputs, which the executor then gives it as scratch copies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -41,6 +44,7 @@ class MergeMethod:
     random: bool = False  # uses `seed` (derived per key by the executor)
     uses_base: bool = False  # has a `base` input-index parameter
     description: str = ""
+    inplace: Callable[..., torch.Tensor] | None = None  # bit-identical twin that may overwrite its inputs
 
     def default_weights(self, n: int) -> list[float]:
         if self.weights == "normalized":
@@ -67,6 +71,19 @@ def merge_method(name: str, *, inputs: tuple[int, int | None], weights: str = "n
             raise ValueError(f"merge method {name!r} registered twice")
         METHODS[name] = MergeMethod(name, fn, inputs[0], inputs[1], dict(defaults), weights, chunkable, random,
                                     uses_base, description or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return deco
+
+
+def inplace_twin(name: str):
+    """Register `fn_(tensors, weights, **params)` as the in-place twin of method `name`: the same
+    arithmetic in the same order (bit-identical results), free to overwrite its input tensors. The
+    executor hands it scratch copies of row blocks; a fresh allocation per temporary cost 2-4x the
+    arithmetic of a weighted sum (page faults and cold cache lines, measured on 1 MB blocks)."""
+
+    def deco(fn):
+        METHODS[name] = dataclasses.replace(METHODS[name], inplace=fn)
         return fn
 
     return deco
@@ -105,13 +122,27 @@ def _deltas(ts: Tensors, base: int) -> list[tuple[int, torch.Tensor]]:
 def weighted_sum(ts: Tensors, weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
     """Σ wᵢ·Mᵢ. Evaluated as ComfyUI's patch chain does (w₀·M₀, then += wᵢ·Mᵢ), so an in-graph merge
     built on nested patches gives bit-identical fp32 weights."""
+    w = _sum_weights(weights, normalize)
+    out = ts[0] * w[0]
+    for t, wi in zip(ts[1:], w[1:]):
+        out += t * wi
+    return out
+
+
+def _sum_weights(weights: Sequence[float], normalize: bool) -> list[float]:
     w = list(weights)
     total = sum(w)
     if normalize and total != 0:
         w = [x / total for x in w]
-    out = ts[0] * w[0]
+    return w
+
+
+@inplace_twin("weighted_sum")
+def weighted_sum_(ts: Tensors, weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
+    w = _sum_weights(weights, normalize)
+    out = ts[0].mul_(w[0])
     for t, wi in zip(ts[1:], w[1:]):
-        out += t * wi
+        out += t.mul_(wi)
     return out
 
 
@@ -122,6 +153,14 @@ def add_difference(ts: Tensors, weights: Sequence[float], alpha: float = 1.0) ->
     d = b - c
     d *= alpha
     return a + d
+
+
+@inplace_twin("add_difference")
+def add_difference_(ts: Tensors, weights: Sequence[float], alpha: float = 1.0) -> torch.Tensor:
+    a, b, c = ts
+    d = b.sub_(c)
+    d *= alpha
+    return a.add_(d)
 
 
 @merge_method("train_difference", inputs=(3, 3), chunkable=True, alpha=1.0,
@@ -230,6 +269,24 @@ def dare(ts: Tensors, weights: Sequence[float], base: int = 0, drop_rate: float 
 # Geometric and similarity-driven methods
 
 
+_SUM_BLOCK = 1 << 12
+
+
+def fixed_order_sum(t: torch.Tensor) -> float:
+    """Σt in float64, added in an order fixed by the size alone: the same bits whatever torch's thread
+    count. A whole-tensor method must give one result on a worker thread (torch single-threaded), run
+    alone (all cores) or in ComfyUI's graph; torch.dot (BLAS) and a full .sum() split the work by thread
+    count (measured: a 56M-element dot moved in its 4th digit between 1 and 8 threads). Per-row sums of
+    fixed-width rows are each done by one thread, so they are reproducible; repeat until one row is left."""
+    flat = t.reshape(-1)
+    while flat.numel() > _SUM_BLOCK:
+        rows = flat.numel() // _SUM_BLOCK
+        parts = flat[: rows * _SUM_BLOCK].view(rows, _SUM_BLOCK).sum(dim=1, dtype=torch.float64)
+        rest = flat[rows * _SUM_BLOCK:]
+        flat = torch.cat([parts, rest.sum(dtype=torch.float64).reshape(1)]) if rest.numel() else parts
+    return float(flat.sum(dtype=torch.float64))
+
+
 @merge_method("slerp", inputs=(2, 2), weights="normalized", dot_threshold=0.9995,
               description="spherical interpolation of A and B per tensor, t = w_B/(w_A + w_B)")
 def slerp(ts: Tensors, weights: Sequence[float], dot_threshold: float = 0.9995) -> torch.Tensor:
@@ -239,10 +296,10 @@ def slerp(ts: Tensors, weights: Sequence[float], dot_threshold: float = 0.9995) 
     a, b = ts
     wa, wb = weights
     t = wb / (wa + wb) if (wa + wb) != 0 else 0.5
-    na, nb = float(a.norm()), float(b.norm())
+    na, nb = math.sqrt(fixed_order_sum(a * a)), math.sqrt(fixed_order_sum(b * b))
     if na == 0 or nb == 0:
         return a * (1 - t) + b * t
-    dot = min(1.0, max(-1.0, float(torch.dot(a.reshape(-1), b.reshape(-1))) / (na * nb)))
+    dot = min(1.0, max(-1.0, fixed_order_sum(a * b) / (na * nb)))
     if abs(dot) > dot_threshold:
         return a * (1 - t) + b * t
     theta = math.acos(dot)
