@@ -3,16 +3,19 @@ stacked factors + SVD of a 128×128 core) vs the dense approach (form ΔW, `torc
 what kohya's svd_merge_lora does) — and exact mode from files vs just reading and writing those bytes.
 Every contender runs in its own forked process, in the same run.
 
-    .venv/bin/python bench/bench_compose.py [--quick] [--device cpu|cuda]
+    .venv/bin/python bench/bench_compose.py [--quick] [--device cpu|cuda] [--repeat N]
 
 Targets: re-compression ≥ 50× faster than dense with error ≤ 1.0001× the dense optimum; exact mode from
-files close to the time of reading the inputs and writing the output.
+files within 2× the time of reading the inputs and writing the output durably (fsync'd, as the CLI's
+writer does before the file appears). The plain read + write without fsync is shown too, and the table's
+ratios are against it. Exact-mode rows are the best of --repeat interleaved runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import queue
 import sys
 import tempfile
@@ -184,36 +187,72 @@ def read_and_write_only(paths, out, device):
     save_file(merged, out)
 
 
-def exact_bench(quick: bool, device: str) -> None:
+def read_and_write_durably(paths, out, device):
+    """The floor with the output fsync'd before returning, as weightsmith's writer does for every output
+    (it appears, atomically, only once it is on disk): the like-for-like floor for a CLI command."""
+    read_and_write_only(paths, out, device)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+FLOOR, DURABLE_FLOOR, OURS = ("read inputs + write output only", "read + write + fsync (durable)",
+                              "weightsmith compose (exact, files)")
+EXACT_CONTENDERS = {FLOOR: read_and_write_only, DURABLE_FLOOR: read_and_write_durably, OURS: cli_compose}
+
+
+def best_of(tmp: Path, paths, device: str, repeat: int) -> tuple[dict[str, Measurement], int]:
+    """Each contender `repeat` times, interleaved (so that load from other processes hits all alike), each
+    run in its own forked child from a clean start: its output removed and no dirty pages pending (so no
+    contender pays for flushing another's writes). The fastest run of each, and the output's size."""
+    best: dict[str, Measurement] = {}
+    out_size = 0
+    for _ in range(repeat):
+        for name, fn in EXACT_CONTENDERS.items():
+            out = tmp / "out.safetensors"
+            out.unlink(missing_ok=True)
+            os.sync()
+            m = measure(name, fn, paths, out, device)
+            if name == OURS:
+                out_size = out.stat().st_size
+            if name not in best or m.seconds < best[name].seconds:
+                best[name] = m
+    return best, out_size
+
+
+def exact_bench(quick: bool, device: str, repeat: int) -> None:
     with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parents[1]) as tmp:
         tmp = Path(tmp)
         measure("write inputs", write_inputs, tmp, quick)  # in a child too: the parent stays fork-safe
         paths = _input_paths(tmp)
         size = sum(p.stat().st_size for p in paths)
-        for p in paths:  # warm the page cache equally for both
+        for p in paths:  # warm the page cache equally for all
             p.read_bytes()
         from weightsmith.cli import build_parser
 
         build_parser()  # import every command module up front (imports only: the parent stays fork-safe)
-        rows = [
-            measure("read inputs + write output only", read_and_write_only, paths, tmp / "floor.safetensors", device),
-            measure("weightsmith compose (exact, files)", cli_compose, paths, tmp / "out.safetensors", device),
-        ]
-        out_size = (tmp / "out.safetensors").stat().st_size
+        best, out_size = best_of(tmp, paths, device, repeat)
     blocks = "1 double + 2 single" if quick else "4 double + 8 single"
     print(f"\nexact mode from files: 4 kohya bf16 rank-{RANK_IN} LoRAs on every linear of full-width Flux {blocks} "
-          f"blocks ({size / 1e6:.0f} MB in, {out_size / 1e6:.0f} MB out, rank {4 * RANK_IN})")
-    print(table(rows, baseline="read inputs + write output only"))
+          f"blocks ({size / 1e6:.0f} MB in, {out_size / 1e6:.0f} MB out, rank {4 * RANK_IN}); best of {repeat}")
+    print(table(list(best.values()), baseline=FLOOR))
+    durable = best[OURS].seconds / best[DURABLE_FLOOR].seconds
+    plain = best[OURS].seconds / best[FLOOR].seconds
+    print(f"\nexact compose: {durable:.2f}x the durable read + write + fsync floor (target <= 2x) -> "
+          f"{'OK' if durable <= 2 else 'MISSED'}; {plain:.2f}x the plain read + write (no fsync)")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only the 3072x3072 and 9216x3072 layers")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each exact-mode contender; the best counts")
     args = ap.parse_args(argv)
     layers = {k: v for k, v in LAYERS.items() if not args.quick or k in QUICK}
     ok = recompress_bench(layers, args.device)
-    exact_bench(args.quick, args.device)
+    exact_bench(args.quick, args.device, args.repeat)
     return 0 if ok else 1
 
 

@@ -72,6 +72,25 @@ def test_nunchaku_spelling_and_bf16_output(files):
     assert any(v.dtype == torch.bfloat16 for v in x.values())
 
 
+def test_bf16_files_compose_to_bf16_with_the_largest_input_copied_bit_for_bit(tmp_path):
+    """--dtype auto on bf16 inputs writes bf16, built as bf16: the input with the largest coefficient is
+    copied byte for byte, the other's smaller factor is rounded once, and the result is exact to that."""
+    paths = [tmp_path / "x.safetensors", tmp_path / "y.safetensors"]
+    for i, path in enumerate(paths):
+        save_lora(random_lora(SHAPES, "flux", rank=4, seed=40 + i, targets=flux_attn_mlp, alpha=4.0), path,
+                  fmt="kohya", dtype=torch.bfloat16)
+    out = tmp_path / "out.safetensors"
+    assert main(["compose", f"{paths[0]}:1.0", f"{paths[1]}:0.3", "-o", str(out)]) == 0
+    got, x, y = load_lora(out), load_lora(paths[0]), load_lora(paths[1])
+    assert {t.up.dtype for m in got.modules.values() for t in m.terms} == {torch.bfloat16}
+    for name, m in got.modules.items():
+        t, tx = m.terms[0], x.modules[name].terms[0]
+        assert torch.equal(t.up[:, :4], tx.up) and torch.equal(t.down[:4], tx.down), name
+        want = dense(x, name).double() + 0.3 * dense(y, name).double()
+        err = float((dense(got, name).double() - want).norm() / want.norm())
+        assert err < 3e-3, name  # bf16 rounding of 0.3 · the smaller factor of y only
+
+
 def test_cli_rerank_and_compose_with_rank(files, tmp_path):
     d, p = files
     exact = tmp_path / "exact.safetensors"

@@ -4,7 +4,6 @@ lower rank), both through the canonical LoRA: any input format in, the chosen fo
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -25,7 +24,9 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
                    help="re-compress keeping this fraction of each module's energy Σσ² (e.g. 0.99); with --rank, the smaller rank")
     p.add_argument("--format", default="comfy", choices=OUTPUT_FORMATS, help="key format of the output (default: comfy)")
     p.add_argument("--dtype", default="auto",
-                   help="dtype of the stored factors: auto (the widest input dtype), fp32, bf16 or fp16")
+                   help="dtype of the stored factors: auto (the widest input dtype), fp32, bf16 or fp16. Exact mode "
+                        "builds bf16/fp32 factors directly in it: unscaled factors copied bit for bit, scaled ones "
+                        "rounded once")
     p.add_argument("--device", default="cpu", help="device for the math (cpu, cuda, cuda:1 …)")
     p.add_argument("--report", type=Path, default=None, help="write the per-module report as JSON here")
 
@@ -104,15 +105,6 @@ def _check_report_path(args: argparse.Namespace, inputs: list[Path]) -> None:
         check_new_output(args.report, "report", protect=inputs, others=[args.output])
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    if not t.is_floating_point():
-        return True
-    if t.dtype.itemsize == 1:
-        t = t.to(torch.float16)  # no fp8 kernels; the conversion is exact
-    # a sum first (NaN/Inf propagate into it, and it is far cheaper than isfinite); confirm a failure
-    return math.isfinite(float(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
-
-
 def _check_storable(lora, fmt: str, dtype: torch.dtype, inputs: list[Path]) -> None:
     """Refuse to write values the output dtype turns into inf (e.g. re-compressed factors of a large
     strength stored as fp16). compose_loras already refused or reported what is not finite in fp32, so
@@ -121,15 +113,16 @@ def _check_storable(lora, fmt: str, dtype: torch.dtype, inputs: list[Path]) -> N
     non-finite in fp32 came from the inputs and are reported by the compose report."""
     if torch.finfo(dtype).max > 1e38:  # fp32, bf16, fp64
         return
+    from ..lora.compose_stack import all_finite
     from ..lora.formats import lora_state_dict
 
     stored = lora_state_dict(lora, fmt, dtype)
-    bad = [k for k, t in stored.items() if not _all_finite(t)]
+    bad = [k for k, t in stored.items() if not all_finite(t)]
     del stored
     if not bad:
         return
-    exact = lora_state_dict(lora, fmt, None)  # the composed fp32 values, before the cast
-    overflowed = [k for k in bad if _all_finite(exact[k])]
+    exact = lora_state_dict(lora, fmt, None)  # the composed values (fp32, or the inputs' dtype), before the cast
+    overflowed = [k for k in bad if all_finite(exact[k])]
     if overflowed:
         limit = max(float(exact[k].float().abs().max()) for k in overflowed)
         raise MismatchError(
@@ -138,10 +131,9 @@ def _check_storable(lora, fmt: str, dtype: torch.dtype, inputs: list[Path]) -> N
             "would be written as inf. Use --dtype fp32 (or bf16), or smaller strengths; nothing was written")
 
 
-def _finish(lora, report, args, inputs: list[Path], loras) -> int:
+def _finish(lora, report, args, inputs: list[Path], dtype: torch.dtype) -> int:
     from ..lora.formats import save_lora
 
-    dtype = _output_dtype(args.dtype, loras)
     _check_storable(lora, args.format, dtype, inputs)
     path = save_lora(lora, args.output, fmt=args.format, dtype=dtype, metadata=lora.metadata, protect=inputs)
     print(report.text(limit=20))
@@ -167,11 +159,12 @@ def run_compose(args: argparse.Namespace) -> int:
             if lora.arch.startswith("flux"):
                 loras[i], conv = flux_to_chroma(lora)
                 print(f"{pairs[i][0].name}: converted to Chroma ({conv})")
+    dtype = _output_dtype(args.dtype, loras)  # a bad --dtype fails before any work; exact mode builds in it
     lora, report = compose_loras(
         [(lo, s) for lo, (_, s) in zip(loras, pairs)], rank=args.rank, energy=args.energy, warn_rank=args.warn_rank,
-        names=[p.name for p, _ in pairs], device=args.device, progress=TerminalProgress("compose"),
+        names=[p.name for p, _ in pairs], device=args.device, progress=TerminalProgress("compose"), dtype=dtype,
     )
-    return _finish(lora, report, args, [p for p, _ in pairs], loras)
+    return _finish(lora, report, args, [p for p, _ in pairs], dtype)
 
 
 def run_rerank(args: argparse.Namespace) -> int:
@@ -183,6 +176,7 @@ def run_rerank(args: argparse.Namespace) -> int:
     _check_device(args.device)
     _check_report_path(args, [args.input])
     source = load_lora(args.input)
+    dtype = _output_dtype(args.dtype, [source])  # a bad --dtype fails before any work
     lora, report = rerank_lora(source, rank=args.rank, energy=args.energy, device=args.device,
                                progress=TerminalProgress("rerank"), name=args.input.name)
-    return _finish(lora, report, args, [args.input], [source])
+    return _finish(lora, report, args, [args.input], dtype)

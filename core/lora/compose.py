@@ -6,9 +6,11 @@ one term per group of overlapping row ranges (a fused `qkv` term and split `to_q
 same weight become one term, the split ups zero-padded into their rows; disjoint slices stay separate
 terms, as diffusers files have them). The coefficients are folded into the factors relative to the
 largest one, which is stored as alpha/rank — so equal coefficients (a single LoRA, equal strengths)
-leave the input factors untouched. Full diffs and bias diffs are summed with strengths; a replacement
-(`set_weight`) is allowed once per weight, and later changes to that weight are folded into it (what
-ComfyUI's LoRA chain does: a replacement overwrites what came before, later deltas add to it).
+leave the input factors untouched. Given the dtype the result will be stored in, the stacks are built
+in it (bf16 inputs cost bf16 copies; `compose_stack` has the dtype rules and which factor takes a
+ratio). Full diffs and bias diffs are summed with strengths; a replacement (`set_weight`) is allowed
+once per weight, and later changes to that weight are folded into it (what ComfyUI's LoRA chain does:
+a replacement overwrites what came before, later deltas add to it).
 
 A low-rank change and a full diff on the same weight are folded into one diff (a file cannot hold
 both for one weight: ComfyUI keeps only the last).
@@ -20,7 +22,8 @@ weight are re-compressed together (rank r for the fused weight) into slice terms
 which writers store fused at rank r or split with a shared down.
 
 Planning (validation: architectures, shapes, duplicate replacements) runs over every module before any
-arithmetic, so a bad input fails before work is done and nothing partial is produced.
+arithmetic, so a bad input fails before work is done and nothing partial is produced. The report
+classes live in `compose_report`, the factor stacking in `compose_stack`.
 """
 
 from __future__ import annotations
@@ -28,18 +31,32 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from ..devices import one_cpu_thread
 from ..errors import BadFileError, MismatchError
+from ..pipeline import default_workers
 from ..progress import ProgressFn, no_progress
-from ..report import format_table
+from .compose_report import ComposeReport, ModuleReport, mode_name
+from .compose_stack import (
+    Piece,
+    all_finite,
+    balanced_factors,
+    cluster_rows,
+    clusters,
+    exact_cluster,
+    shape_factors,
+    stack_cluster,
+)
 from .lowrank import recompress
 from .model import LoRA, LoraTerm, ModuleDelta
 
 DEFAULT_WARN_RANK = 256
 FP32_MAX = torch.finfo(torch.float32).max
+CPU = torch.device("cpu")
 
 
 def lora_arch(arch: str) -> str:
@@ -51,32 +68,9 @@ def lora_arch(arch: str) -> str:
 
 
 @dataclass
-class _Piece:
-    """One input term of a module: 2-D factors, its coefficient (strength · alpha/rank) and its rows."""
-
-    up: torch.Tensor  # [length, r]
-    down: torch.Tensor  # [r, in_flat]
-    coef: float
-    start: int
-    length: int
-    full: bool  # the term covers the whole weight (rows=None)
-    source: int  # input index
-    up_ndim: int
-    down_tail: tuple[int, ...]  # down.shape[1:] as stored (conv: (in, kh, kw))
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
-
-
-@dataclass
 class _ModulePlan:
     name: str
-    pieces: list[_Piece] = field(default_factory=list)
+    pieces: list[Piece] = field(default_factory=list)
     diffs: list[tuple[torch.Tensor, float, int]] = field(default_factory=list)  # (diff, strength, input)
     bias_diffs: list[tuple[torch.Tensor, float, int]] = field(default_factory=list)
     replacement: tuple[torch.Tensor, int] | None = None  # (set_weight, input)
@@ -103,7 +97,7 @@ def _check_arches(loras: Sequence[LoRA], names: Sequence[str]) -> str:
     raise MismatchError(f"cannot compose LoRAs of different architectures ({listing}); compose LoRAs of one model family.")
 
 
-def _piece(module: str, term: LoraTerm, strength: float, source: int, name: str) -> _Piece:
+def _piece(module: str, term: LoraTerm, strength: float, source: int, name: str) -> Piece:
     up2 = term.up.reshape(term.up.shape[0], -1)
     down2 = term.down.reshape(term.down.shape[0], -1)
     if up2.shape[1] != down2.shape[0]:
@@ -120,7 +114,7 @@ def _piece(module: str, term: LoraTerm, strength: float, source: int, name: str)
             raise MismatchError(
                 f"{name}: module {module!r} has a term for rows {term.rows} but its up has {up2.shape[0]} rows."
             )
-    return _Piece(
+    return Piece(
         up=up2, down=down2, coef=strength * term.scale, start=start, length=length, full=full, source=source,
         up_ndim=term.up.ndim, down_tail=tuple(term.down.shape[1:]),
     )
@@ -216,100 +210,19 @@ def plan_compose(items: Sequence[tuple[LoRA, float]], names: Sequence[str]) -> t
 # -------------------------------------------------------------------------------------------- execute
 
 
-def _clusters(pieces: list[_Piece]) -> list[list[_Piece]]:
-    """Group pieces whose row ranges overlap (a full-weight term overlaps everything)."""
-    groups: list[list[_Piece]] = []
-    end = -1
-    for p in sorted(pieces, key=lambda p: (p.start, -p.length)):
-        if groups and p.start < end:
-            groups[-1].append(p)
-            end = max(end, p.end)
-        else:
-            groups.append([p])
-            end = p.end
-    return groups
-
-
-def _cluster_rows(group: list[_Piece]) -> tuple[int, int, bool]:
-    start = min(p.start for p in group)
-    end = max(p.end for p in group)
-    return start, end - start, any(p.full for p in group)
-
-
-def _stack_cluster(group: list[_Piece], coef_of, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, D) of one row cluster with U @ D = Σ coef·up@down: ups placed in their rows of the cluster (zero
-    elsewhere) times sign·√|coef|, downs stacked times √|coef|. One fp32 copy per factor; a coefficient
-    of ±1 leaves the values bit-identical."""
-    start, length, _ = _cluster_rows(group)
-    total = sum(p.rank for p in group)
-    covers = all(p.start == start and p.length == length for p in group)
-    up = (torch.empty if covers else torch.zeros)(length, total, dtype=torch.float32, device=device)
-    down = torch.empty(total, group[0].down.shape[1], dtype=torch.float32, device=device)
-    col = 0
-    for p in group:
-        c = coef_of(p)
-        root = math.sqrt(abs(c))
-        _scaled_copy(up[p.start - start : p.end - start, col : col + p.rank], p.up, math.copysign(root, c))
-        _scaled_copy(down[col : col + p.rank], p.down, root)
-        col += p.rank
-    return up, down
-
-
-def _scaled_copy(dst: torch.Tensor, src: torch.Tensor, factor: float) -> None:
-    """dst = src · factor, computed in dst's dtype (fp32) whatever src's dtype: copy (converting), then
-    scale in place. (A single mixed-dtype `torch.mul(..., out=)` measured 5x slower than the two passes.)"""
-    dst.copy_(src)
-    if factor != 1.0:
-        dst.mul_(factor)
-
-
-def _shape_factors(group: list[_Piece], up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Restore conv layouts: up [out, r, 1, 1] and down [r, in, kh, kw] when any input stored them so."""
-    r = down.shape[0]
-    tail = next((p.down_tail for p in group if len(p.down_tail) > 1), None)
-    if tail is not None:
-        down = down.reshape(r, *tail)
-    if any(p.up_ndim > 2 for p in group):
-        extra = max(p.up_ndim for p in group) - 2
-        up = up.reshape(up.shape[0], r, *([1] * extra))
-    return up.contiguous(), down.contiguous()
-
-
-@dataclass
-class ModuleReport:
-    module: str
-    inputs: list[str]
-    kind: str  # lowrank / diff / set, "+bias" when a bias diff is present
-    rank_in: int
-    rank_out: int
-    norm: float = 0.0  # ‖composed ΔW‖_F of the low-rank part (re-compress mode; 0 when not computed)
-    abs_error: float = 0.0
-    rel_error: float = 0.0
-    energy_kept: float = 1.0
-    note: str = ""
-    nonfinite_inputs: list[str] = field(default_factory=list)  # inputs whose NaN/Inf reached this module
-
-
-def _finite(t: torch.Tensor) -> bool:
-    """Every value of `t` is finite. A sum first (NaN/Inf propagate into it; measured ~4x cheaper than
-    isfinite, which took most of an exact compose's time); only a non-finite sum is confirmed exactly."""
-    if t.dtype.itemsize == 1 and t.dtype.is_floating_point:
-        t = t.to(torch.float16)  # no fp8 kernels; the conversion is exact
-    return math.isfinite(float(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
-
-
 def _delta_is_finite(d: ModuleDelta) -> bool:
     """Every value the module will store is finite, alphas included (they are stored as fp32)."""
     dense = [x for x in (d.diff, d.diff_b, d.set_weight) if x is not None]
-    return (all(_finite(t.up) and _finite(t.down) for t in d.terms) and all(_finite(x) for x in dense)
-            and all(t.alpha is None or abs(t.alpha) <= FP32_MAX for t in d.terms))
+    with one_cpu_thread(CPU):  # one memory-bound sum per tensor (all on the CPU by now)
+        return (all(all_finite(t.up) and all_finite(t.down) for t in d.terms) and all(all_finite(x) for x in dense)
+                and all(t.alpha is None or abs(t.alpha) <= FP32_MAX for t in d.terms))
 
 
 def _nonfinite_inputs(plan: _ModulePlan, names: Sequence[str]) -> list[str]:
     """The inputs whose contribution to this module holds NaN/Inf (scanned only when the result does)."""
-    bad = {p.source for p in plan.pieces if not (_finite(p.up) and _finite(p.down))}
-    bad |= {i for d, _, i in [*plan.diffs, *plan.bias_diffs] if not _finite(d)}
-    if plan.replacement is not None and not _finite(plan.replacement[0]):
+    bad = {p.source for p in plan.pieces if not (all_finite(p.up) and all_finite(p.down))}
+    bad |= {i for d, _, i in [*plan.diffs, *plan.bias_diffs] if not all_finite(d)}
+    if plan.replacement is not None and not all_finite(plan.replacement[0]):
         bad.add(plan.replacement[1])
     return [names[i] for i in sorted(bad)]
 
@@ -332,25 +245,24 @@ def _nonfinite_recompression_error(plan: _ModulePlan, names: Sequence[str]) -> E
                         "lists the tensors that hold them")
 
 
-def _exact_terms(plan: _ModulePlan) -> list[LoraTerm]:
-    """Stacked terms, on the CPU: pure copies, which a GPU round trip would only slow down."""
+def _exact_terms(plan: _ModulePlan, storage: torch.dtype | None) -> list[LoraTerm]:
+    """Stacked terms, on the CPU: copies and one multiply per scaled factor, which a GPU round trip would
+    only slow down. `storage`: the dtype the caller will write (see compose_stack.exact_layout)."""
     terms = []
-    for group in _clusters(plan.pieces):
-        biggest = max(abs(p.coef) for p in group)
-        if biggest == 0.0:
-            continue
-        start, length, full = _cluster_rows(group)
-        up, down = _stack_cluster(group, lambda p, g=biggest: p.coef / g, torch.device("cpu"))
-        up, down = _shape_factors(group, up, down)
-        rank = down.shape[0]
-        terms.append(LoraTerm(up=up, down=down, alpha=biggest * rank, rows=None if full else (start, length)))
+    with one_cpu_thread(CPU):  # memory-bound passes: threads add little, and stall on a busy machine
+        for group in clusters(plan.pieces):
+            start, length, full = cluster_rows(group)
+            up, down, scale = exact_cluster(group, storage)
+            up, down = shape_factors(group, up, down)
+            rank = down.shape[0]
+            terms.append(LoraTerm(up=up, down=down, alpha=scale * rank, rows=None if full else (start, length)))
     return terms
 
 
 def _recompressed_terms(plan: _ModulePlan, rank: int | None, energy: float | None, device, rep: ModuleReport,
                         names: Sequence[str]) -> list[LoraTerm]:
-    groups = _clusters(plan.pieces)
-    stacks = [_stack_cluster(g, lambda p: p.coef, device) for g in groups]
+    groups = clusters(plan.pieces)
+    stacks = [stack_cluster(g, balanced_factors([p.coef for p in g]), torch.float32, device) for g in groups]
     if len(stacks) == 1:
         up_all, down_all = stacks[0]
     else:
@@ -358,7 +270,7 @@ def _recompressed_terms(plan: _ModulePlan, rank: int | None, energy: float | Non
         # columns, so U_all @ D_all is the module's ΔW on those rows (rows between slices are zero anyway).
         up_all = torch.block_diag(*[u for u, _ in stacks])
         down_all = torch.cat([d for _, d in stacks], dim=0)
-    if not (_finite(up_all) and _finite(down_all)):
+    if not (all_finite(up_all) and all_finite(down_all)):
         raise _nonfinite_recompression_error(plan, names)
     rc = recompress(up_all, down_all, rank, energy)
     rep.norm, rep.abs_error, rep.rel_error, rep.energy_kept = rc.norm, rc.abs_error, rc.rel_error, rc.energy_kept
@@ -369,8 +281,8 @@ def _recompressed_terms(plan: _ModulePlan, rank: int | None, energy: float | Non
     down = rc.down.cpu()
     row = 0
     for group in groups:
-        start, length, full = _cluster_rows(group)
-        up, d = _shape_factors(group, rc.up[row : row + length].cpu(), down)
+        start, length, full = cluster_rows(group)
+        up, d = shape_factors(group, rc.up[row : row + length].cpu(), down)
         row += length
         terms.append(LoraTerm(up=up, down=d, alpha=float(rc.rank), rows=None if full else (start, length)))
     return terms
@@ -385,7 +297,8 @@ def _dense_pieces(plan: _ModulePlan, shape: tuple[int, ...], device) -> torch.Te
     return out
 
 
-def _execute_module(plan: _ModulePlan, rank: int | None, energy: float | None, device, names: Sequence[str]) -> tuple[ModuleDelta, ModuleReport]:
+def _execute_module(plan: _ModulePlan, rank: int | None, energy: float | None, device, names: Sequence[str],
+                    storage: torch.dtype | None = None) -> tuple[ModuleDelta, ModuleReport]:
     rep = ModuleReport(module=plan.name, inputs=[names[i] for i in dict.fromkeys(plan.sources)], kind="",
                        rank_in=plan.rank_in, rank_out=0, note="; ".join(plan.notes))
     out = ModuleDelta()
@@ -406,7 +319,7 @@ def _execute_module(plan: _ModulePlan, rank: int | None, energy: float | None, d
         if recompressing:
             out.terms = _recompressed_terms(plan, rank, energy, device, rep, names)
         else:
-            out.terms = _exact_terms(plan)
+            out.terms = _exact_terms(plan, storage)
             rep.rank_out = sum(t.rank for t in out.terms)
     if plan.replacement is not None:
         w = plan.replacement[0].to(device, torch.float32)
@@ -435,75 +348,38 @@ def _execute_module(plan: _ModulePlan, rank: int | None, energy: float | None, d
     return out, rep
 
 
-@dataclass
-class ComposeReport:
-    mode: str
-    inputs: list[dict]
-    modules: list[ModuleReport]
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+def _execute_all(plans: list[_ModulePlan], rank: int | None, energy: float | None, device: torch.device,
+                 names: Sequence[str], storage: torch.dtype | None,
+                 progress: ProgressFn) -> list[tuple[ModuleDelta, ModuleReport]]:
+    """Every module's (delta, report), in plan order; progress is reported in order, on this thread.
 
-    @property
-    def rank_max(self) -> int:
-        return max((m.rank_out for m in self.modules), default=0)
+    Exact mode on the CPU is copies, one multiply per scaled factor and a sum per tensor, all memory-bound:
+    modules run side by side on worker threads, each running torch on one thread. Unlike torch's own
+    threads, which meet at a barrier after every op (and on a busy machine wait there for a descheduled
+    one), a stalled worker holds up only its own module."""
+    def run(plan: _ModulePlan) -> tuple[ModuleDelta, ModuleReport]:
+        return _execute_module(plan, rank, energy, device, names, storage)
 
-    @property
-    def total_rel_error(self) -> float:
-        """‖error‖/‖ΔW‖ over every re-compressed module together (0 in exact mode)."""
-        num = sum(m.abs_error**2 for m in self.modules)
-        den = sum(m.norm**2 for m in self.modules)
-        return math.sqrt(num / den) if den > 0 else 0.0
-
-    @property
-    def max_rel_error(self) -> float:
-        return max((m.rel_error for m in self.modules), default=0.0)
-
-    def summary(self) -> dict:
-        return {
-            "mode": self.mode,
-            "inputs": self.inputs,
-            "modules": len(self.modules),
-            "rank_max": self.rank_max,
-            "total_rel_error": self.total_rel_error,
-            "max_rel_error": self.max_rel_error,
-            "seconds": round(self.seconds, 3),
-            "warnings": self.warnings,
-            "nonfinite_modules": [{"module": m.module, "inputs": m.nonfinite_inputs}
-                                  for m in self.modules if m.nonfinite_inputs],
-        }
-
-    def to_dict(self) -> dict:
-        return {**self.summary(), "per_module": [m.__dict__ for m in self.modules]}
-
-    def table(self, limit: int | None = None) -> str:
-        """Per-module rows (the worst errors / highest ranks first when cut to `limit`)."""
-        rows = self.modules
-        if limit is not None and len(rows) > limit:
-            rows = sorted(rows, key=lambda m: (-m.rel_error, -m.rank_out))[:limit]
-        cols = ["module", "kind", "inputs", "rank_in", "rank_out"]
-        if self.mode != "exact":
-            cols += ["rel_error", "energy_kept"]
-        cols.append("note")
-        number = {i["name"]: str(n) for n, i in enumerate(self.inputs, 1)}  # "#n" as listed in text()
-        return format_table([{**m.__dict__, "module": m.module.removeprefix("diffusion_model."),
-                              "inputs": ",".join(number.get(x, x) for x in m.inputs)} for m in rows], cols)
-
-    def text(self, limit: int = 25) -> str:
-        head = [f"compose ({self.mode}): {len(self.inputs)} input(s) → {len(self.modules)} modules, max rank "
-                f"{self.rank_max}, {self.seconds:.2f} s"]
-        for n, i in enumerate(self.inputs, 1):
-            head.append(f"  #{n} {i['name']}: strength {i['strength']:g}, {i['arch']}/{i['format']}, "
-                        f"{i['modules']} modules, rank ≤ {i['rank_max']}")
-        if self.mode != "exact":
-            head.append(f"error vs exact composition: total {self.total_rel_error:.3e}, worst module {self.max_rel_error:.3e}")
-        head += [f"warning: {w}" for w in self.warnings]
-        title = "per module" if len(self.modules) <= limit else f"per module ({limit} worst of {len(self.modules)})"
-        return "\n".join(head) + "\n\n" + title + "\n" + self.table(limit)
-
-
-def _mode_name(rank: int | None, energy: float | None) -> str:
-    parts = ([f"rank {rank}"] if rank is not None else []) + ([f"energy {energy:g}"] if energy is not None else [])
-    return ", ".join(parts) or "exact"
+    exact_on_cpu = rank is None and energy is None and device.type == "cpu"
+    workers = default_workers(device) if exact_on_cpu else 1
+    if workers < 2 or len(plans) < 2:
+        results = []
+        for i, plan in enumerate(plans):
+            results.append(run(plan))
+            progress(i + 1, len(plans))
+        return results
+    with one_cpu_thread(device), ThreadPoolExecutor(workers, thread_name_prefix="weightsmith-compose") as pool:
+        futures = [pool.submit(run, plan) for plan in plans]
+        results = []
+        try:
+            for i, future in enumerate(futures):
+                results.append(future.result())
+                progress(i + 1, len(plans))
+        except BaseException:  # an overflow error, an interrupt: drop the modules not started yet
+            for future in futures:
+                future.cancel()
+            raise
+    return results
 
 
 def compose_loras(
@@ -514,10 +390,17 @@ def compose_loras(
     names: Sequence[str] | None = None,
     device: torch.device | str | None = None,
     progress: ProgressFn | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[LoRA, ComposeReport]:
     """One LoRA equal to applying each input with its strength (exact mode, `rank=None, energy=None`), or
     the optimal rank-`rank` / `energy`-fraction approximation of that composition per module.
-    `names` label the inputs in errors and reports; math runs in fp32 on `device`, results land on the CPU."""
+    `names` label the inputs in errors and reports; math runs in fp32 on `device`, results land on the CPU.
+
+    `dtype` is the dtype the caller will store the factors in, if it knows. In exact mode a bf16/fp32/fp64
+    `dtype` makes the stacked factors come out in it directly: unscaled factors are copied bit for bit and
+    each scaled one is rounded once (instead of an fp32 stack that the save rounds again). Without it (or
+    for fp16 / fp8, whose range is narrower), stacks that need scaling are fp32, the others keep the
+    inputs' dtype. Re-compressed factors are fp32 whatever `dtype`."""
     t0 = time.perf_counter()
     if not items:
         raise MismatchError("nothing to compose: give at least one LoRA")
@@ -532,12 +415,10 @@ def compose_loras(
 
     out = LoRA(arch=arch, source_format=_common_format([lo for lo, _ in items]))
     reports = []
-    for i, plan in enumerate(plans):
-        delta, rep = _execute_module(plan, rank, energy, device, names)
+    for plan, (delta, rep) in zip(plans, _execute_all(plans, rank, energy, device, names, dtype, progress)):
         if not delta.is_empty():
             out.modules[plan.name] = delta
         reports.append(rep)
-        progress(i + 1, len(plans))
 
     warnings = []
     for (lora, _), n in zip(items, names):
@@ -561,7 +442,7 @@ def compose_loras(
     inputs = [{"name": n, "strength": float(s), "arch": lo.arch, "format": lo.source_format,
                "modules": len(lo.modules), "rank_max": max((m.rank for m in lo.modules.values()), default=0)}
               for (lo, s), n in zip(items, names)]
-    report = ComposeReport(mode=_mode_name(rank, energy), inputs=inputs, modules=reports, warnings=warnings,
+    report = ComposeReport(mode=mode_name(rank, energy), inputs=inputs, modules=reports, warnings=warnings,
                            seconds=time.perf_counter() - t0)
     out.metadata = {**_shared_metadata([lo for lo, _ in items]), "weightsmith.compose": _recipe(inputs, report.mode)}
     return out, report

@@ -18,31 +18,14 @@ Factors here are 2-D; callers flatten conv factors and restore them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from ..devices import one_cpu_thread
 from ..errors import MismatchError
 
 EXACT_DTYPE = torch.float64
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Skinny QRs and R×R SVDs on one CPU thread: LAPACK gains little from threads at these sizes, and on
-    a busy machine its OpenMP barriers dominate (measured here under load: a 3072×128 QR took 0.9 s with
-    2 threads and 0.01 s with 1; a 128×128 SVD 0.35 s vs 0.02 s)."""
-    if device.type != "cpu":
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @dataclass
@@ -78,7 +61,7 @@ def svd_of_product(up: torch.Tensor, down: torch.Tensor) -> ProductSVD:
         # LAPACK would fail with a bare LinAlgError; callers that know the file name check first
         raise MismatchError("the LoRA factors hold NaN or Inf values, which have no SVD; find the file that holds "
                             "them with `weightsmith inspect FILE` and download it again")
-    with _one_cpu_thread(up.device):
+    with one_cpu_thread(up.device):
         q_up, r_up = torch.linalg.qr(up)  # reduced: [out, k1], [k1, R]
         q_down, r_down = torch.linalg.qr(down.T)  # [in, k2], [k2, R]
         p, s, qh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)  # k1, k2 ≤ R
