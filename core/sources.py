@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .dtypes import all_finite
 from .errors import BadFileError, UnsafePickleError
 from .safetensors_io import REFETCH, SafetensorsHeader, TensorInfo, read_header
 
@@ -70,7 +71,7 @@ class TensorSource(ABC):
         """The tensor in its stored dtype, on the CPU. Memory-mapped where the format allows."""
         self.info(key)
         t = self._load(key)
-        if self.nonfinite != "ignore" and t.is_floating_point() and not _all_finite(t):
+        if self.nonfinite != "ignore" and t.is_floating_point() and not all_finite(t):
             if self.nonfinite == "error":
                 raise BadFileError(
                     f"{self.name}: tensor {key!r} contains NaN or Inf values; the file is corrupt or the model diverged: "
@@ -106,17 +107,6 @@ class TensorSource(ABC):
     @property
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._infos.values())
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    # One reduction instead of an isfinite pass: any NaN or Inf makes the sum non-finite (fp32 accumulation
-    # keeps finite 16-bit tensors from overflowing). Only a non-finite sum pays for the exact check.
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        t = t.to(torch.float16)  # fp8 has no reduction kernels; the conversion is exact
-    total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
-    if bool(torch.isfinite(total)):
-        return True
-    return bool(torch.isfinite(t).all())
 
 
 class DictSource(TensorSource):

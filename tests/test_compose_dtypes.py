@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from weightsmith.dtypes import all_finite
 from weightsmith.lora.compose import compose_loras
-from weightsmith.lora.compose_stack import all_finite
 from weightsmith.lora.model import LoRA, LoraTerm, ModuleDelta
 
 WIDE = "diffusion_model.double_blocks.0.img_mlp.2"  # out < in: the up is the smaller factor

@@ -113,7 +113,7 @@ def _check_storable(lora, fmt: str, dtype: torch.dtype, inputs: list[Path]) -> N
     non-finite in fp32 came from the inputs and are reported by the compose report."""
     if torch.finfo(dtype).max > 1e38:  # fp32, bf16, fp64
         return
-    from ..lora.compose_stack import all_finite
+    from ..dtypes import all_finite
     from ..lora.formats import lora_state_dict
 
     stored = lora_state_dict(lora, fmt, dtype)

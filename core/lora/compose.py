@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..devices import one_cpu_thread
+from ..dtypes import all_finite
 from ..errors import BadFileError, MismatchError
 from ..pipeline import default_workers
 from ..progress import ProgressFn, no_progress
 from .compose_report import ComposeReport, ModuleReport, mode_name
 from .compose_stack import (
     Piece,
-    all_finite,
     balanced_factors,
     cluster_rows,
     clusters,
