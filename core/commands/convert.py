@@ -139,8 +139,11 @@ def _inspect_model(path: Path) -> dict:
     rows = [{"part": g, "tensors": v[0], "parameters": v[1], "MB": round(v[2] / 2**20, 1)} for g, v in sorted(groups.items())]
     print(format_table(rows, ["part", "tensors", "parameters", "MB"]))
     print("dtypes: " + ", ".join(f"{d} ({n})" for d, n in sorted(dtypes.items())))
+    encodings = src.encodings_summary() if hasattr(src, "encodings_summary") else {}  # how quantized files store keys
+    if encodings:
+        print("encodings: " + ", ".join(f"{e} ({n} tensors)" for e, n in encodings.items()))
     return {"kind": "model", "arch": info.arch, "naming": info.naming, "prefix": info.prefix, **info.details,
-            "parts": {r["part"]: r for r in rows}, "dtypes": dtypes}
+            "parts": {r["part"]: r for r in rows}, "dtypes": dtypes, "encodings": encodings}
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import torch
 
 from ..devices import resolve_device
 from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name, parse_dtype
+from ..encodings.gguf_write import GGUFStreamWriter, gguf_output_type
 from ..errors import BadFileError, WeightsmithError
 from ..pipeline import TASK_ELEMS, KeyPipeline, WorkerBuffers, default_workers, row_ranges
 from ..progress import ProgressFn, no_progress
@@ -261,7 +262,8 @@ def execute_merge(
     if stats not in STATS_MODES:
         raise WeightsmithError(f"stats mode {stats!r}: choose one of {', '.join(STATS_MODES)}")
     sample_every = {"full": 1, "sample": STATS_SAMPLE_EVERY, "off": 0}[stats]
-    out_dtype = parse_dtype(dtype)
+    gguf_type = gguf_output_type(dtype)  # a GGUF output: keys computed in fp32, quantized by its writer
+    out_dtype = torch.float32 if gguf_type else parse_dtype(dtype)
     dev = resolve_device(device or "cpu")
     chunk = chunk_elems or (CUDA_CHUNK_ELEMS if dev.type == "cuda" else CPU_CHUNK_ELEMS)
     progress = progress or no_progress
@@ -271,7 +273,8 @@ def execute_merge(
     writer = None
     if out_path is not None:
         layout = {kp.out_key: (kp.shape, output_dtype(kp, out_dtype)) for kp in plan.output_keys()}
-        writer = StreamingWriter(out_path, layout, plan.metadata, protect=plan.protect_paths(), overwrite=overwrite)
+        make = partial(GGUFStreamWriter, qtype=gguf_type) if gguf_type else StreamingWriter
+        writer = make(out_path, layout, plan.metadata, protect=plan.protect_paths(), overwrite=overwrite)
     # Inputs are not scanned for NaN/Inf up front (a full extra pass over every tensor): a non-finite
     # input shows in the merged output, which is checked for free, and only then are its inputs scanned.
     policies = [getattr(s, "nonfinite", "report") for s in plan.sources]
@@ -345,7 +348,7 @@ def execute_merge(
     return MergeReport(
         plan=plan,
         out_path=Path(out_path) if out_path is not None else None,
-        dtype="keep" if out_dtype is None else str(out_dtype).replace("torch.", ""),
+        dtype=dtype if gguf_type else "keep" if out_dtype is None else str(out_dtype).replace("torch.", ""),
         device=str(dev),
         seconds=seconds,
         bytes_written=writer.total_bytes if writer is not None else 0,

@@ -1,0 +1,1 @@
+"""Weight encodings beyond plain dtypes (quantized formats), decoded per tensor in the sources layer."""
