@@ -406,3 +406,34 @@ def test_comfyui_gguf_loads_our_file_into_comfyui(comfy, tmp_path, out):
         assert float((default - mine).abs().max()) <= 2e-3 * float(mine.abs().max()), k  # fp16 products and sums
     model = comfy.sd.load_diffusion_model_state_dict(state, model_options={"custom_operations": cg.ops.GGMLOps})
     assert type(model.model.model_config) is comfy.supported_models.SD15
+
+
+@pytest.mark.comfy
+def test_merge_files_node_reads_and_writes_gguf(comfy, tmp_path, monkeypatch, flux_pair):
+    """The Merge Model Files node lists .gguf inputs (without ComfyUI-GGUF installed) and its gguf-… dtypes
+    write a .gguf equal to the core merge's."""
+    import folder_paths
+    from comfy_support import import_pack
+
+    node = import_pack().NODE_CLASS_MAPPINGS["WeightsmithMergeFiles"]
+    dm, out_dir = tmp_path / "diffusion_models", tmp_path / "output"
+    dm.mkdir()
+    out_dir.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(dm)], {".safetensors"}))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "checkpoints", ([str(tmp_path / "ckpt")], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
+    base, tuned = flux_pair
+    write_reference_gguf(dm / "a.gguf", base, "Q8_0", "flux")
+    save_file({k: v.bfloat16() for k, v in tuned.items()}, str(dm / "b.safetensors"))
+    required = node.INPUT_TYPES()["required"]
+    assert "diffusion_models/a.gguf" in required["model_a"][0]
+    assert "gguf-q8_0" in required["dtype"][0] and "gguf-q4_k" not in required["dtype"][0]
+    res = node().merge("diffusion_models/a.gguf", "diffusion_models/b.safetensors", "weighted_sum", "0.5,0.5", "",
+                       "", "none", "take", "copy", "gguf-q5_1", False, "output", "merges/q")
+    path = res["result"][0]
+    assert path == str(out_dir / "merges" / "q_00001_.gguf")
+    want = tmp_path / "want.gguf"
+    merge([dm / "a.gguf", dm / "b.safetensors"], want, dtype="gguf-q5_1")
+    assert Path(path).read_bytes() == want.read_bytes()
+    check_comfyui_gguf_layout(Path(path), base, "flux")
