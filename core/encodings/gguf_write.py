@@ -240,6 +240,8 @@ class GGUFStreamWriter(StreamingWriter):
         qtype: str = "Q8_0",
         arch: str | None = None,
     ):
+        # The base class's state is set here field by field (its __init__ lays out a safetensors header);
+        # its target checks, temp file, positioned writes, commit and abort are used as they are.
         self.path = Path(path)
         self.overwrite = overwrite
         self._protect = [Path(p) for p in protect]
