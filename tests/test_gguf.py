@@ -101,11 +101,38 @@ def test_package_made_files_read_bit_for_bit(tmp_path, qtype, model):
 @pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", *LEGACY, "Q4_1",
                                    "Q5_0"])
 def test_torch_kernels_match_the_package_on_random_blocks(qtype):
-    raw = random_blocks(qtype, 64, seed=7)
-    ref = gguf.quants.dequantize(raw, T[qtype])
-    got = gguf_quants.dequantize(torch.from_numpy(raw), qtype, ref.shape)
-    assert got.dtype == torch.float32
-    assert np.array_equal(bits(got), bits(ref))
+    block = gguf.GGML_QUANT_SIZES[T[qtype]][0]
+    step = gguf_quants.CPU_CHUNK_VALUES // block
+    # one step; several and a partial one; enough for several threads
+    for n_blocks in (5, step * 2 + 3, step * (gguf_quants.PARALLEL_MIN_STEPS * 2 + 1) + 5):
+        raw = random_blocks(qtype, n_blocks, seed=7)
+        ref = gguf.quants.dequantize(raw, T[qtype])
+        got = gguf_quants.dequantize(torch.from_numpy(raw), qtype, ref.shape)
+        assert got.dtype == torch.float32
+        assert np.array_equal(bits(got), bits(ref))
+
+
+def _decode_in_child(raw: np.ndarray, q) -> None:
+    ref = gguf.quants.dequantize(raw, T.Q8_0)
+    q.put(bool(np.array_equal(bits(gguf_quants.dequantize(torch.from_numpy(raw), "Q8_0", ref.shape)), bits(ref))))
+
+
+def test_parallel_decoding_survives_a_fork():
+    """The decoding threads belong to the process that made them: a forked child (multiprocessing's default
+    on Linux) decodes with threads of its own instead of waiting forever on its parent's."""
+    import multiprocessing as mp
+
+    raw = random_blocks("Q8_0", gguf_quants.CPU_CHUNK_VALUES // 32 * 16, seed=1)
+    gguf_quants.dequantize(torch.from_numpy(raw), "Q8_0", (raw.shape[0] * 32,))  # the parent's pool exists now
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_decode_in_child, args=(raw, q))
+    p.start()
+    p.join(120)
+    if p.is_alive():
+        p.kill()
+        pytest.fail("decoding in a forked child hung")
+    assert p.exitcode == 0 and q.get(timeout=5) is True
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "TQ2_0"])

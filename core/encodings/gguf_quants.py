@@ -9,7 +9,11 @@ uint32 shifts: 32-bit masks are unpacked byte by byte, little-endian as GGML sto
 
 from __future__ import annotations
 
+import functools
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -45,10 +49,14 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
+@functools.lru_cache(maxsize=64)
+def _shift_tensor(shifts: tuple[int, ...], at: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(shifts, dtype=torch.uint8, device=device).reshape((len(shifts),) + (1,) * at)
+
+
 def _shifted(x: torch.Tensor, shifts: tuple[int, ...], at: int) -> torch.Tensor:
     """`x` with a new axis of length len(shifts) inserted before `at`-th from the end, each slice x >> s."""
-    s = torch.tensor(shifts, dtype=torch.uint8, device=x.device).reshape((len(shifts),) + (1,) * at)
-    return x.unsqueeze(-at - 1) >> s
+    return x.unsqueeze(-at - 1) >> _shift_tensor(shifts, at, x.device)
 
 
 def _bits32(b: torch.Tensor) -> torch.Tensor:
@@ -197,11 +205,50 @@ DECODERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+CPU_CHUNK_VALUES = 1 << 15  # decoded per step on a CPU: the temporaries stay in cache (measured 2-5x faster)
+PARALLEL_MIN_STEPS = 4  # each decoding thread gets at least this many steps
+_pool_of_pid: dict[int, ThreadPoolExecutor] = {}
+_pool_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """This process's decoding threads (a forked child gets its own: the parent's threads are not in it)."""
+    with _pool_lock:
+        pid = os.getpid()
+        if pid not in _pool_of_pid:
+            _pool_of_pid.clear()
+            _pool_of_pid[pid] = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="weightsmith-gguf")
+        return _pool_of_pid[pid]
+
+
 def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """fp32 values of one tensor from its raw bytes (uint8, any shape, on the device to compute on)."""
+    """fp32 values of one tensor from its raw bytes (uint8, any shape, on the device to compute on).
+    On a CPU the blocks are decoded a slice at a time into the output (a whole-tensor pass would allocate
+    and page-fault several tensor-sized temporaries), the slices of a large tensor spread over every core
+    (torch releases the GIL; the merge runs torch single-threaded, so its own threads would not); on a GPU
+    one pass keeps the device busy."""
     block_size, type_size = BLOCK_LAYOUT[qtype]
     flat = raw.reshape(-1)
     if flat.numel() % type_size:
         raise ValueError(f"{flat.numel()} bytes are not a whole number of {qtype} blocks of {type_size} bytes")
     blocks = flat.view(-1, type_size)
-    return DECODERS[qtype](blocks).reshape(shape)
+    decode = DECODERS[qtype]
+    step = max(1, CPU_CHUNK_VALUES // block_size)
+    n = blocks.shape[0]
+    if raw.device.type != "cpu" or n <= step:
+        return decode(blocks).reshape(shape)
+    out = torch.empty((n, block_size), dtype=torch.float32)
+
+    def run(lo: int, hi: int) -> None:
+        for i in range(lo, hi, step):
+            out[i:min(i + step, hi)] = decode(blocks[i:min(i + step, hi)])
+
+    steps = -(-n // step)
+    parts = min(os.cpu_count() or 1, steps // PARALLEL_MIN_STEPS)
+    if parts <= 1:
+        run(0, n)
+    else:
+        per = -(-steps // parts) * step
+        for f in [_pool().submit(run, lo, min(lo + per, n)) for lo in range(0, n, per)]:
+            f.result()
+    return out.reshape(shape)

@@ -83,9 +83,13 @@ class ArchRules:
     shape_fix: bool = False  # SD UNets: reshape to rows of 256 (orig_shape kept in the metadata)
 
 
+_FLUX_KEEP = ("txt_in.", "img_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
 ARCH_RULES: tuple[ArchRules, ...] = (
-    ArchRules("flux", (("double_blocks.0.img_attn.proj.weight",), ("double_blocks.0.img_attn.qkv.weight",)),
-              keep=("txt_in.", "img_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")),
+    ArchRules("hyvid", (("double_blocks.0.img_attn_proj.weight",
+                         "txt_in.individual_token_refiner.blocks.1.self_attn_qkv.weight"),), keep=_FLUX_KEEP),
+    ArchRules("flux", (("double_blocks.0.img_attn.proj.weight",), ("double_blocks.0.img_attn.qkv.weight",),
+                       ("single_blocks.0.linear1.weight", "single_blocks.0.linear2.weight", "img_in.weight")),
+              keep=_FLUX_KEEP),
     ArchRules("sd3", (("joint_blocks.0.x_block.attn.qkv.weight",),),
               keep=("final_layer.", "time_text_embed.", "context_embedder.", "t_embedder.", "y_embedder.",
                     "x_embedder.", "pos_embed")),

@@ -128,6 +128,12 @@ class _MergeContext:
         be thread-safe)."""
         return [self.plan.sources[i].get(raw) for i, raw in kp.reads]
 
+    def decoded_and_large(self, kp: KeyPlan) -> bool:
+        """Whether a key's inputs come decoded (quantized files: fresh fp32 memory, not mapped pages) and
+        are large enough that only one such key should be in flight at a time."""
+        return kp.numel * 4 * len(kp.reads) > ALONE_BYTES and any(
+            getattr(self.plan.sources[i], "encoding", lambda _: None)(raw) is not None for i, raw in kp.reads)
+
     def method_args(self, kp: KeyPlan) -> tuple:
         method = METHODS[kp.method]
         params = dict(kp.params)
@@ -321,6 +327,8 @@ def execute_merge(
                         ks = KeyStats(kp.name, kp.group, kp.action, kp.method, kp.numel,
                                       reads=[plan.inputs[i].label for i, _ in kp.reads], decided_by=kp.decided_by)
                         finish = finisher(kp, ks)
+                        if kp.action in ("take", "merge") and ctx.decoded_and_large(kp):
+                            pipe.drain()
                         if kp.action == "take":
                             pipe.add([partial(ctx.take_task, kp, ctx.inputs(kp)[0])], finish)
                         elif kp.action != "merge":
@@ -331,6 +339,7 @@ def execute_merge(
                             step = max(1, chunk // cols)
                             pipe.add([partial(ctx.rows_task, kp, full, r0, r1, step)
                                       for r0, r1 in row_ranges(kp.shape[0], cols, step, max(chunk, TASK_ELEMS))], finish)
+                            del full  # decoded inputs are freed with the key's last task, not at the next key
                         elif kp.numel * 4 * len(kp.reads) > ALONE_BYTES:
                             finish([pipe.run_alone(partial(ctx.whole_task, kp, ctx.inputs(kp)))])
                         else:
