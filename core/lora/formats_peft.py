@@ -35,7 +35,7 @@ from .formats_base import (
 )
 from .model import LoRA
 
-DIFFUSERS_STYLE = WriteStyle(up=".lora_B.weight", down=".lora_A.weight", alpha="bake")
+DIFFUSERS_STYLE = WriteStyle(up=".lora_B.weight", down=".lora_A.weight", alpha="bake", adapters=False)
 _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "final_layer.", "time_in.", "vector_in.",
               "guidance_in.", "distilled_guidance_layer.")
 _FLUX_DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
