@@ -46,7 +46,9 @@ class Adapter:
         raise NotImplementedError
 
     def swapped(self) -> Adapter:
-        """The same adapter with its two row halves exchanged (diffusers norm_out vs BFL adaLN)."""
+        """The same adapter with its two row halves of ΔW exchanged (diffusers norm_out vs BFL adaLN). A DoRA
+        magnitude stays as it is: ComfyUI swaps the change (its key map's function) but multiplies by
+        dora_scale unswapped, and a file must patch what ComfyUI patches from the original."""
         raise MismatchError(f"a {self.kind} adapter cannot be stored with its row halves swapped")
 
     # --- shared --------------------------------------------------------------------------------

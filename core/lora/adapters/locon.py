@@ -47,6 +47,4 @@ class LoCon(Adapter):
     def swapped(self) -> LoCon:
         kw = dict(self.__dict__)
         kw["up"] = swap_rows(self.up)
-        if self.dora_scale is not None and self.dora_scale.shape[0] == self.out_rows:
-            kw["dora_scale"] = swap_rows(self.dora_scale)
         return LoCon(**kw)

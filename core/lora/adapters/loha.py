@@ -61,8 +61,6 @@ class LoHa(Adapter):
             return super().swapped()
         kw = dict(self.__dict__)
         kw["w1_a"], kw["w2_a"] = swap_rows(self.w1_a), swap_rows(self.w2_a)
-        if self.dora_scale is not None and self.dora_scale.shape[0] == self.out_rows:
-            kw["dora_scale"] = swap_rows(self.dora_scale)
         return LoHa(**kw)
 
     def lowrank_factors(self, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor] | None:

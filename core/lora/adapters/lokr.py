@@ -90,8 +90,6 @@ class LoKr(Adapter):
             kw["w1"] = swap_rows(self.w1)
         else:
             kw["w1_a"] = swap_rows(self.w1_a)
-        if self.dora_scale is not None and self.dora_scale.shape[0] == self.out_rows:
-            kw["dora_scale"] = swap_rows(self.dora_scale)
         return LoKr(**kw)
 
     def best_lowrank(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
