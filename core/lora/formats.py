@@ -245,6 +245,12 @@ def save_lora(
 def lora_summary(lora: LoRA) -> dict:
     """`LoRA.summary()` plus the factor dtypes and the names of keys not understood (for reports)."""
     s = lora.summary()
-    s["dtypes"] = sorted({str(t.up.dtype).replace("torch.", "") for m in lora.modules.values() for t in m.terms})
+    s["dtypes"] = sorted({str(t.up.dtype).replace("torch.", "") for m in lora.modules.values() for t in m.terms}
+                         | {str(a.dtype()).replace("torch.", "") for m in lora.modules.values() for a in m.adapters})
+    types: dict[str, int] = {}
+    for m in lora.modules.values():
+        for k in m.types():
+            types[k] = types.get(k, 0) + 1
+    s["types"] = ", ".join(f"{k} {n}" for k, n in types.items())
     s["unknown_key_names"] = list(lora.unknown_keys)
     return s
