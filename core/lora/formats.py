@@ -236,7 +236,14 @@ def save_lora(
     if not sd:
         raise MismatchError(f"{path}: the LoRA has no modules left to save (every module is empty or was dropped); "
                             "nothing was written: check the strengths and what a conversion dropped")
-    meta = {k: v for k, v in lora.metadata.items() if isinstance(k, str) and isinstance(v, str)}
+    from .peft_metadata import KEY as PEFT_KEY
+    from .peft_metadata import fresh_metadata
+
+    # An input's PEFT config describes its own ranks and scales: never carried over; a diffusers output gets
+    # one describing the file written (its scales are baked into lora_B).
+    meta = {k: v for k, v in lora.metadata.items() if isinstance(k, str) and isinstance(v, str) and k != PEFT_KEY}
+    if fmt == "diffusers" and (peft := fresh_metadata(sd)):
+        meta[PEFT_KEY] = peft
     meta.update({"weightsmith.format": fmt, "weightsmith.arch": lora.arch, "weightsmith.source_format": lora.source_format})
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     return write_safetensors(path, sd, meta, protect=protect, overwrite=overwrite)

@@ -106,6 +106,7 @@ def assemble(
     groups: dict[str, dict[str, str]],
     resolve: Callable[[str], Target | None],
     lora: LoRA,
+    alpha_of: Callable[[str, int], float | None] | None = None,
 ) -> None:
     """Turn grouped keys into canonical module deltas (in place); unresolvable groups -> unknown_keys."""
     reshape: dict[str, list[int]] = json.loads(lora.metadata.get(RESHAPE_META, "{}"))
@@ -126,6 +127,8 @@ def assemble(
                     "are not a LoRA pair (up's columns must equal down's rows)"
                 )
             alpha = _as_float(t["alpha"], roles["alpha"], src) if "alpha" in t else None
+            if alpha is None and alpha_of is not None:  # PEFT: lora_alpha / r from the file's metadata
+                alpha = alpha_of(prefix, int(down.shape[0]))
             if target.swap:
                 up = swap_halves(up)
             mod.terms.append(LoraTerm(up=up, down=down, alpha=alpha, rows=_abs_rows(target, up.shape[0])))
