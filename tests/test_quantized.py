@@ -295,3 +295,17 @@ def test_cli_on_scaled_fp8_files(pair, tmp_path):
     assert f"fp8 scaled (legacy) e4m3fn ({n} layers)" in r.stdout
     data = json.loads((tmp_path / "i.json").read_text())
     assert data["arch"] == "flux-dev" and data["dtypes"]["fp8_e4m3fn"] == n
+
+
+def test_sd15_scaled_fp8_merge_equals_merge_of_dequantized(tmp_path):
+    from weightsmith.sdunet import sd_unet_state_dict
+
+    a = sd_unet_state_dict("sd15", "tiny", seed=0)
+    b = finetune(a, seed=3, rank=2, scale=0.05)
+    ea, eb = tf.scaled_fp8(a, input_scale=True), tf.mixed_precision(b, form="tensor")
+    assert ea.layers and all(a[k].ndim == 2 for k in ea.layers)  # attention/projection Linears; convs stay plain
+    got = _merged([ea.save(tmp_path / "a.safetensors"), eb.save(tmp_path / "b.safetensors")], tmp_path / "q.safetensors",
+                  dtype="bf16")
+    want = _merged([ea.plain(), eb.plain()], tmp_path / "d.safetensors", dtype="bf16")
+    assert set(got) == set(a)
+    assert all(torch.equal(got[k], want[k]) for k in want)
