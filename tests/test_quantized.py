@@ -309,3 +309,17 @@ def test_sd15_scaled_fp8_merge_equals_merge_of_dequantized(tmp_path):
     want = _merged([ea.plain(), eb.plain()], tmp_path / "d.safetensors", dtype="bf16")
     assert set(got) == set(a)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_quantized_only_dtypes_name_the_format(tmp_path):
+    """F8_E8M0 (MXFP8 block scales) and F4 payloads cannot be held by torch: the header refusal says what
+    they are rather than only 'unsupported dtype'."""
+    import struct
+
+    for code, words in (("F8_E8M0", "mxfp8"), ("F4", "nvfp4")):
+        header = json.dumps({"img_in.weight_scale": {"dtype": code, "shape": [2], "data_offsets": [0, 2]}}).encode()
+        path = tmp_path / f"{code}.safetensors"
+        path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0")
+        with pytest.raises(UnsupportedEncodingError) as e:
+            open_model(path)
+        assert str(path) in str(e.value) and "img_in.weight_scale" in str(e.value) and words in str(e.value)
