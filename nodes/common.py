@@ -17,6 +17,7 @@ import folder_paths
 import numpy as np
 import torch
 
+from ..core.encodings.base import KeyEncoding
 from ..core.errors import BadFileError
 from ..core.paths import next_free_path
 from ..core.safetensors_io import TensorInfo
@@ -95,15 +96,35 @@ class PatcherSource(TensorSource):
         self.patcher = patcher
         self.device = device or torch.device("cpu")
         self._kp = patcher.get_key_patches(DIFFUSION_PREFIX)
+        self._encodings: dict[str, KeyEncoding] = {}
         for k, entries in self._kp.items():
             w = entries[0][0]
             if isinstance(w, torch.Tensor) and not _is_quant_param(k, self._kp):
-                dtype = torch.float32 if _is_quantized(w) else w.dtype
-                self._infos[k[len(DIFFUSION_PREFIX):]] = TensorInfo(tuple(w.shape), dtype)
+                name = k[len(DIFFUSION_PREFIX):]
+                enc = _model_encoding(k, w, self._kp)
+                if enc is not None:
+                    self._encodings[name] = enc
+                self._infos[name] = TensorInfo(tuple(w.shape), torch.float32 if _is_quantized(w) else w.dtype)
+
+    def encoding(self, key: str) -> KeyEncoding | None:
+        self.info(key)
+        return self._encodings.get(key)
 
     def _load(self, key: str) -> torch.Tensor:
         full = DIFFUSION_PREFIX + key
         return effective_weight(self._kp[full], self.device, full)
+
+
+def _model_encoding(key: str, w: torch.Tensor, keys) -> KeyEncoding | None:
+    """How a loaded model holds a weight ComfyUI dequantizes: a mixed-precision QuantizedTensor, or an fp8
+    weight with a `scale_weight` beside it (legacy scaled fp8). None for plain weights."""
+    shape = tuple(w.shape)
+    if _is_quantized(w):
+        fmt = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}.get(w._qdata.dtype, w._layout_type)
+        return KeyEncoding(f"comfy_quant:{fmt}", w._qdata.dtype, shape)
+    if key.endswith(".weight") and key[: -len(".weight")] + ".scale_weight" in keys:
+        return KeyEncoding("fp8_scaled", w.dtype, shape)
+    return None
 
 
 def _is_quant_param(key: str, keys) -> bool:

@@ -123,7 +123,9 @@ def test_node_model_reader_sees_dequantized_weights_and_no_scales(comfy, tiny_fl
     assert set(src.keys()) == set(ours.keys())
     for k in enc.layers:
         assert src.info(k).dtype == torch.float32 or case.startswith("legacy")
+        assert src.encoding(k).format == ours.encoding(k).format  # in-graph reports list decoded weights too
         assert torch.equal(src.get(k), enc.dequantized[k]), k
+    assert all(src.encoding(k) is None for k in src.keys() if k not in enc.layers)
 
 
 def test_in_graph_extract_from_scaled_fp8_model_equals_file_extract(comfy, tiny_flux_loader, sd, tmp_path):
@@ -144,4 +146,32 @@ def test_in_graph_extract_from_scaled_fp8_model_equals_file_extract(comfy, tiny_
     want = {k: v for k, v in lora_state_dict(files, "comfy", torch.float32).items() if ".diff_b" not in k}
     assert got and set(got) == set(want)
     for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("method,params", [("weighted_sum", ""), ("ties", "density=0.4")])
+def test_merge_node_on_scaled_fp8_models_equals_file_merge(comfy, tiny_flux_loader, sd, tmp_path, method, params):
+    """Merge Models on two scaled-fp8 MODELs: no scale parameter is planned or patched, the report lists
+    the decoded weights, and each merged weight (as ComfyUI computes it from the patches) equals the file
+    merge of the same files bit for bit."""
+    from comfy_support import effective_weights
+    from safetensors.torch import load_file
+
+    from weightsmith.merge import merge
+
+    pack = import_pack()
+    node = pack.NODE_CLASS_MAPPINGS["WeightsmithMergeModels"]()
+    tuned = finetune(sd, seed=1, rank=4, scale=0.05, noise=0.01)
+    ea, eb = tf.scaled_fp8(sd, input_scale=True), tf.scaled_fp8(tuned, input_scale=True)
+    pa, pb = ea.save(tmp_path / "a.safetensors"), eb.save(tmp_path / "b.safetensors")
+    res = node.merge(tiny_flux_loader(str(pa)), tiny_flux_loader(str(pb)), method, "0.5, 0.5", "", params, "none",
+                     "take", True)
+    merged, text = res["result"][0], res["result"][1]
+    assert not any(k.endswith((".scale_weight", ".scale_input")) for k in merged.patches)
+    assert f"{len(ea.layers)} fp8 scaled (legacy)" in text
+    merge([pa, pb], tmp_path / "m.safetensors", method, [0.5, 0.5], params=params or None, dtype="fp32")
+    want = load_file(str(tmp_path / "m.safetensors"))
+    got = effective_weights(merged, keys=set(ea.layers))
+    assert set(got) == set(ea.layers)
+    for k in ea.layers:
         assert torch.equal(got[k], want[k]), k
