@@ -110,6 +110,7 @@ class PatcherSource(TensorSource):
         self.info(key)
         return self._encodings.get(key)
 
+    @torch.no_grad()  # ComfyUI's parameters may require grad: no autograd graph for a read
     def _load(self, key: str) -> torch.Tensor:
         full = DIFFUSION_PREFIX + key
         return effective_weight(self._kp[full], self.device, full)
