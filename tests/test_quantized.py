@@ -323,3 +323,19 @@ def test_quantized_only_dtypes_name_the_format(tmp_path):
         with pytest.raises(UnsupportedEncodingError) as e:
             open_model(path)
         assert str(path) in str(e.value) and "img_in.weight_scale" in str(e.value) and words in str(e.value)
+
+
+def test_checkpoint_with_scaled_fp8_text_encoder_shows_encoding_per_part(pair, tmp_path):
+    """A full checkpoint: plain bf16 diffusion model, a t5 text encoder in scaled fp8 under its own marker
+    (`text_encoders.t5xxl.transformer.scaled_fp8`, as ComfyUI's t5xxl_fp8_e4m3fn_scaled)."""
+    te = {f"encoder.block.{i}.layer.0.SelfAttention.{p}.weight": torch.randn(32, 32) for i in range(2) for p in "qkvo"}
+    enc = tf.scaled_fp8(te, prefix="text_encoders.t5xxl.transformer.")
+    unet = {"model.diffusion_model." + k: v.to(torch.bfloat16) for k, v in pair[0].items()}
+    save_file({**unet, **enc.tensors}, tmp_path / "ckpt.safetensors")
+    src = open_model(tmp_path / "ckpt.safetensors")
+    assert set(src.keys()) == set(unet) | set(enc.layers)
+    assert all(src.encoding(k).side["marker"] == "text_encoders.t5xxl.transformer.scaled_fp8" for k in enc.layers)
+    assert all(torch.equal(src.get(k), enc.dequantized[k]) for k in enc.layers)
+    r = run_cli("inspect", tmp_path / "ckpt.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert "encoding of te: fp8 scaled (legacy) e4m3fn (8 layers)" in r.stdout and "encoding of unet" not in r.stdout
