@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print(f"bit-identical to gguf.quants.dequantize: {same}")
     cfg = FluxConfig(**{**FLUX_E2E.__dict__, "depth": 0 if args.quick else 2, "depth_single": 1 if args.quick else 2})
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parents[1]) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".bench_gguf_", dir=Path(__file__).resolve().parents[1]) as tmp:
         for name, seed in (("a", 0), ("b", 1)):
             write_model(f"{tmp}/{name}.safetensors", flux_shapes(cfg, "dev"), seed=seed, dtype=torch.bfloat16)
             write_gguf(f"{tmp}/{name}.gguf", open_model(f"{tmp}/{name}.safetensors"), "Q8_0")
