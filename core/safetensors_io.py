@@ -24,7 +24,8 @@ import torch
 
 from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
 from .errors import BadFileError, OutputPathError
-from .paths import create_temp_beside
+from .outputs import place_or_defer
+from .paths import check_writable_folder, create_temp_beside
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit the safetensors library applies
 REFETCH = "download the file again or re-export it"  # what to do about a damaged file
@@ -210,6 +211,7 @@ class StreamingWriter:
             raise OutputPathError(f"refusing to overwrite existing file {self.path}; choose another name or remove it")
         if not target.parent.is_dir():
             raise OutputPathError(f"output folder {target.parent} does not exist; create it or choose another output path")
+        check_writable_folder(target.parent, self.path.name)
 
     def __enter__(self) -> StreamingWriter:
         try:
@@ -296,18 +298,8 @@ class StreamingWriter:
         os.close(self._fd)
         self._fd = None
         self._check_target()  # the target may have appeared while we worked
-        if self.overwrite:
-            os.replace(self._tmp, self.path)
-        else:
-            try:
-                os.link(self._tmp, self.path)  # atomic and never clobbers
-            except FileExistsError:
-                raise OutputPathError(f"refusing to overwrite existing file {self.path}; choose another name or remove it") from None
-            except OSError:
-                os.replace(self._tmp, self.path)
-            else:
-                self._tmp.unlink()
-        self._tmp = None
+        tmp, self._tmp = self._tmp, None
+        place_or_defer(tmp, self.path, self.overwrite, self._check_target)  # with the run's other outputs
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:

@@ -10,18 +10,21 @@ split points never matter. `diffusion_view()` strips the checkpoint prefix (`mod
 from __future__ import annotations
 
 import json
+import mmap as _mmap
 import os
 import pickle
 import warnings
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
-from .dtypes import all_finite
+from .dtypes import all_finite, itemsize
 from .errors import BadFileError, UnsafePickleError
 from .safetensors_io import REFETCH, SafetensorsHeader, TensorInfo, read_header
+from .signals import hold_read_lease, release_lease
 
 SAFETENSORS_EXTS = (".safetensors", ".sft")
 TORCH_EXTS = (".ckpt", ".pt", ".pth", ".bin")
@@ -121,50 +124,110 @@ class DictSource(TensorSource):
         return self._tensors[key]
 
 
+class _InputGuard:
+    """An input file held open while it is read: a read lease where the CLI can take one (another program
+    opening it for writing stops the run cleanly, see signals.py), else a size check before each read, so
+    a file that shrank is an error naming it rather than a SIGBUS from its memory map."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        st = os.fstat(self.fd)
+        self.size, self.mtime = st.st_size, st.st_mtime_ns
+        self.leased = hold_read_lease(self.fd, path)
+        self._finalizer = weakref.finalize(self, _close_guarded, self.fd)
+
+    def check(self, key: str) -> None:
+        """Before reading `key`: the file is still the one whose header was read (one fstat; none under a
+        lease, which stops the run before any change)."""
+        if self.leased:
+            return
+        st = os.fstat(self.fd)
+        if st.st_size != self.size or st.st_mtime_ns != self.mtime:
+            raise BadFileError(f"{self.path}: the file changed while it was being read (tensor {key!r}; size "
+                               f"{self.size} -> {st.st_size} bytes): another program truncated or rewrote it; nothing "
+                               "was written: wait until it has finished, check the file, and run again")
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _close_guarded(fd: int) -> None:
+    release_lease(fd)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 class SafetensorsSource(TensorSource):
-    """One or more safetensors files (shards); the header is validated before anything is read."""
+    """One or more safetensors files (shards); the header is validated before anything is read. Tensors
+    are views of the file's memory map (nothing is copied; a key costs a slice, not a library call)."""
 
     def __init__(self, files: list[Path], name: str | None = None):
         super().__init__()
         self.name = name or str(files[0])
         self._files = files
-        self._key_file: dict[str, int] = {}
-        self._handles: dict[int, object] = {}
+        # key -> (file index, first byte, last byte + 1), one tuple per key: memory stays small per tensor
+        self._where: dict[str, tuple[int, int, int]] = {}
+        self._guards: dict[int, _InputGuard | None] = {}
+        self._maps: dict[int, torch.Tensor] = {}
         for i, f in enumerate(files):
+            # held from before the header is read: a lease (or the size check) covers the whole run
+            self._guards[i] = _InputGuard(f) if f.is_file() else None
             h: SafetensorsHeader = read_header(f)
+            where = self._where
             for k, info in h.tensors.items():
-                if k in self._infos:
-                    raise BadFileError(f"{f}: tensor {k!r} also appears in {files[self._key_file[k]]}; shards overlap: "
+                if k in where:
+                    raise BadFileError(f"{f}: tensor {k!r} also appears in {files[where[k][0]]}; shards overlap: "
                                        "remove the stray shard from the folder")
                 self._infos[k] = info
-                self._key_file[k] = i
+                start, end = h.offsets[k]
+                where[k] = (i, start, end)
             if i == 0:
                 self.metadata = dict(h.metadata)
+            del h
 
-    def _handle(self, i: int):
-        h = self._handles.get(i)
-        if h is None:
-            from safetensors import safe_open
-
+    def _map(self, i: int) -> torch.Tensor:
+        m = self._maps.get(i)
+        if m is None:
+            guard = self._guards.get(i)
+            if guard is None:  # closed before, read again
+                guard = self._guards[i] = _InputGuard(self._files[i])
             try:
-                h = safe_open(str(self._files[i]), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types
+                # ACCESS_COPY: a private, writable map (pages stay shared with the page cache unless written),
+                # which torch can wrap without a read-only warning; the sources never write to it
+                mm = _mmap.mmap(guard.fd, 0, access=_mmap.ACCESS_COPY)
+            except (OSError, ValueError) as e:
                 raise BadFileError(f"{self._files[i]}: cannot open: {e}; {REFETCH}") from e
-            self._handles[i] = h
-        return h
+            m = self._maps[i] = torch.frombuffer(mm, dtype=torch.uint8)
+        return m
 
     def _load(self, key: str) -> torch.Tensor:
-        i = self._key_file[key]
-        try:
-            return self._handle(i).get_tensor(key)
-        except Exception as e:
-            raise BadFileError(f"{self._files[i]}: cannot read tensor {key!r}: {e}; {REFETCH}") from e
+        i, start, end = self._where[key]
+        info = self._infos[key]
+        guard = self._guards.get(i)
+        if guard is not None:
+            guard.check(key)
+        m = self._map(i)
+        if end > m.numel():
+            raise BadFileError(f"{self._files[i]}: tensor {key!r} ends at byte {end} but the file now holds "
+                               f"{m.numel()}: it was truncated; {REFETCH}")
+        raw = m[start:end]
+        size = itemsize(info.dtype)
+        if start % size:  # a writer that did not align its tensors: copy rather than view unaligned bytes
+            raw = raw.clone()
+        return raw.view(info.dtype).view(info.shape)
 
     def paths(self) -> list[Path]:
         return list(self._files)
 
     def close(self) -> None:
-        self._handles.clear()
+        self._maps.clear()  # the maps go when the last tensor viewing them does
+        for g in self._guards.values():
+            if g is not None:
+                g.close()
+        self._guards.clear()
 
 
 class TorchFileSource(TensorSource):
@@ -174,6 +237,7 @@ class TorchFileSource(TensorSource):
         super().__init__()
         self.name = str(path)
         self._path = path
+        self._guard = _InputGuard(path)  # torch.load(mmap=True) maps the file too
         obj = None
         last: Exception | None = None
         for mmap in (True, False):  # mmap needs the zip format; legacy files fall back to a plain load
@@ -205,10 +269,14 @@ class TorchFileSource(TensorSource):
         self._infos = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in self._tensors.items()}
 
     def _load(self, key: str) -> torch.Tensor:
+        self._guard.check(key)
         return self._tensors[key]
 
     def paths(self) -> list[Path]:
         return [self._path]
+
+    def close(self) -> None:
+        self._guard.close()
 
 
 class PrefixView(TensorSource):
