@@ -9,10 +9,12 @@ split points never matter. `diffusion_view()` strips the checkpoint prefix (`mod
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap as _mmap
 import os
 import pickle
+import time
 import warnings
 import weakref
 from abc import ABC, abstractmethod
@@ -34,6 +36,7 @@ DIFFUSION_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model
 
 
 NONFINITE_POLICIES = ("report", "error", "ignore")
+CHANGE_CHECK_SECONDS = 0.005  # how often an input without a lease is checked for having changed
 
 
 class TensorSource(ABC):
@@ -124,6 +127,15 @@ class DictSource(TensorSource):
         return self._tensors[key]
 
 
+@functools.lru_cache(maxsize=4096)
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
 class _InputGuard:
     """An input file held open while it is read: a read lease where the CLI can take one (another program
     opening it for writing stops the run cleanly, see signals.py), else a size check before each read, so
@@ -135,13 +147,19 @@ class _InputGuard:
         st = os.fstat(self.fd)
         self.size, self.mtime = st.st_size, st.st_mtime_ns
         self.leased = hold_read_lease(self.fd, path)
+        self._checked = 0.0
         self._finalizer = weakref.finalize(self, _close_guarded, self.fd)
 
     def check(self, key: str) -> None:
-        """Before reading `key`: the file is still the one whose header was read (one fstat; none under a
-        lease, which stops the run before any change)."""
+        """Before reading `key`: the file is still the one whose header was read (one fstat, at most every
+        few milliseconds so 10^5 tiny tensors do not pay one each; none under a lease, which stops the run
+        before any change). Best effort: a truncation between this check and the read still faults."""
         if self.leased:
             return
+        now = time.monotonic()
+        if now - self._checked < CHANGE_CHECK_SECONDS:
+            return
+        self._checked = now
         st = os.fstat(self.fd)
         if st.st_size != self.size or st.st_mtime_ns != self.mtime:
             raise BadFileError(f"{self.path}: the file changed while it was being read (tensor {key!r}; size "
@@ -162,62 +180,72 @@ def _close_guarded(fd: int) -> None:
 
 class SafetensorsSource(TensorSource):
     """One or more safetensors files (shards); the header is validated before anything is read. Tensors
-    are views of the file's memory map (nothing is copied; a key costs a slice, not a library call)."""
+    are views of the file's memory map (nothing is copied; a key costs one strided view, not a library
+    call, and a few dict entries of memory: headers can list 10^5 tensors)."""
 
     def __init__(self, files: list[Path], name: str | None = None):
         super().__init__()
         self.name = name or str(files[0])
         self._files = files
-        # key -> (file index, first byte, last byte + 1), one tuple per key: memory stays small per tensor
-        self._where: dict[str, tuple[int, int, int]] = {}
+        self._start: dict[str, int] = {}  # key -> first byte in its file
+        self._key_file: dict[str, int] = {}  # key -> index of its file, for shards only (else all 0)
         self._guards: dict[int, _InputGuard | None] = {}
-        self._maps: dict[int, torch.Tensor] = {}
+        self._maps: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # (file, dtype) -> the file as that dtype
         for i, f in enumerate(files):
             # held from before the header is read: a lease (or the size check) covers the whole run
             self._guards[i] = _InputGuard(f) if f.is_file() else None
             h: SafetensorsHeader = read_header(f)
-            where = self._where
             for k, info in h.tensors.items():
-                if k in where:
-                    raise BadFileError(f"{f}: tensor {k!r} also appears in {files[where[k][0]]}; shards overlap: "
+                if k in self._infos:
+                    raise BadFileError(f"{f}: tensor {k!r} also appears in {files[self._file_of(k)]}; shards overlap: "
                                        "remove the stray shard from the folder")
                 self._infos[k] = info
-                start, end = h.offsets[k]
-                where[k] = (i, start, end)
+                self._start[k] = h.offsets[k][0]
+                if i:
+                    self._key_file[k] = i
             if i == 0:
                 self.metadata = dict(h.metadata)
             del h
 
-    def _map(self, i: int) -> torch.Tensor:
-        m = self._maps.get(i)
+    def _file_of(self, key: str) -> int:
+        return self._key_file.get(key, 0)
+
+    def _map(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        """File `i` memory-mapped, as a flat tensor of `dtype` (uint8 for unaligned reads)."""
+        m = self._maps.get((i, dtype))
         if m is None:
-            guard = self._guards.get(i)
-            if guard is None:  # closed before, read again
-                guard = self._guards[i] = _InputGuard(self._files[i])
-            try:
-                # ACCESS_COPY: a private, writable map (pages stay shared with the page cache unless written),
-                # which torch can wrap without a read-only warning; the sources never write to it
-                mm = _mmap.mmap(guard.fd, 0, access=_mmap.ACCESS_COPY)
-            except (OSError, ValueError) as e:
-                raise BadFileError(f"{self._files[i]}: cannot open: {e}; {REFETCH}") from e
-            m = self._maps[i] = torch.frombuffer(mm, dtype=torch.uint8)
+            raw = self._maps.get((i, torch.uint8))
+            if raw is None:
+                guard = self._guards.get(i)
+                if guard is None:  # closed before, read again
+                    guard = self._guards[i] = _InputGuard(self._files[i])
+                try:
+                    # ACCESS_COPY: a private, writable map (pages stay shared with the page cache unless
+                    # written), which torch wraps without a read-only warning; sources never write to it
+                    mm = _mmap.mmap(guard.fd, 0, access=_mmap.ACCESS_COPY)
+                except (OSError, ValueError) as e:
+                    raise BadFileError(f"{self._files[i]}: cannot open: {e}; {REFETCH}") from e
+                raw = self._maps[(i, torch.uint8)] = torch.frombuffer(mm, dtype=torch.uint8)
+            size = itemsize(dtype)
+            m = self._maps[(i, dtype)] = raw[:raw.numel() // size * size].view(dtype)
         return m
 
     def _load(self, key: str) -> torch.Tensor:
-        i, start, end = self._where[key]
+        i = self._key_file.get(key, 0) if self._key_file else 0
+        start = self._start[key]
         info = self._infos[key]
         guard = self._guards.get(i)
         if guard is not None:
             guard.check(key)
-        m = self._map(i)
-        if end > m.numel():
-            raise BadFileError(f"{self._files[i]}: tensor {key!r} ends at byte {end} but the file now holds "
-                               f"{m.numel()}: it was truncated; {REFETCH}")
-        raw = m[start:end]
         size = itemsize(info.dtype)
-        if start % size:  # a writer that did not align its tensors: copy rather than view unaligned bytes
-            raw = raw.clone()
-        return raw.view(info.dtype).view(info.shape)
+        if start % size:  # a writer that did not align its tensors: copy the bytes rather than view them
+            raw = self._map(i, torch.uint8)[start:start + info.nbytes]
+            return raw.clone().view(info.dtype).view(info.shape)
+        m = self._map(i, info.dtype)
+        if start + info.nbytes > m.numel() * size:
+            raise BadFileError(f"{self._files[i]}: tensor {key!r} ends at byte {start + info.nbytes} but the file "
+                               f"now holds {m.numel() * size}: it was truncated; {REFETCH}")
+        return torch.as_strided(m, info.shape, _contiguous_strides(info.shape), start // size)
 
     def paths(self) -> list[Path]:
         return list(self._files)
