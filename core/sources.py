@@ -143,7 +143,8 @@ class _InputGuard:
 
     def __init__(self, path: Path):
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        # O_NONBLOCK: a FIFO given as a model must not hang here (regular files read as usual)
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
         st = os.fstat(self.fd)
         self.size, self.mtime = st.st_size, st.st_mtime_ns
         self.leased = hold_read_lease(self.fd, path)
