@@ -81,6 +81,8 @@ _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
 
 
 def _process_runs(pid: int) -> bool:
+    if os.name == "nt":  # os.kill there terminates the process: never probe, assume it runs
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
