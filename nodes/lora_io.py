@@ -10,10 +10,29 @@ from ..core.dtypes import OUTPUT_DTYPE_CHOICES, parse_dtype
 from ..core.errors import MismatchError
 from ..core.lora import keymaps
 from ..core.lora.convert import convert_lora, flux_to_chroma
-from ..core.lora.formats import LORA_ARCHES, WRITABLE_FORMATS, load_lora, lora_state_dict, lora_summary, save_lora
+from ..core.lora.fit import check_lora_fits
+from ..core.lora.formats import (
+    LORA_ARCHES,
+    WRITABLE_FORMATS,
+    load_lora,
+    lora_state_dict,
+    lora_summary,
+    reformat_lora,
+    save_lora,
+)
 from ..core.lora.model import LoRA
 from ..core.lora.reproject import REPROJECT_METHODS, ReprojectOptions, reproject_flux_to_chroma
-from .common import CATEGORY, LORA_TYPE, compute_device, input_path, model_arch, output_path, progress, ui_report
+from .common import (
+    CATEGORY,
+    LORA_TYPE,
+    PatcherSource,
+    compute_device,
+    input_path,
+    model_arch,
+    output_path,
+    progress,
+    ui_report,
+)
 
 ARCH_CHOICES = ["auto", *LORA_ARCHES]
 SUBCATEGORY = f"{CATEGORY}/LoRA"
@@ -90,9 +109,12 @@ class WeightsmithSaveLoRA:
         if fmt == "same as input":
             fmt = lora.source_format if lora.source_format in WRITABLE_FORMATS else "comfy"
         path = output_path("loras", filename_prefix)
-        save_lora(lora, path, fmt=fmt, dtype=parse_dtype(dtype))
+        save_lora(lora, path, fmt=fmt, dtype=parse_dtype(dtype))  # every module, or an error naming them
         text = f"saved {path.name} ({fmt}, {lora.arch}, {len(lora.modules)} modules)"
-        return {"ui": ui_report(text, {"path": str(path), "format": fmt, "arch": lora.arch}), "result": (str(path),)}
+        if fmt == "onetrainer" and lora.arch in ("sd15", "sdxl"):
+            text += "\nOneTrainer names SD UNet and CLIP layers as kohya does (lora_unet_*, lora_te*_*)"
+        data = {"path": str(path), "format": fmt, "arch": lora.arch, "modules": len(lora.modules)}
+        return {"ui": ui_report(text, data), "result": (str(path),)}
 
 
 class WeightsmithConvertLoRA:
@@ -119,10 +141,9 @@ class WeightsmithConvertLoRA:
 
     def convert(self, lora, target_format, target_arch):
         out, report = convert_lora(lora, None if target_arch == "keep" else target_arch)
-        # Going through the target format proves it can express every module (and gives its exact factors).
-        converted = load_lora(lora_state_dict(out, target_format), arch=out.arch)
-        converted.metadata = {**out.metadata, **converted.metadata}
-        converted.unknown_keys = list(out.unknown_keys)
+        # Going through the target format proves it holds every module (and gives its exact factors); a module
+        # it cannot hold, or one its names would not bring back, is refused by name, never dropped.
+        converted = reformat_lora(out, target_format)
         text = f"{lora.source_format} -> {target_format}\n" + report.text()
         return {"ui": ui_report(text, report.to_dict()), "result": (converted, text)}
 
@@ -236,6 +257,9 @@ class WeightsmithApplyLoRA:
                          arch=lora.arch, source_format=lora.source_format, metadata=dict(lora.metadata))
         if strength == 0 or not unet_only.modules:
             return (model,)
+        # ComfyUI only logs a layer whose shape does not match and patches nothing there: refuse first
+        weights = PatcherSource(model)
+        check_lora_fits(unet_only, {k: weights.info(k).shape for k in weights.keys()}, f"this {arch} model")
         sd = lora_state_dict(unet_only, "comfy")
         patched, _ = comfy.sd.load_lora_for_models(model, None, sd, strength, 0)
         return (patched,)
