@@ -317,7 +317,7 @@ def unwritable_error(lora: LoRA, fmt: str, problems: dict[str, str]) -> Unwritab
     holders = [f for f, spec in FORMATS.items() if spec.namer is not None and f != fmt and not unwritable_in(lora, f)]
     holders = holders or ["comfy"]
     named = ", ".join(holders[:-1]) + " or " + holders[-1] if len(holders) > 1 else holders[0]
-    advice = f"save it in the {named} format, which holds every module"
+    advice = f"use the {named} format, which holds every module"
     if all(_diff_only(lora.modules[n], why) for n, why in problems.items()):
         advice += (", or leave these changes out: they are full changes of 1-D weights and bias changes, which an "
                    "extraction stores with store_diff on (turn store_diff off in Extract LoRA, or give "

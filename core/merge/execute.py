@@ -234,7 +234,6 @@ def _written_finite(t: torch.Tensor) -> bool:
 
 def _nonfinite_error(kp: KeyPlan, plan: MergePlan, bad_inputs: list[str]) -> WeightsmithError:
     """An output key would hold NaN/Inf: a broken model, so the merge stops whatever the input policy."""
-    labels = [plan.inputs[i].label for i, _ in kp.reads]
     files = ", ".join(f"{plan.inputs[i].label} {plan.inputs[i].name}" for i, _ in kp.reads)
     key = re.escape(kp.name)
     if not bad_inputs:
@@ -243,7 +242,7 @@ def _nonfinite_error(kp: KeyPlan, plan: MergePlan, bad_inputs: list[str]) -> Wei
                                 "weights and the method's parameters. Nothing was written")
     culprits = ", ".join(f"{plan.inputs[i].label} {plan.inputs[i].name}" for i, _ in kp.reads
                          if plan.inputs[i].label in bad_inputs)
-    good = [x for x in labels if x not in bad_inputs]
+    good = [inp.label for inp in plan.inputs if inp.label not in bad_inputs]
     rules = (f"'{key}=take:{good[0]}' or " if good else "") + f"'{key}=drop'"
     how = "taken from" if kp.action == "take" else "merged from"
     return BadFileError(f"{kp.out_key!r} ({how} {files}) would hold NaN or Inf values: {culprits} holds them in this "
