@@ -245,7 +245,7 @@ def read_back(lora: LoRA, fmt: str, sd: Mapping[str, torch.Tensor], metadata: Ma
     if lost or extra:
         shown = ", ".join((lost + extra)[:8]) + (f", … ({len(lost) + len(extra)} in all)" if len(lost) + len(extra) > 8 else "")
         raise MismatchError(f"the {fmt} names of this {lora.arch} LoRA do not read back as the same modules: {shown}; "
-                            "nothing was written: save it in the comfy format, which names every module as ComfyUI does")
+                            "nothing was written: use the comfy format, which names every module as ComfyUI does")
     back.arch, back.source_format = lora.arch, fmt
     return back
 
