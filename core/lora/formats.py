@@ -234,7 +234,8 @@ def read_back(lora: LoRA, fmt: str, sd: Mapping[str, torch.Tensor], metadata: Ma
     be; MismatchError naming every module (or part of one) that would not come back, so nothing is lost
     between a writer and its reader."""
     hint = lora.arch if lora.arch in LORA_ARCHES else None
-    back = FORMATS[fmt].read(DictSource(sd, name=f"<{fmt} state dict>", metadata=dict(metadata)), hint)
+    src = DictSource(sd, name=f"<{fmt} state dict>", metadata=dict(metadata)).set_nonfinite_policy("ignore")
+    back = FORMATS[fmt].read(src, hint)  # names only: the values are the writer's, not scanned again
     lost = []
     for name in sorted(lora.modules):
         want = _parts(lora.modules[name])

@@ -280,7 +280,7 @@ def unwritable_reason(mod: ModuleDelta, names: list[OutName], fmt: str) -> str |
     if mod.diff_b is not None and any(n.split for n in names):
         return "a bias change on a fused weight this format splits"
     if mod.set_weight is not None and any(n.rows is not None for n in names):
-        return "a replacement of a fused weight the format splits"
+        return "a replacement of a fused weight this format splits"
     return None
 
 
