@@ -81,7 +81,8 @@ class WeightsmithLoadLoRA:
 class WeightsmithSaveLoRA:
     DESCRIPTION = ("Save a LoRA into the loras folder as .safetensors in the chosen format (ComfyUI, kohya, diffusers, "
                    "OneTrainer). The change each layer receives is preserved exactly; fused q/k/v are split or joined "
-                   "as the format needs. Never overwrites: a counter is appended.")
+                   "as the format needs; a module the format cannot hold is refused by name, never dropped. Never "
+                   "overwrites: a counter is appended.")
     CATEGORY = SUBCATEGORY
     FUNCTION = "save"
     OUTPUT_NODE = True
@@ -119,8 +120,9 @@ class WeightsmithSaveLoRA:
 
 class WeightsmithConvertLoRA:
     DESCRIPTION = ("Convert a LoRA to another key format and/or architecture (Flux <-> Chroma), exactly: the change "
-                   "of every kept layer is identical. Layers the target architecture lacks are dropped and listed. "
-                   "The format matters when saving ('same as input') or for other nodes that read it.")
+                   "of every kept layer is identical. Layers the target architecture lacks are dropped and listed; a "
+                   "module the target format cannot hold is refused by name. The format matters when saving ('same "
+                   "as input') or for other nodes that read it.")
     CATEGORY = SUBCATEGORY
     FUNCTION = "convert"
     OUTPUT_NODE = True
@@ -225,7 +227,8 @@ class WeightsmithReprojectFluxToChroma:
 class WeightsmithApplyLoRA:
     DESCRIPTION = ("Apply a LORA to a MODEL through ComfyUI's own LoRA loader (comfy.sd.load_lora_for_models), so it "
                    "behaves exactly like LoraLoaderModelOnly, whatever format the LoRA came in (XLabs and PEFT-on-BFL "
-                   "files included, which ComfyUI alone does not load). Text-encoder layers are not applied.")
+                   "files included, which ComfyUI alone does not load). Text-encoder layers are not applied. A LoRA "
+                   "whose layer shapes do not match the model (made for another size) is refused, naming them.")
     CATEGORY = SUBCATEGORY
     FUNCTION = "apply"
     OUTPUT_NODE = False
