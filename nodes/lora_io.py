@@ -263,7 +263,10 @@ class WeightsmithApplyLoRA:
         # ComfyUI only logs a layer whose shape does not match and patches nothing there: refuse first
         weights = PatcherSource(model)
         check_lora_fits(unet_only, {k: weights.info(k).shape for k in weights.keys()}, f"this {arch} model")
-        sd = lora_state_dict(unet_only, "comfy")
+        try:
+            sd = lora_state_dict(unet_only, "comfy")
+        except MismatchError:  # adapters on split q/k/v slices: only the split naming carries them
+            sd = lora_state_dict(unet_only, "lycoris")
         patched, _ = comfy.sd.load_lora_for_models(model, None, sd, strength, 0)
         return (patched,)
 

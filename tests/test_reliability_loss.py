@@ -103,7 +103,8 @@ def _split_bias(module: str) -> bool:
 def expected_refusals(fmt: str, lora: LoRA) -> set[str]:
     """What each format cannot hold, from what the formats are (not from our writers): kohya has no key for
     Flux's norm `.scale` parameters (ComfyUI maps `.weight` only); diffusers and OneTrainer split fused Flux
-    weights (no name for a bias change there) and name neither Chroma's guidance layer nor, for diffusers, T5."""
+    weights (no name for a bias change there) and name neither Chroma's guidance layer nor, for diffusers, T5;
+    SimpleTuner's LyCORIS naming splits them as OneTrainer does."""
     out = set()
     for name, mod in lora.modules.items():
         bfl = name[len(km.DIFFUSION):] if name.startswith(km.DIFFUSION) else ""
@@ -111,7 +112,7 @@ def expected_refusals(fmt: str, lora: LoRA) -> set[str]:
             continue
         if fmt == "kohya" and name.endswith(".scale"):
             out.add(name)
-        if fmt in ("diffusers", "onetrainer") and bfl and (
+        if fmt in ("diffusers", "onetrainer", "lycoris") and bfl and (
                 km.is_chroma_only(bfl) or (_split_bias(name) and mod.diff_b is not None)):
             out.add(name)
         if fmt == "diffusers" and name.startswith(km.TEXT + "t5xxl."):
