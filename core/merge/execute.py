@@ -211,6 +211,8 @@ class _MergeContext:
                     and _all_finite(t):
                 raise _overflow_error(kp, self.plan, want)
             t = cast
+        if self.writer is not None and t.is_floating_point() and not _written_finite(t):
+            raise _nonfinite_error(kp, self.plan, [self.plan.inputs[kp.reads[0][0]].label])
         if self.writer is not None:
             self.writer.write(kp.out_key, t)
 
@@ -231,6 +233,28 @@ def _check_inputs_finite(plan: MergePlan, kp: KeyPlan, policies: list[str]) -> l
                                    f"of the merge with a rule such as '{re.escape(kp.name)}=take:A' or "
                                    f"'{re.escape(kp.name)}=drop'")
     return bad
+
+
+def _written_finite(t: torch.Tensor) -> bool:
+    return _sum_is_finite(t.to(torch.float16) if t.dtype in FP8_DTYPES else t) or _all_finite(t)
+
+
+def _nonfinite_error(kp: KeyPlan, plan: MergePlan, bad_inputs: list[str]) -> WeightsmithError:
+    """An output key would hold NaN/Inf: a broken model, so the merge stops whatever the input policy."""
+    files = ", ".join(f"{plan.inputs[i].label} {plan.inputs[i].name}" for i, _ in kp.reads)
+    key = re.escape(kp.name)
+    if not bad_inputs:
+        return WeightsmithError(f"{kp.out_key!r} (merged from {files}): the {kp.method} merge made NaN from finite "
+                                f"inputs (weights {', '.join(f'{w:g}' for w in kp.weights) or 'default'}); check the "
+                                "weights and the method's parameters. Nothing was written")
+    culprits = ", ".join(f"{plan.inputs[i].label} {plan.inputs[i].name}" for i, _ in kp.reads
+                         if plan.inputs[i].label in bad_inputs)
+    good = [inp.label for inp in plan.inputs if inp.label not in bad_inputs]
+    rules = (f"'{key}=take:{good[0]}' or " if good else "") + f"'{key}=drop'"
+    how = "taken from" if kp.action == "take" else "merged from"
+    return BadFileError(f"{kp.out_key!r} ({how} {files}) would hold NaN or Inf values: {culprits} holds them in this "
+                        "tensor (the file is corrupt or the model diverged). A model with NaN/Inf weights is broken, so "
+                        f"nothing was written: download that file again, or leave the key out with a rule such as {rules}")
 
 
 def _overflow_error(kp: KeyPlan, plan: MergePlan, dtype: torch.dtype) -> WeightsmithError:
@@ -309,6 +333,8 @@ def execute_merge(
                     bad_inputs = _check_inputs_finite(plan, kp, policies)
                     if not bad_inputs and not any(r.nan for r in results):
                         raise _overflow_error(kp, plan, output_dtype(kp, out_dtype))
+                    if writer is not None:  # never write NaN/Inf, whatever the input policy; a dry run reports them
+                        raise _nonfinite_error(kp, plan, bad_inputs)
                     ks.finite = False
                     ks.nonfinite_inputs = bad_inputs
             key_stats.append(ks)
