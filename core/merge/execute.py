@@ -21,7 +21,17 @@ from pathlib import Path
 import torch
 
 from ..devices import resolve_device
-from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name, parse_dtype
+from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name
+from ..encodings.encode import (
+    KeyOutput,
+    OutputChoice,
+    OutputLayout,
+    finite_amax,
+    fp8_scale,
+    parse_output,
+    quantize_fp8,
+    source_encoding,
+)
 from ..errors import BadFileError, WeightsmithError
 from ..pipeline import TASK_ELEMS, KeyPipeline, WorkerBuffers, default_workers, row_ranges
 from ..progress import ProgressFn, no_progress
@@ -113,8 +123,9 @@ class _MergeContext:
     """What every task of one merge shares: the plan, device, dtype, writer and per-thread buffers."""
 
     def __init__(self, plan: MergePlan, dev: torch.device, out_dtype: torch.dtype | None, chunk: int,
-                 sample_every: int, writer: StreamingWriter | None):
+                 sample_every: int, writer: StreamingWriter | None, layout: OutputLayout | None = None):
         self.plan = plan
+        self.layout = layout
         self.dev = dev
         self.out_dtype = out_dtype
         self.chunk = chunk
@@ -194,6 +205,63 @@ class _MergeContext:
             self.writer.write(kp.out_key, out.cpu())
         return result
 
+    def encoded_task(self, kp: KeyPlan, ko: KeyOutput, full: list[torch.Tensor]) -> _TaskResult:
+        """Merge a key that is written encoded: quantizing needs the whole result's amax, so a row-wise
+        method runs twice over the key's row blocks (the amax and the report's sums, then the same blocks
+        quantized into the payload), holding no fp32 copy of the result; any other method computes the
+        whole fp32 result once. The scale is always the fresh amax / fp8 max of the merged values."""
+        assert ko.fmt is not None
+        fn, weights, params = self.method_args(kp)
+        result = _TaskResult([])
+        if not self.blockwise(kp):
+            xs = [t.to(self.dev, torch.float32) for t in full]
+            y = fn(xs, weights, **params)
+            if tuple(y.shape) != kp.shape:
+                raise WeightsmithError(f"{kp.name!r}: method {kp.method} returned shape {list(y.shape)}, "
+                                       f"expected {list(kp.shape)}")
+            if self.sample_every:
+                result.sums.append(_block_sums(xs, y))
+            del xs
+            amax = _note_amax(y, result)
+            scale = fp8_scale(amax, ko.fmt.fp8)
+            q = quantize_fp8(y, scale, ko.fmt.fp8).cpu()
+        else:
+            cols = kp.numel // kp.shape[0]
+            step = max(1, max(self.chunk, ENCODE_BLOCK_ELEMS) // cols)
+            blocks = [(b0, min(kp.shape[0], b0 + step)) for b0 in range(0, kp.shape[0], step)]
+
+            def merged(b0: int, b1: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+                xs = [t[b0:b1].to(self.dev, torch.float32) for t in full]
+                return xs, fn(xs, weights, **params)
+
+            amax = 0.0
+            for n, (b0, b1) in enumerate(blocks):
+                xs, y = merged(b0, b1)
+                amax = max(amax, _note_amax(y, result))
+                if self.sample_every and n % self.sample_every == 0:
+                    result.sums.append(_block_sums(xs, y))
+                elif self.sample_every:
+                    result.unsampled = True
+            scale = fp8_scale(amax, ko.fmt.fp8)
+            q = torch.empty(kp.shape, dtype=ko.fmt.fp8)
+            for b0, b1 in blocks:
+                quantize_fp8(merged(b0, b1)[1], scale, ko.fmt.fp8, out=q[b0:b1])
+        if self.writer is not None:
+            self.writer.write(ko.key, q)
+            self.writer.write(ko.scale_key, scale)
+        return result
+
+    def encode_take(self, ko: KeyOutput, t: torch.Tensor) -> None:
+        """Copy a key from one input, encoded afresh (its value decoded to fp32, a new scale from its amax:
+        an input written by ComfyUI, whose largest value sits at the fp8 maximum, comes back bit for bit)."""
+        assert ko.fmt is not None
+        y = t.float()
+        scale = fp8_scale(finite_amax(y), ko.fmt.fp8)
+        q = quantize_fp8(y, scale, ko.fmt.fp8)
+        if self.writer is not None:
+            self.writer.write(ko.key, q.reshape(ko.shape))
+            self.writer.write(ko.scale_key, scale)
+
     def take_task(self, kp: KeyPlan, t: torch.Tensor) -> None:
         """Copy a key (`t`, read from one input) to the output, cast to the output dtype if asked."""
         want = output_dtype(kp, self.out_dtype)
@@ -209,6 +277,31 @@ class _MergeContext:
 
 
 STATS_MODES = ("sample", "full", "off")
+ENCODE_BLOCK_ELEMS = 1 << 22  # row blocks of an encoded key: few Python steps; fp32 temporaries of 16 MB
+
+
+def _note_amax(y: torch.Tensor, result: _TaskResult) -> float:
+    """max |y| over finite values, noting in `result` any NaN/Inf (judged on the fp32 values: the fp8
+    payload saturates, so written values would hide an overflow)."""
+    m = float(y.abs().amax()) if y.numel() else 0.0
+    if m == m and m != float("inf"):
+        return m
+    result.nonfinite = True
+    result.nan = result.nan or bool(torch.isnan(y).any())
+    return finite_amax(y)
+
+
+def output_layout(plan: MergePlan, choice: OutputChoice) -> OutputLayout:
+    """How every output key is written: `keep` takes each key's encoding from the input its value comes
+    from (A for merged keys); errors for what cannot be written come here, before anything is read."""
+    layout = OutputLayout(choice, plan.out_prefix)
+    for kp in plan.output_keys():
+        i, raw = kp.reads[0]
+        src = plan.sources[i]
+        layout.add(kp.out_key, kp.shape, output_dtype(kp, choice.dtype), kp.name if kp.part == "unet" else None,
+                   source_encoding(src, raw), src, raw, f"{plan.inputs[i].label} ({plan.inputs[i].name})")
+    layout.check()
+    return layout
 
 
 def _check_inputs_finite(plan: MergePlan, kp: KeyPlan, policies: list[str]) -> list[str]:
@@ -261,7 +354,9 @@ def execute_merge(
     if stats not in STATS_MODES:
         raise WeightsmithError(f"stats mode {stats!r}: choose one of {', '.join(STATS_MODES)}")
     sample_every = {"full": 1, "sample": STATS_SAMPLE_EVERY, "off": 0}[stats]
-    out_dtype = parse_dtype(dtype)
+    choice = parse_output(dtype)
+    out_dtype = choice.dtype
+    layout = output_layout(plan, choice)
     dev = resolve_device(device or "cpu")
     chunk = chunk_elems or (CUDA_CHUNK_ELEMS if dev.type == "cuda" else CPU_CHUNK_ELEMS)
     progress = progress or no_progress
@@ -270,12 +365,12 @@ def execute_merge(
     key_stats: list[KeyStats] = []
     writer = None
     if out_path is not None:
-        layout = {kp.out_key: (kp.shape, output_dtype(kp, out_dtype)) for kp in plan.output_keys()}
-        writer = StreamingWriter(out_path, layout, plan.metadata, protect=plan.protect_paths(), overwrite=overwrite)
+        writer = StreamingWriter(out_path, layout.writer_plan(), layout.metadata(plan.metadata),
+                                 protect=plan.protect_paths(), overwrite=overwrite)
     # Inputs are not scanned for NaN/Inf up front (a full extra pass over every tensor): a non-finite
     # input shows in the merged output, which is checked for free, and only then are its inputs scanned.
     policies = [getattr(s, "nonfinite", "report") for s in plan.sources]
-    ctx = _MergeContext(plan, dev, out_dtype, chunk, sample_every, writer)
+    ctx = _MergeContext(plan, dev, out_dtype, chunk, sample_every, writer, layout)
     t0 = time.perf_counter()
     progress(0, total)
 
@@ -298,7 +393,9 @@ def execute_merge(
                 if any(r.nonfinite for r in results):
                     bad_inputs = _check_inputs_finite(plan, kp, policies)
                     if not bad_inputs and not any(r.nan for r in results):
-                        raise _overflow_error(kp, plan, output_dtype(kp, out_dtype))
+                        ko = layout.keys.get(kp.out_key)
+                        encoded = ko is not None and ko.fmt is not None  # fp8 scaled saturates nothing: fp32 overflowed
+                        raise _overflow_error(kp, plan, torch.float32 if encoded else output_dtype(kp, out_dtype))
                     ks.finite = False
                     ks.nonfinite_inputs = bad_inputs
             key_stats.append(ks)
@@ -313,12 +410,24 @@ def execute_merge(
             if writer is not None:
                 writer.__enter__()
             try:
+                if writer is not None:
+                    layout.write_extras(writer)
                 with KeyPipeline(workers, single_threaded_torch=dev.type == "cpu") as pipe:
                     for kp in key_plans:
                         ks = KeyStats(kp.name, kp.group, kp.action, kp.method, kp.numel,
                                       reads=[plan.inputs[i].label for i, _ in kp.reads], decided_by=kp.decided_by)
                         finish = finisher(kp, ks)
-                        if kp.action == "take":
+                        ko = layout.keys.get(kp.out_key)
+                        if ko is not None and ko.fmt is not None and kp.action == "take":
+                            pipe.add([partial(ctx.encode_take, ko, ctx.inputs(kp)[0])], finish)
+                        elif ko is not None and ko.fmt is not None and kp.action == "merge":
+                            # whole-key work: a big key runs alone (all cores, nothing else in memory)
+                            task = partial(ctx.encoded_task, kp, ko, ctx.inputs(kp))
+                            if kp.numel * 4 * len(kp.reads) > ALONE_BYTES:
+                                finish([pipe.run_alone(task)])
+                            else:
+                                pipe.add([task], finish)
+                        elif kp.action == "take":
                             pipe.add([partial(ctx.take_task, kp, ctx.inputs(kp)[0])], finish)
                         elif kp.action != "merge":
                             finish([])
@@ -345,12 +454,13 @@ def execute_merge(
     return MergeReport(
         plan=plan,
         out_path=Path(out_path) if out_path is not None else None,
-        dtype="keep" if out_dtype is None else str(out_dtype).replace("torch.", ""),
+        dtype=choice.name if out_dtype is None else str(out_dtype).replace("torch.", ""),
         device=str(dev),
         seconds=seconds,
         bytes_written=writer.total_bytes if writer is not None else 0,
         key_stats=key_stats,
         stats=stats,
+        encodings=layout.summary() if layout.encoded else {},
     )
 
 
