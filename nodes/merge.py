@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy.weight_adapter import WeightAdapterBase
 
-from ..core.dtypes import OUTPUT_DTYPE_CHOICES
+from ..core.dtypes import MODEL_OUTPUT_CHOICES
 from ..core.merge.execute import execute_merge
 from ..core.merge.methods import METHODS, derive_seed, format_params
 from ..core.merge.plan import MISSING_POLICIES, OTHERS_POLICIES, MergePlan, plan_merge
@@ -235,9 +235,12 @@ class WeightsmithMergeFiles:
                                                        "tooltip": "Keys outside the diffusion model (text encoders, "
                                                                   "VAE of full checkpoints): copy from model_a, "
                                                                   "merge like the rest, or drop."}),
-                "dtype": (OUTPUT_DTYPE_CHOICES, {"default": "keep",
-                                                 "tooltip": "Output dtype; keep = model_a's dtype per tensor. The "
-                                                            "math is fp32 either way."}),
+                "dtype": (MODEL_OUTPUT_CHOICES, {"default": "keep",
+                                                 "tooltip": "Output dtype; keep = model_a's dtype per tensor, and "
+                                                            "model_a's ComfyUI scaled-fp8 / mixed-precision encoding "
+                                                            "with scales recomputed from the merged weights. "
+                                                            "fp8_scaled: ComfyUI scaled fp8 for the diffusion "
+                                                            "model's Linear weights. The math is fp32 either way."}),
                 "dry_run": ("BOOLEAN", {"default": False, "tooltip": "Compute the merge and report; write no file."}),
                 "output_folder": (OUTPUT_FOLDERS, {"default": "output",
                                                    "tooltip": "Where the file goes: ComfyUI's output folder, "

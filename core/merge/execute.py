@@ -227,7 +227,7 @@ class _MergeContext:
             q = quantize_fp8(y, scale, ko.fmt.fp8).cpu()
         else:
             cols = kp.numel // kp.shape[0]
-            step = max(1, max(self.chunk, ENCODE_BLOCK_ELEMS) // cols)
+            step = max(1, self.chunk * ENCODE_BLOCK_FACTOR // cols)
             blocks = [(b0, min(kp.shape[0], b0 + step)) for b0 in range(0, kp.shape[0], step)]
 
             def merged(b0: int, b1: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -277,7 +277,7 @@ class _MergeContext:
 
 
 STATS_MODES = ("sample", "full", "off")
-ENCODE_BLOCK_ELEMS = 1 << 22  # row blocks of an encoded key: few Python steps; fp32 temporaries of 16 MB
+ENCODE_BLOCK_FACTOR = 16  # row blocks of an encoded key, in chunks (4M elements on a CPU): few Python steps
 
 
 def _note_amax(y: torch.Tensor, result: _TaskResult) -> float:
