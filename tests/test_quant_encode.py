@@ -316,3 +316,31 @@ def test_mix_keep_writes_the_references_encoding_within_fp8_rounding(tmp_path):
                 assert torch.equal(dec[k], pick), k
             else:
                 assert_within_fp8(dec[k], pick, f.get_tensor(k[:-7] + ".scale_weight"), E4M3, k)
+
+
+class _NoRawAccess(DecodedSource):
+    """A decoded source that hands out activation scales and its marker only, never a stored payload."""
+
+    def side_tensor(self, raw_key):
+        if not raw_key.endswith((".scale_input", "scaled_fp8")):
+            raise KeyError(raw_key)
+        return super().side_tensor(raw_key)
+
+
+def test_row_decoding_of_payloads_equals_reading_decoded_tensors(pair, tmp_path):
+    """The executor decodes scaled-fp8 inputs by row blocks when a source hands out the stored payload;
+    the output is the same, bit for bit, as when it reads the source's whole decoded tensors."""
+    a, b = pair
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_scaled_fp8(pa, a, input_scale=0.5)
+    write_scaled_fp8(pb, b)
+    outs = []
+    for cls in (DecodedSource, _NoRawAccess):
+        out = tmp_path / f"{cls.__name__}.safetensors"
+        execute_merge(plan_merge([cls(pa), cls(pb)], "weighted_sum", [0.3, 0.7]), out, "keep", chunk_elems=64)
+        outs.append(out)
+    with safe_open(str(outs[0]), "pt") as f, safe_open(str(outs[1]), "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+        for k in f.keys():
+            x, y = f.get_tensor(k), g.get_tensor(k)
+            assert x.dtype == y.dtype and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), k

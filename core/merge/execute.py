@@ -26,10 +26,12 @@ from ..encodings.encode import (
     KeyOutput,
     OutputChoice,
     OutputLayout,
+    ScaledRows,
     finite_amax,
     fp8_scale,
     parse_output,
     quantize_fp8,
+    scaled_rows,
     source_encoding,
 )
 from ..errors import BadFileError, WeightsmithError
@@ -106,6 +108,7 @@ class _TaskResult:
     nonfinite: bool = False
     nan: bool = False
     unsampled: bool = False
+    amax: float = 0.0  # max |value| over finite values (keys written encoded)
 
 
 def _check_written(stored: torch.Tensor, y: torch.Tensor | None, result: _TaskResult) -> None:
@@ -205,50 +208,77 @@ class _MergeContext:
             self.writer.write(kp.out_key, out.cpu())
         return result
 
+    def row_inputs(self, kp: KeyPlan) -> list:
+        """Like `inputs`, but a tensor-wise scaled fp8 input is handed out as its stored payload with row
+        access (scaled_rows): row blocks are decoded on the worker threads, and no input is held decoded
+        whole (the values are the decoded source's own: one fp32 multiply by the scale)."""
+        out = []
+        for i, raw in kp.reads:
+            src = self.plan.sources[i]
+            rows = scaled_rows(src, raw)
+            out.append(rows if rows is not None else src.get(raw))
+        return out
+
+    def encode_rows_task(self, kp: KeyPlan, full: list, y: torch.Tensor, r0: int, r1: int, step: int) -> _TaskResult:
+        """Merge rows [r0, r1) of a key written encoded into its fp32 result buffer `y`, noting their amax
+        (the key is quantized once every row is in: `finish_encoded`)."""
+        fn, weights, params = self.method_args(kp)
+        inplace = METHODS[kp.method].inplace
+        cols = kp.numel // kp.shape[0]
+        result = _TaskResult([])
+        for b0 in range(r0, r1, step):
+            b1 = min(r1, b0 + step)
+            shape = (b1 - b0, *kp.shape[1:])
+            xs = []
+            for i, t in enumerate(full):
+                block = t[b0:b1]
+                if self.dev.type != "cpu":
+                    xs.append(block.to(self.dev, torch.float32))
+                elif block.dtype == torch.float32 and (inplace is None or isinstance(t, ScaledRows)):
+                    xs.append(block)  # decoded rows are fresh: an in-place method may use them as scratch
+                else:
+                    xs.append(self.buffers.get(f"in{i}", (b1 - b0) * cols, torch.float32).view(shape).copy_(block))
+            sampled = self.sample_every > 0 and (b0 // step) % self.sample_every == 0
+            yb = (fn if sampled or inplace is None else inplace)(xs, weights, **params)
+            result.amax = max(result.amax, _note_amax(yb, result))
+            if sampled:
+                result.sums.append(_block_sums(xs, yb))
+            else:
+                result.unsampled = True
+            y[b0 * cols:b1 * cols].view(shape).copy_(yb)
+        return result
+
+    def finish_encoded(self, ko: KeyOutput, y: torch.Tensor, results: list[_TaskResult]) -> None:
+        """Quantize a key's whole fp32 result with the fresh scale amax / fp8 max and write payload + scale,
+        block by block in place (no second fp32 copy of the tensor)."""
+        assert ko.fmt is not None
+        scale = fp8_scale(max((r.amax for r in results), default=0.0), ko.fmt.fp8)
+        saturate = any(r.nonfinite for r in results)  # finite values divided by amax / max stay in range
+        stage = torch.empty(min(y.numel(), 1 << 22), dtype=ko.fmt.fp8)
+        for lo in range(0, y.numel(), stage.numel()):
+            hi = min(y.numel(), lo + stage.numel())
+            q = quantize_fp8(y[lo:hi], scale, ko.fmt.fp8, out=stage[:hi - lo], saturate=saturate, inplace=True)
+            if self.writer is not None:
+                self.writer.write_at(ko.key, lo, q)
+        if self.writer is not None:
+            self.writer.write(ko.scale_key, scale)
+
     def encoded_task(self, kp: KeyPlan, ko: KeyOutput, full: list[torch.Tensor]) -> _TaskResult:
-        """Merge a key that is written encoded: quantizing needs the whole result's amax, so a row-wise
-        method runs twice over the key's row blocks (the amax and the report's sums, then the same blocks
-        quantized into the payload), holding no fp32 copy of the result; any other method computes the
-        whole fp32 result once. The scale is always the fresh amax / fp8 max of the merged values."""
+        """Merge a key written encoded with a method that needs the whole tensor: the fp32 result once,
+        then quantized with the fresh scale amax / fp8 max of the merged values."""
         assert ko.fmt is not None
         fn, weights, params = self.method_args(kp)
         result = _TaskResult([])
-        if not self.blockwise(kp):
-            xs = [t.to(self.dev, torch.float32) for t in full]
-            y = fn(xs, weights, **params)
-            if tuple(y.shape) != kp.shape:
-                raise WeightsmithError(f"{kp.name!r}: method {kp.method} returned shape {list(y.shape)}, "
-                                       f"expected {list(kp.shape)}")
-            if self.sample_every:
-                result.sums.append(_block_sums(xs, y))
-            del xs
-            amax = _note_amax(y, result)
-            scale = fp8_scale(amax, ko.fmt.fp8)
-            q = quantize_fp8(y, scale, ko.fmt.fp8).cpu()
-        else:
-            cols = kp.numel // kp.shape[0]
-            step = max(1, self.chunk * ENCODE_BLOCK_FACTOR // cols)
-            blocks = [(b0, min(kp.shape[0], b0 + step)) for b0 in range(0, kp.shape[0], step)]
-
-            def merged(b0: int, b1: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-                xs = [t[b0:b1].to(self.dev, torch.float32) for t in full]
-                return xs, fn(xs, weights, **params)
-
-            amax = 0.0
-            for n, (b0, b1) in enumerate(blocks):
-                xs, y = merged(b0, b1)
-                amax = max(amax, _note_amax(y, result))
-                if self.sample_every and n % self.sample_every == 0:
-                    result.sums.append(_block_sums(xs, y))
-                elif self.sample_every:
-                    result.unsampled = True
-            scale = fp8_scale(amax, ko.fmt.fp8)
-            q = torch.empty(kp.shape, dtype=ko.fmt.fp8)
-            for b0, b1 in blocks:
-                quantize_fp8(merged(b0, b1)[1], scale, ko.fmt.fp8, out=q[b0:b1])
-        if self.writer is not None:
-            self.writer.write(ko.key, q)
-            self.writer.write(ko.scale_key, scale)
+        xs = [t.to(self.dev, torch.float32) for t in full]
+        y = fn(xs, weights, **params)
+        if tuple(y.shape) != kp.shape:
+            raise WeightsmithError(f"{kp.name!r}: method {kp.method} returned shape {list(y.shape)}, "
+                                   f"expected {list(kp.shape)}")
+        if self.sample_every:
+            result.sums.append(_block_sums(xs, y))
+        del xs
+        result.amax = _note_amax(y, result)
+        self.finish_encoded(ko, y.reshape(-1).cpu(), [result])
         return result
 
     def encode_take(self, ko: KeyOutput, t: torch.Tensor) -> None:
@@ -277,18 +307,28 @@ class _MergeContext:
 
 
 STATS_MODES = ("sample", "full", "off")
-ENCODE_BLOCK_FACTOR = 16  # row blocks of an encoded key, in chunks (4M elements on a CPU): few Python steps
 
 
 def _note_amax(y: torch.Tensor, result: _TaskResult) -> float:
     """max |y| over finite values, noting in `result` any NaN/Inf (judged on the fp32 values: the fp8
     payload saturates, so written values would hide an overflow)."""
-    m = float(y.abs().amax()) if y.numel() else 0.0
+    if y.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(y)
+    m = max(-float(lo), float(hi))
     if m == m and m != float("inf"):
         return m
     result.nonfinite = True
     result.nan = result.nan or bool(torch.isnan(y).any())
     return finite_amax(y)
+
+
+def _then(first, then):
+    """A key's finish that runs `first(results)`, then `then(results)`."""
+    def finish(results: list) -> None:
+        first(results)
+        then(results)
+    return finish
 
 
 def output_layout(plan: MergePlan, choice: OutputChoice) -> OutputLayout:
@@ -420,10 +460,18 @@ def execute_merge(
                         ko = layout.keys.get(kp.out_key)
                         if ko is not None and ko.fmt is not None and kp.action == "take":
                             pipe.add([partial(ctx.encode_take, ko, ctx.inputs(kp)[0])], finish)
+                        elif ko is not None and ko.fmt is not None and kp.action == "merge" and ctx.blockwise(kp):
+                            # row blocks into one fp32 result; quantized when all are in (amax of the whole)
+                            full = ctx.row_inputs(kp)
+                            cols = kp.numel // kp.shape[0]
+                            step = max(1, chunk // cols)
+                            y = torch.empty(kp.numel, dtype=torch.float32)
+                            pipe.add([partial(ctx.encode_rows_task, kp, full, y, r0, r1, step)
+                                      for r0, r1 in row_ranges(kp.shape[0], cols, step, max(chunk, TASK_ELEMS))],
+                                     _then(partial(ctx.finish_encoded, ko, y), finish))
                         elif ko is not None and ko.fmt is not None and kp.action == "merge":
-                            # whole-key work: a big key runs alone (all cores, nothing else in memory)
                             task = partial(ctx.encoded_task, kp, ko, ctx.inputs(kp))
-                            if kp.numel * 4 * len(kp.reads) > ALONE_BYTES:
+                            if kp.numel * 4 * len(kp.reads) > ALONE_BYTES:  # big: alone, with all cores
                                 finish([pipe.run_alone(task)])
                             else:
                                 pipe.add([task], finish)
