@@ -138,12 +138,15 @@ def _scratch(tmp_path, need_bytes: int):
 
 
 def _flux_scaled_file(path: Path, seed: int) -> None:
-    """Flux at ComfyUI's detection width (3072, 1 double block) as ComfyUI scaled fp8, values varied
-    cheaply (a pattern, not randn: ~0.4 billion values)."""
+    """Flux at ComfyUI's detection width (3072, 1 double block) as ComfyUI scaled fp8, written fast: each
+    payload tiles one random block of fp8 codes (holding ±448, as ComfyUI's quantizer leaves them),
+    shifted per key and seed, with its own scale."""
     cfg = FluxConfig(hidden=3072, depth=1, depth_single=0, num_heads=24, context_in=4096, vec_in=768)
     shapes = flux_shapes(cfg, "dev")
-    from quant_support import comfy_quantize
-
+    gen = torch.Generator().manual_seed(seed)
+    base = (torch.randn(1 << 16, generator=gen) * 100).clamp(-448, 448)
+    base[:2] = torch.tensor([448.0, -448.0])
+    codes = base.to(torch.float8_e4m3fn).view(torch.uint8)
     plan = {"scaled_fp8": ((2,), torch.float8_e4m3fn)}
     for k, s in shapes.items():
         quant = k.endswith(".weight") and len(s) == 2
@@ -154,13 +157,12 @@ def _flux_scaled_file(path: Path, seed: int) -> None:
         w.write("scaled_fp8", torch.zeros(2, dtype=torch.float8_e4m3fn))
         for i, (k, s) in enumerate(shapes.items()):
             n = torch.Size(s).numel()
-            t = ((torch.arange(n, dtype=torch.float32) * (0.37 + seed + i)) % 2.0 - 1.0).reshape(s) * 0.02 * (1 + i % 5)
+            tiled = codes.roll(7 * i + seed).repeat(n // codes.numel() + 1)[:n]
             if k.endswith(".weight") and len(s) == 2:
-                q, sc = comfy_quantize(t, torch.float8_e4m3fn)
-                w.write(k, q)
-                w.write(k[:-7] + ".scale_weight", sc)
+                w.write(k, tiled.view(torch.float8_e4m3fn).reshape(s))
+                w.write(k[:-7] + ".scale_weight", torch.tensor(1e-4 * (1 + i % 7 + seed), dtype=torch.float32))
             else:
-                w.write(k, t.to(torch.bfloat16))
+                w.write(k, (tiled.view(torch.float8_e4m3fn).float() / 448).to(torch.bfloat16).reshape(s))
 
 
 def test_flux_scaled_fp8_merge_at_full_width_loads_in_comfyui(comfy, tmp_path):

@@ -384,7 +384,10 @@ def execute_merge(
 ) -> MergeReport:
     """Run `plan`, writing `out_path` (None: a dry run that computes everything and writes nothing).
 
-    `dtype` None keeps each key's input dtype; floats are computed in fp32 and cast once. `stats`: the
+    `dtype` None/'keep' keeps each key's input dtype, and A's ComfyUI scaled-fp8 / mixed-precision encoding
+    (encodings/encode.py; an encoding it cannot write back is refused before anything is read); a dtype
+    name casts every float tensor; 'fp8_scaled[_e5m2]' writes the diffusion model's Linear weights as
+    ComfyUI scaled fp8. Floats are computed in fp32 and cast (or quantized with a fresh scale) once. `stats`: the
     report's similarity/change sums over every element ("full"), over every 16th row block of tensors
     large enough to be processed in blocks ("sample", default: the full sums cost a third of the merge
     time), or not at all ("off"); output NaN/Inf are detected in every mode. `threads`: worker threads
