@@ -132,10 +132,11 @@ def run_comfyui(a: str, b: str, out: str) -> None:
     import comfy.sd
     from comfy_extras.nodes_model_merging import ModelMergeSimple, save_checkpoint
 
-    m1 = comfy.sd.load_diffusion_model(a)  # detected as scaled fp8: fp8 weights + scale_weight
-    m2 = comfy.sd.load_diffusion_model(b)
-    (merged,) = ModelMergeSimple().merge(m1, m2, 0.5)
-    save_checkpoint(merged, filename_prefix="merged", output_dir=str(Path(out).parent))
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        m1 = comfy.sd.load_diffusion_model(a)  # detected as scaled fp8: fp8 weights + scale_weight
+        m2 = comfy.sd.load_diffusion_model(b)
+        (merged,) = ModelMergeSimple().merge(m1, m2, 0.5)
+        save_checkpoint(merged, filename_prefix="merged", output_dir=str(Path(out).parent))
 
 
 CONTENDERS = [

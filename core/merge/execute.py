@@ -168,8 +168,10 @@ class _MergeContext:
             shape = (b1 - b0, *kp.shape[1:])
             xs = []
             for i, t in enumerate(full):
-                block = t[b0:b1]
-                if on_cpu and block.dtype == torch.float32 and inplace is None:
+                block = t.rows(b0, b1, self.dev) if isinstance(t, ScaledRows) else t[b0:b1]
+                if isinstance(t, ScaledRows):
+                    xs.append(block)  # decoded rows are a fresh fp32 tensor: any method may use them as scratch
+                elif on_cpu and block.dtype == torch.float32 and inplace is None:
                     xs.append(block)  # methods never write their inputs: the mapped file is read in place
                 elif on_cpu:
                     xs.append(self.buffers.get(f"in{i}", n, torch.float32).view(shape).copy_(block))
@@ -231,7 +233,7 @@ class _MergeContext:
             shape = (b1 - b0, *kp.shape[1:])
             xs = []
             for i, t in enumerate(full):
-                block = t[b0:b1]
+                block = t.rows(b0, b1, self.dev) if isinstance(t, ScaledRows) else t[b0:b1]
                 if self.dev.type != "cpu":
                     xs.append(block.to(self.dev, torch.float32))
                 elif block.dtype == torch.float32 and (inplace is None or isinstance(t, ScaledRows)):
@@ -483,7 +485,7 @@ def execute_merge(
                         elif kp.action != "merge":
                             finish([])
                         elif ctx.blockwise(kp):
-                            full = ctx.inputs(kp)
+                            full = ctx.row_inputs(kp)
                             cols = kp.numel // kp.shape[0]
                             step = max(1, chunk // cols)
                             pipe.add([partial(ctx.rows_task, kp, full, r0, r1, step)
