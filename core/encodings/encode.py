@@ -224,14 +224,14 @@ def source_encoding(source, raw_key: str) -> KeyEncoding | None:
     return fn(raw_key) if fn is not None else None
 
 
-def _source_marker(source, raw_key: str) -> torch.Tensor | None:
-    """The input's own scaled_fp8 marker (beside the key's diffusion prefix), when the source hands out
-    hidden tensors by raw key; None when it cannot."""
+def _source_marker(source, raw_key: str, enc: KeyEncoding) -> torch.Tensor | None:
+    """The input's own scaled_fp8 marker (its `side["marker"]`, else beside the key's diffusion prefix),
+    when the source hands out hidden tensors by raw key; None when it cannot."""
     fn = getattr(source, "side_tensor", None)
     if fn is None:
         return None
     try:
-        return fn(detect_diffusion_prefix([raw_key]) + "scaled_fp8")
+        return fn(enc.side.get("marker") or detect_diffusion_prefix([raw_key]) + "scaled_fp8")
     except (KeyError, ValueError, LookupError):
         return None
 
@@ -268,7 +268,7 @@ class OutputLayout:
             if fmt.legacy:
                 self._marker_dtypes.setdefault(fmt.fp8, key)
                 if self._marker_numel is None and enc is not None and enc.format == "fp8_scaled":
-                    marker = _source_marker(source, raw_key)
+                    marker = _source_marker(source, raw_key, enc)
                     if marker is not None:
                         self._marker_numel = marker.numel()
             self._formats[fmt.format] += 1
