@@ -180,3 +180,53 @@ def test_flux_scaled_fp8_merge_at_full_width_loads_in_comfyui(comfy, tmp_path):
         assert type(config) is sm.Flux
         mm.unload_all_models()
         mm.soft_empty_cache()
+
+
+@pytest.fixture
+def model_dirs(tmp_path, monkeypatch, comfy):
+    import folder_paths
+    from safetensors.torch import save_file
+
+    from weightsmith.testmodels import flux_state_dict
+
+    dm = tmp_path / "diffusion_models"
+    dm.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(dm)], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    for i, name in enumerate("abc"):
+        sd = flux_state_dict(FluxConfig(), "dev", seed=20 + i)
+        save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(dm / f"{name}.safetensors"))
+    return dm
+
+
+def _same_file(p: str, q: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(p, "pt") as f, safe_open(str(q), "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+        for k in f.keys():
+            x, y = f.get_tensor(k), g.get_tensor(k)
+            assert x.dtype == y.dtype and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), k
+
+
+def test_file_nodes_write_the_fp8_scaled_choices(model_dirs, tmp_path):
+    """The output-dtype widgets of Merge Model Files and Lossless Mix Files offer the encodings and write
+    what the core writes for them."""
+    from comfy_support import import_pack
+
+    nodes = import_pack().NODE_CLASS_MAPPINGS
+    merge_node, mix_node = nodes["WeightsmithMergeFiles"], nodes["WeightsmithLosslessMixFiles"]
+    assert "fp8_scaled" in merge_node.INPUT_TYPES()["required"]["dtype"][0]
+    assert "fp8_scaled_e5m2" in mix_node.INPUT_TYPES()["optional"]["dtype"][0]
+    files = [f"diffusion_models/{n}.safetensors" for n in "abc"]
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        merged = merge_node().merge(files[0], files[1], "weighted_sum", "0.5,0.5", "", "", "none", "take", "copy",
+                                    "fp8_scaled_e5m2", False, "diffusion_models", "q/merged")["result"][0]
+        mixed = mix_node().mix(*files, 1.0, 1.0, "min_diff (nearest)", True, False, False, False,
+                               "diffusion_models", "q/mixed", dtype="fp8_scaled")["result"][0]
+    want_merge, want_mix = tmp_path / "wm.safetensors", tmp_path / "wx.safetensors"
+    paths = [model_dirs / f"{n}.safetensors" for n in "abc"]
+    execute_merge(plan_merge(paths[:2], "weighted_sum", [0.5, 0.5]), want_merge, "fp8_scaled_e5m2")
+    lossless_mix(*paths, out=want_mix, out_dtype="fp8_scaled")
+    _same_file(merged, want_merge)
+    _same_file(mixed, want_mix)
