@@ -41,6 +41,7 @@ from .arch import detect_arch
 from .devices import resolve_device
 from .dtypes import cast_for_output, dtype_name, itemsize
 from .encodings.encode import KeyOutput, OutputLayout, finite_amax, parse_output, source_encoding, write_encoded
+from .encodings.report import decoded_reads
 from .errors import BadFileError, MismatchError, OutputPathError, WeightsmithError
 from .mix_report import GROUPS, ChunkStats, MixReport, Totals, candidate_letters
 from .pipeline import TASK_ELEMS, KeyPipeline, WorkerBuffers, default_workers
@@ -500,10 +501,12 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
     rows += [tot.row(label, letters) for label, tot in totals.items() if label not in GROUPS]
     copied = {r: [k.key for k in plan.copied(r)] for r in ("outside scope", "missing", "mismatch", "not float")}
     dtypes = layout.summary()
+    sources = {"a": a, **dict(zip(letters, candidates))}
+    reads = [("a", k.key) for k in plan.keys] + [(x, key) for k in plan.mixed() for x, key in zip(letters, k.sources)]
     return MixReport(mode, [float(s) for s in scales], plan.names, None if dry_run else Path(out), dry_run,
                      str(device), rows, len(plan.mixed()), {r: v for r, v in copied.items() if v},
                      {k.key: k.detail for k in plan.keys if k.detail}, plan.extra, dtypes,
-                     time.perf_counter() - t0, nonfinite)
+                     time.perf_counter() - t0, nonfinite, decoded_reads(sources, reads))
 
 
 def lossless_mix(a, b=None, c=None, *, candidates: Sequence | None = None, alpha: float = 1.0, beta: float = 1.0,
