@@ -230,3 +230,19 @@ def test_file_nodes_write_the_fp8_scaled_choices(model_dirs, tmp_path):
     lossless_mix(*paths, out=want_mix, out_dtype="fp8_scaled")
     _same_file(merged, want_merge)
     _same_file(mixed, want_mix)
+
+
+@pytest.mark.parametrize("kind", ["legacy", "mixed"])
+def test_cli_keep_of_quantized_files_loads_in_comfyui(comfy, sd15_pair, tmp_path, kind):
+    """The whole user path: `weightsmith merge a b -o out` (dtype keep) on two quantized files, read by
+    the package's own decoding, writes the same encoding, which ComfyUI loads with our weights."""
+    a, b = sd15_pair
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for p, sd in zip(paths, (a, b)):
+        (write_scaled_fp8 if kind == "legacy" else write_mixed)(p, sd)
+    out = tmp_path / "o.safetensors"
+    r = subprocess.run([sys.executable, "-m", "weightsmith", "merge", *map(str, paths), "-o", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert ("fp8_scaled (fp8_e4m3fn)" if kind == "legacy" else "comfy_quant:float8_e4m3fn") in r.stdout
+    assert_comfy_equals_ours(out, torch.float8_e4m3fn, legacy=kind == "legacy")
