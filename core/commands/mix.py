@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..dtypes import MODEL_OUTPUT_CHOICES
+from ..encodings.encode import parse_output
 from ..errors import WeightsmithError
 from ..mix import GROUPS, lossless_mix, resolve_device
 from ..paths import check_new_output
@@ -37,8 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-mismatch", choices=["keep_a", "error"], default="keep_a",
                    help="a tensor whose shape or kind differs between the models: keep A's and report (default), "
                         "or stop with an error")
-    p.add_argument("--dtype", default="keep", choices=MODEL_OUTPUT_CHOICES,
-                   help="output dtype: keep (default; each mixed tensor in the dtype holding all candidates "
+    p.add_argument("--dtype", default="keep",
+                   help=f"output dtype ({', '.join(MODEL_OUTPUT_CHOICES)}): keep (default; each mixed tensor in the dtype holding all candidates "
                         "exactly, and tensors A stores scaled-fp8 / mixed precision in that encoding again, with "
                         "fresh scales), fp32/fp16/bf16/fp8 for every float tensor, or fp8_scaled[_e5m2] "
                         "(ComfyUI scaled fp8 for the diffusion model's Linear weights)")
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run and args.output is None:
         raise WeightsmithError("name the output with -o OUT.safetensors, or ask for --dry-run")
     resolve_device(args.device)  # a missing GPU fails here, before any file is opened
+    parse_output(args.dtype)  # so does an unknown output dtype
     inputs = [args.reference, *args.candidates]
     output = None if args.dry_run else args.output
     # The report and chart are written after the mix: check their paths now, so a bad one costs nothing.
