@@ -38,6 +38,9 @@ USER_NAMES: dict[str, torch.dtype] = {
     "fp64": torch.float64,
 }
 OUTPUT_DTYPE_CHOICES = ["keep", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]
+# Model outputs (merge, mix) also take encodings: ComfyUI scaled fp8 with a fresh per-tensor scale
+# (encodings/encode.py); `keep` there keeps each input encoding it can write back.
+MODEL_OUTPUT_CHOICES = [*OUTPUT_DTYPE_CHOICES, "fp8_scaled", "fp8_scaled_e5m2"]
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 

@@ -40,6 +40,7 @@ import torch
 from .arch import detect_arch
 from .devices import resolve_device
 from .dtypes import cast_for_output, dtype_name, itemsize
+from .encodings.encode import KeyOutput, OutputLayout, finite_amax, parse_output, source_encoding, write_encoded
 from .encodings.report import decoded_reads
 from .errors import BadFileError, MismatchError, OutputPathError, WeightsmithError
 from .mix_report import GROUPS, ChunkStats, MixReport, Totals, candidate_letters
@@ -377,26 +378,49 @@ def _copy_task(t: torch.Tensor, dtype: torch.dtype, key: str, writer: StreamingW
 
 def _mix_task(flat: Sequence[torch.Tensor], scales: Sequence[float], mode: str, cd: torch.dtype,
               out_dtype: torch.dtype, device: torch.device, chunk: int, lo: int, hi: int, key: str,
-              writer: StreamingWriter | None, buffers: WorkerBuffers, full: bool) -> ChunkStats:
-    """Mix elements lo:hi of one key into this thread's staging buffer and write them to their place."""
+              writer: StreamingWriter | None, buffers: WorkerBuffers, full: bool,
+              dest: torch.Tensor | None = None) -> ChunkStats:
+    """Mix elements lo:hi of one key into this thread's staging buffer and write them to their place (or,
+    for a key written encoded, into `dest`: the whole key's fp32 picks, quantized once all are in)."""
     stats = ChunkStats(len(flat) - 1, full)
-    out = buffers.get("out", hi - lo, out_dtype) if writer is not None else None
+    if dest is not None:
+        out = dest[lo:hi]
+    else:
+        out = buffers.get("out", hi - lo, out_dtype) if writer is not None else None
     _mix_range(flat[0][lo:hi], [x[lo:hi] for x in flat[1:]], scales, mode, cd, out_dtype, device, chunk, 0, hi - lo,
                out, stats)
-    if writer is not None:
+    if writer is not None and dest is None:
         writer.write_at(key, lo * itemsize(out_dtype), out)
     return stats
+
+
+def _encode_copy_task(t: torch.Tensor, ko: KeyOutput, writer: StreamingWriter) -> None:
+    write_encoded(writer, ko, t.float())
+
+
+def mix_layout(plan: MixPlan, a: TensorSource, choice=None) -> OutputLayout:
+    """How every output key is written: `keep` keeps the reference's encoding of the key (its keys and
+    layout make the output); explicit choices as for merge. Errors come before anything is read."""
+    prefix = detect_diffusion_prefix(a.keys())
+    layout = OutputLayout(choice, prefix)
+    for kp in plan.keys:
+        name = kp.key[len(prefix):] if kp.group == "unet" and kp.key.startswith(prefix) else None
+        layout.add(kp.key, kp.shape, kp.dtype, name, source_encoding(a, kp.key), a, kp.key, f"a ({a.name})")
+    layout.check()
+    return layout
 
 
 def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSource], scales: Sequence[float],
                 mode: str = "min", out: str | os.PathLike | None = None, dry_run: bool = False,
                 device: str | torch.device = "cpu", progress: ProgressFn | None = None, stats: bool | None = None,
                 overwrite: bool = False, chunk: int | None = None, metadata: Mapping[str, str] | None = None,
-                ) -> MixReport:
+                layout: OutputLayout | None = None) -> MixReport:
     """Run a plan: stream every key of a (mixed or copied) into `out`, or only analyse when dry_run.
     `stats`: True for cosines and mean |change| besides the shares taken (default on dry runs only); a dry
-    run with stats False computes nothing and reports the plan."""
+    run with stats False computes nothing and reports the plan. `layout` (mix_layout): keys written
+    encoded; default: every key plain in its plan dtype."""
     _check_mode(mode)
+    layout = layout or mix_layout(plan, a)
     full = dry_run if stats is None else bool(stats)
     device = resolve_device(device)
     chunk = chunk or (CPU_CHUNK if device.type == "cpu" else DEVICE_CHUNK)
@@ -412,14 +436,21 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
         if out is None:
             raise OutputPathError("no output path given; name an output file or ask for a dry run")
         protect = [p for s in (a, *candidates) for p in s.paths()]
-        writer = StreamingWriter(out, {k.key: (k.shape, k.dtype) for k in plan.keys}, metadata, protect=protect,
+        writer = StreamingWriter(out, layout.writer_plan(), layout.metadata(metadata), protect=protect,
                                  overwrite=overwrite)
         writer.__enter__()
+        try:
+            layout.write_extras(writer)
+        except BaseException as e:
+            writer.__exit__(type(e), e, e.__traceback__)
+            raise
     buffers = WorkerBuffers()
     task_elems = max(TASK_ELEMS, chunk)
 
-    def finisher(kp: KeyPlan, inputs: list[torch.Tensor]):
+    def finisher(kp: KeyPlan, inputs: list[torch.Tensor], dest: torch.Tensor | None = None):
         def finish(results: list) -> None:
+            if dest is not None and writer is not None:  # an encoded key: all its picks are in, quantize
+                write_encoded(writer, layout.keys[kp.key], dest.view(kp.shape), finite_amax(dest))
             if kp.action == "mix":
                 s = ChunkStats(len(candidates), full)
                 for part in results:  # in element order: the sums do not depend on thread timing
@@ -444,9 +475,15 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
                     flat = [t.reshape(-1) for t in inputs]
                     cd = compute_dtype(*(t.dtype for t in inputs))
                     n = flat[0].numel()
-                    pipe.add([partial(_mix_task, flat, scales, mode, cd, kp.dtype, device, chunk, lo,
-                                      min(n, lo + task_elems), kp.key, writer, buffers, full)
-                              for lo in range(0, n, task_elems)], finisher(kp, inputs))
+                    encoded = layout.keys[kp.key].fmt is not None
+                    # an encoded key's picks (decoded values) gather in fp32 and are quantized when all are in
+                    dest = torch.empty(n, dtype=torch.float32) if encoded and writer is not None else None
+                    dtype = torch.float32 if encoded else kp.dtype
+                    pipe.add([partial(_mix_task, flat, scales, mode, cd, dtype, device, chunk, lo,
+                                      min(n, lo + task_elems), kp.key, writer, buffers, full, dest)
+                              for lo in range(0, n, task_elems)], finisher(kp, inputs, dest))
+                elif writer is not None and layout.keys[kp.key].fmt is not None:
+                    pipe.add([partial(_encode_copy_task, a.get(kp.key), layout.keys[kp.key], writer)], finisher(kp, []))
                 else:
                     tasks = [partial(_copy_task, a.get(kp.key), kp.dtype, kp.key, writer)] if writer is not None else []
                     pipe.add(tasks, finisher(kp, []))
@@ -463,9 +500,7 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
     rows = [tot.row(label, letters) for label, tot in totals.items() if label in GROUPS]
     rows += [tot.row(label, letters) for label, tot in totals.items() if label not in GROUPS]
     copied = {r: [k.key for k in plan.copied(r)] for r in ("outside scope", "missing", "mismatch", "not float")}
-    dtypes: dict[str, int] = {}
-    for k in plan.keys:
-        dtypes[dtype_name(k.dtype)] = dtypes.get(dtype_name(k.dtype), 0) + 1
+    dtypes = layout.summary()
     sources = {"a": a, **dict(zip(letters, candidates))}
     reads = [("a", k.key) for k in plan.keys] + [(x, key) for k in plan.mixed() for x, key in zip(letters, k.sources)]
     return MixReport(mode, [float(s) for s in scales], plan.names, None if dry_run else Path(out), dry_run,
@@ -478,15 +513,19 @@ def lossless_mix(a, b=None, c=None, *, candidates: Sequence | None = None, alpha
                  scales: Sequence[float] | None = None, mode: str = "min", out: str | os.PathLike | None = None,
                  include: Sequence[str] = ("unet",), on_mismatch: str = "keep_a", dry_run: bool = False,
                  device: str | torch.device = "cpu", progress: ProgressFn | None = None,
-                 out_dtype: torch.dtype | None = None, stats: bool | None = None, overwrite: bool = False,
+                 out_dtype: torch.dtype | str | None = None, stats: bool | None = None, overwrite: bool = False,
                  chunk: int | None = None) -> MixReport:
     """Mix models file to file (paths, dicts or TensorSources; .safetensors, sharded, or .ckpt via
     weights_only): per element of every float key in the `include` groups, the candidate nearest to (mode
     'min') or farthest from ('max') the reference `a`. Keys outside the scope, non-float keys, keys missing
     from a candidate and mismatching keys keep a's tensor and are reported. `candidates` replaces b, c for
     N-model mixes, with `scales` (default [alpha, beta, 1, …]). Nothing is written on a dry run.
-    `stats` (default: on dry runs) adds cosine similarities and mean |change| to the report's shares."""
+    `stats` (default: on dry runs) adds cosine similarities and mean |change| to the report's shares.
+    `out_dtype`: None/'keep' (plain keys: the dtype holding every candidate exactly; keys the reference
+    stores scaled-fp8 or mixed precision: that encoding again, with a fresh scale over the picked decoded
+    values, so an element is then its model's value within fp8 rounding), a dtype, or 'fp8_scaled[_e5m2]'."""
     _check_mode(mode)
+    choice = parse_output(out_dtype)
     cand_in = list(candidates) if candidates is not None else [x for x in (b, c) if x is not None]
     if len(cand_in) < 2:
         raise WeightsmithError("lossless mix needs a reference and at least two candidates (a, b, c)")
@@ -511,7 +550,8 @@ def lossless_mix(a, b=None, c=None, *, candidates: Sequence | None = None, alpha
         a_src = src(a)
         c_src = [src(x) for x in cand_in]
         check_mixable(a_src, c_src)
-        plan = plan_mix(a_src, c_src, include, on_mismatch, out_dtype)
+        plan = plan_mix(a_src, c_src, include, on_mismatch, choice.dtype)
+        layout = mix_layout(plan, a_src, choice)
         if not plan.mixed():
             others = ", ".join(s.name for s in c_src)
             raise MismatchError(
@@ -523,7 +563,7 @@ def lossless_mix(a, b=None, c=None, *, candidates: Sequence | None = None, alpha
                                               "reference": Path(a_src.name).name,
                                               "candidates": [Path(s.name).name for s in c_src]})
         return execute_mix(plan, a_src, c_src, scales, mode, out, dry_run, device, progress, stats, overwrite,
-                           chunk, meta)
+                           chunk, meta, layout)
     finally:
         for s in opened:
             s.close()

@@ -146,6 +146,11 @@ class MixReport:
         for name, keys in self.nonfinite.items():
             lines.append(f"warning: {len(keys)} tensors of {name} hold NaN/Inf, e.g. {keys[0]} (picks there "
                          "follow the NaN rule: min keeps b, max takes c)")
+        encoded = {k: n for k, n in self.out_dtypes.items() if k.startswith(("fp8_scaled", "comfy_quant"))}
+        if encoded and not self.dry_run:
+            lines.append(f"note: {', '.join(f'{n} tensors written as {k}' for k, n in encoded.items())}: a fresh scale "
+                         "per tensor over the picked (decoded) values, so each element is its model's value within "
+                         "fp8 rounding, not bit for bit")
         lines.append(("dry run: nothing written" if self.dry_run else f"wrote {self.out}")
                      + f" in {self.seconds:.1f}s on {self.device}")
         return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy.weight_adapter import WeightAdapterBase
 
-from ..core.dtypes import OUTPUT_DTYPE_CHOICES
+from ..core.dtypes import MODEL_OUTPUT_CHOICES
 from ..core.encodings.gguf_write import GGUF_OUTPUT_TYPES
 from ..core.merge.execute import execute_merge
 from ..core.merge.methods import METHODS, derive_seed, format_params
@@ -236,12 +236,14 @@ class WeightsmithMergeFiles:
                                                        "tooltip": "Keys outside the diffusion model (text encoders, "
                                                                   "VAE of full checkpoints): copy from model_a, "
                                                                   "merge like the rest, or drop."}),
-                "dtype": (OUTPUT_DTYPE_CHOICES + list(GGUF_OUTPUT_TYPES),
+                "dtype": (MODEL_OUTPUT_CHOICES + list(GGUF_OUTPUT_TYPES),
                           {"default": "keep",
-                           "tooltip": "Output dtype; keep = model_a's dtype per tensor. The math is fp32 either "
-                                      "way. gguf-… writes a .gguf of the diffusion model for ComfyUI-GGUF's Unet "
-                                      "loader (Q8_0/Q5/Q4 quantized by the gguf package; set other_keys to drop "
-                                      "for full checkpoints)."}),
+                           "tooltip": "Output dtype; keep = model_a's dtype per tensor, and model_a's ComfyUI "
+                                      "scaled-fp8 / mixed-precision encoding with scales recomputed from the merged "
+                                      "weights. fp8_scaled: ComfyUI scaled fp8 for the diffusion model's Linear "
+                                      "weights. The math is fp32 either way. gguf-… writes a .gguf of the diffusion "
+                                      "model for ComfyUI-GGUF's Unet loader (Q8_0/Q5/Q4 quantized by the gguf "
+                                      "package; set other_keys to drop for full checkpoints)."}),
                 "dry_run": ("BOOLEAN", {"default": False, "tooltip": "Compute the merge and report; write no file."}),
                 "output_folder": (OUTPUT_FOLDERS, {"default": "output",
                                                    "tooltip": "Where the file goes: ComfyUI's output folder, "

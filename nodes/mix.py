@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from comfy.weight_adapter import WeightAdapterBase
 
+from ..core.dtypes import MODEL_OUTPUT_CHOICES
 from ..core.errors import BadFileError, MismatchError
 from ..core.mix import check_same_architecture, execute_mix, lossless_mix, pick_among, plan_mix
 from .common import (
@@ -178,18 +179,27 @@ class WeightsmithLosslessMixFiles:
                                                "tooltip": "File name prefix inside the output folder; a counter "
                                                           "is added and nothing is overwritten."}),
             },
+            "optional": {
+                "dtype": (MODEL_OUTPUT_CHOICES, {
+                    "default": "keep",
+                    "tooltip": "Output dtype. keep: each mixed tensor in the dtype holding every candidate's value "
+                               "exactly, and weights model_a stores as ComfyUI scaled fp8 / mixed precision in that "
+                               "encoding again (a fresh scale over the picked values: each element is then its "
+                               "model's value within fp8 rounding). fp8_scaled: ComfyUI scaled fp8 for the "
+                               "diffusion model's Linear weights."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def mix(self, model_a, model_b, model_c, alpha, beta, mode, mix_diffusion_model, mix_text_encoders, mix_vae,
-            dry_run, output_folder, filename_prefix, unique_id=None):
+            dry_run, output_folder, filename_prefix, dtype="keep", unique_id=None):
         include = [g for g, on in (("unet", mix_diffusion_model), ("te", mix_text_encoders), ("vae", mix_vae)) if on]
         if not include:
             raise BadFileError("nothing to mix: enable at least one of mix_diffusion_model, mix_text_encoders, mix_vae")
         paths = [resolve_model_file(m) for m in (model_a, model_b, model_c)]
         out = None if dry_run else output_path(output_folder, filename_prefix)
         rep = lossless_mix(paths[0], paths[1], paths[2], alpha=alpha, beta=beta, mode=MODES[mode], out=out,
-                           include=include, dry_run=dry_run, device=compute_device(1 << 30),
+                           include=include, dry_run=dry_run, device=compute_device(1 << 30), out_dtype=dtype,
                            progress=progress(1, unique_id))
         text = rep.text()
         return {"ui": ui_report(text, rep.to_json()),

@@ -219,12 +219,28 @@ def test_merge_bf16_with_scaled_fp8_lines_up_and_reports_decoding(pair, tmp_path
     assert torch.equal(got[k], want)
 
 
-def test_merge_keep_writes_decoded_keys_as_fp32(pair, tmp_path):
-    # until scaled-fp8 output exists, `keep` keeps the decoded (fp32) values rather than a payload without scale
-    qa, qb = tf.scaled_fp8(pair[0]).save(tmp_path / "a.safetensors"), tf.scaled_fp8(pair[1]).save(tmp_path / "b.safetensors")
-    got = _merged([qa, qb], tmp_path / "m.safetensors")
-    assert "scaled_fp8" not in got and not any(k.endswith(".scale_weight") for k in got)
-    assert got["img_in.weight"].dtype == torch.float32 and got["img_in.bias"].dtype == torch.float32
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_merge_keep_writes_the_first_inputs_encoding_again(pair, tmp_path, name):
+    """`keep` (the default) writes the quantized layers of A in A's encoding again, with fresh scales: they
+    decode (through the package's own reader) to the fp32 merge of the dequantized inputs within half an
+    fp8 step; no scale is ever merged as a weight. (The per-layer `comfy_quant` tensor form is written as
+    the `_quantization_metadata` form ComfyUI 0.3.75 reads.) Details: tests/test_quant_encode.py."""
+    ea, eb = ENCODERS[name](pair[0]), ENCODERS[name](pair[1])
+    got_path = tmp_path / "m.safetensors"
+    merge([ea.save(tmp_path / "a.safetensors"), eb.save(tmp_path / "b.safetensors")], got_path, "weighted_sum",
+          [0.5, 0.5])
+    fmt = "fp8_scaled" if name.startswith("legacy") else "comfy_quant:float8_e4m3fn"
+    with open_model(got_path) as got:
+        assert set(got.keys()) == set(pair[0])
+        for k in pair[0]:
+            e = got.encoding(k)
+            if k not in ea.layers:
+                assert e is None, k
+                continue
+            assert e is not None and e.format == fmt and e.scale_shape in ((), None), k
+            want = (ea.dequantized[k].float() + eb.dequantized[k].float()) * 0.5
+            err = (got.get(k) - want).abs().max()
+            assert float(err) <= float(want.abs().max()) * {torch.float8_e4m3fn: 1 / 28, E5M2: 1 / 14}[e.stored_dtype] * 1.0001, k
 
 
 def _lora_tensors(lora) -> dict[str, torch.Tensor]:

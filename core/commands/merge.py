@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..dtypes import OUTPUT_DTYPE_CHOICES
+from ..dtypes import MODEL_OUTPUT_CHOICES
 from ..encodings.gguf_write import GGUF_OUTPUT_TYPES
 from ..errors import WeightsmithError
 from ..merge.execute import execute_merge
@@ -44,8 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keys only some models have: take (from the first that has it), drop, or error")
     p.add_argument("--others", default="copy", choices=OTHERS_POLICIES,
                    help="keys outside the diffusion model (text encoders, VAE): copy from A, merge, or drop")
-    p.add_argument("--dtype", default="keep", choices=OUTPUT_DTYPE_CHOICES + list(GGUF_OUTPUT_TYPES),
-                   help="output dtype (default: keep A's); gguf-… writes a ComfyUI-GGUF file of the diffusion model")
+    p.add_argument("--dtype", default="keep", choices=MODEL_OUTPUT_CHOICES + list(GGUF_OUTPUT_TYPES),
+                   help="output dtype (default keep: A's dtype per tensor, and A's ComfyUI scaled-fp8 / mixed-precision "
+                        "encoding with scales recomputed from the merged weights); fp8_scaled[_e5m2]: ComfyUI scaled "
+                        "fp8 for the diffusion model's Linear weights; gguf-… writes a ComfyUI-GGUF file of the "
+                        "diffusion model")
     p.add_argument("--device", default="cpu", help="compute device: cpu or cuda (math is fp32 either way)")
     p.add_argument("--report", type=Path, help="write the merge report as JSON here")
     p.add_argument("--chart", type=Path, help="write the per-group chart as PNG here")

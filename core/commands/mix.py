@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..dtypes import parse_dtype
+from ..dtypes import MODEL_OUTPUT_CHOICES
+from ..encodings.encode import parse_output
 from ..errors import WeightsmithError
 from ..mix import GROUPS, lossless_mix, resolve_device
 from ..paths import check_new_output
@@ -38,8 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a tensor whose shape or kind differs between the models: keep A's and report (default), "
                         "or stop with an error")
     p.add_argument("--dtype", default="keep",
-                   help="output dtype: keep (default; each mixed tensor in the dtype holding all candidates "
-                        "exactly) or fp32/fp16/bf16 for every float tensor")
+                   help=f"output dtype ({', '.join(MODEL_OUTPUT_CHOICES)}): keep (default; each mixed tensor in the dtype holding all candidates "
+                        "exactly, and tensors A stores scaled-fp8 / mixed precision in that encoding again, with "
+                        "fresh scales), fp32/fp16/bf16/fp8 for every float tensor, or fp8_scaled[_e5m2] "
+                        "(ComfyUI scaled fp8 for the diffusion model's Linear weights)")
     p.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:1 …)")
     p.add_argument("--dry-run", action="store_true", help="write nothing; report similarity and shares per block")
     p.add_argument("--stats", action="store_true",
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run and args.output is None:
         raise WeightsmithError("name the output with -o OUT.safetensors, or ask for --dry-run")
     resolve_device(args.device)  # a missing GPU fails here, before any file is opened
+    parse_output(args.dtype)  # so does an unknown output dtype
     inputs = [args.reference, *args.candidates]
     output = None if args.dry_run else args.output
     # The report and chart are written after the mix: check their paths now, so a bad one costs nothing.
@@ -73,14 +77,10 @@ def run(args: argparse.Namespace) -> int:
             scales = [float(s) for s in args.scales.split(",")]
         except ValueError:
             raise WeightsmithError(f"--scales must be numbers separated by commas, not {args.scales!r}") from None
-    try:
-        out_dtype = parse_dtype(args.dtype)
-    except ValueError as e:
-        raise WeightsmithError(str(e)) from None
     report = lossless_mix(
         args.reference, candidates=args.candidates, alpha=args.alpha, beta=args.beta, scales=scales,
         mode="max" if args.maxdiff else "min", out=output, include=include,
-        on_mismatch=args.on_mismatch, dry_run=args.dry_run, device=args.device, out_dtype=out_dtype,
+        on_mismatch=args.on_mismatch, dry_run=args.dry_run, device=args.device, out_dtype=args.dtype,
         overwrite=args.overwrite, progress=TerminalProgress("mix"), stats=True if args.stats else None,
     )
     print(report.text())

@@ -21,7 +21,19 @@ from pathlib import Path
 import torch
 
 from ..devices import resolve_device
-from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name, parse_dtype
+from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name
+from ..encodings.encode import (
+    KeyOutput,
+    OutputChoice,
+    OutputLayout,
+    ScaledRows,
+    finite_amax,
+    fp8_scale,
+    parse_output,
+    quantize_fp8,
+    scaled_rows,
+    source_encoding,
+)
 from ..encodings.gguf_write import GGUFStreamWriter, gguf_output_type
 from ..errors import BadFileError, WeightsmithError
 from ..pipeline import TASK_ELEMS, KeyPipeline, WorkerBuffers, default_workers, row_ranges
@@ -97,6 +109,7 @@ class _TaskResult:
     nonfinite: bool = False
     nan: bool = False
     unsampled: bool = False
+    amax: float = 0.0  # max |value| over finite values (keys written encoded)
 
 
 def _check_written(stored: torch.Tensor, y: torch.Tensor | None, result: _TaskResult) -> None:
@@ -114,8 +127,9 @@ class _MergeContext:
     """What every task of one merge shares: the plan, device, dtype, writer and per-thread buffers."""
 
     def __init__(self, plan: MergePlan, dev: torch.device, out_dtype: torch.dtype | None, chunk: int,
-                 sample_every: int, writer: StreamingWriter | None):
+                 sample_every: int, writer: StreamingWriter | None, layout: OutputLayout | None = None):
         self.plan = plan
+        self.layout = layout
         self.dev = dev
         self.out_dtype = out_dtype
         self.chunk = chunk
@@ -161,8 +175,10 @@ class _MergeContext:
             shape = (b1 - b0, *kp.shape[1:])
             xs = []
             for i, t in enumerate(full):
-                block = t[b0:b1]
-                if on_cpu and block.dtype == torch.float32 and inplace is None:
+                block = t.rows(b0, b1, self.dev) if isinstance(t, ScaledRows) else t[b0:b1]
+                if isinstance(t, ScaledRows):
+                    xs.append(block)  # decoded rows are a fresh fp32 tensor: any method may use them as scratch
+                elif on_cpu and block.dtype == torch.float32 and inplace is None:
                     xs.append(block)  # methods never write their inputs: the mapped file is read in place
                 elif on_cpu:
                     xs.append(self.buffers.get(f"in{i}", n, torch.float32).view(shape).copy_(block))
@@ -201,6 +217,90 @@ class _MergeContext:
             self.writer.write(kp.out_key, out.cpu())
         return result
 
+    def row_inputs(self, kp: KeyPlan) -> list:
+        """Like `inputs`, but a tensor-wise scaled fp8 input is handed out as its stored payload with row
+        access (scaled_rows): row blocks are decoded on the worker threads, and no input is held decoded
+        whole (the values are the decoded source's own: one fp32 multiply by the scale)."""
+        out = []
+        for i, raw in kp.reads:
+            src = self.plan.sources[i]
+            rows = scaled_rows(src, raw)
+            out.append(rows if rows is not None else src.get(raw))
+        return out
+
+    def encode_rows_task(self, kp: KeyPlan, full: list, y: torch.Tensor, r0: int, r1: int, step: int) -> _TaskResult:
+        """Merge rows [r0, r1) of a key written encoded into its fp32 result buffer `y`, noting their amax
+        (the key is quantized once every row is in: `finish_encoded`)."""
+        fn, weights, params = self.method_args(kp)
+        inplace = METHODS[kp.method].inplace
+        cols = kp.numel // kp.shape[0]
+        result = _TaskResult([])
+        for b0 in range(r0, r1, step):
+            b1 = min(r1, b0 + step)
+            shape = (b1 - b0, *kp.shape[1:])
+            xs = []
+            for i, t in enumerate(full):
+                block = t.rows(b0, b1, self.dev) if isinstance(t, ScaledRows) else t[b0:b1]
+                if self.dev.type != "cpu":
+                    xs.append(block.to(self.dev, torch.float32))
+                elif block.dtype == torch.float32 and (inplace is None or isinstance(t, ScaledRows)):
+                    xs.append(block)  # decoded rows are fresh: an in-place method may use them as scratch
+                else:
+                    xs.append(self.buffers.get(f"in{i}", (b1 - b0) * cols, torch.float32).view(shape).copy_(block))
+            sampled = self.sample_every > 0 and (b0 // step) % self.sample_every == 0
+            yb = (fn if sampled or inplace is None else inplace)(xs, weights, **params)
+            result.amax = max(result.amax, _note_amax(yb, result))
+            if sampled:
+                result.sums.append(_block_sums(xs, yb))
+            else:
+                result.unsampled = True
+            y[b0 * cols:b1 * cols].view(shape).copy_(yb)
+        return result
+
+    def finish_encoded(self, ko: KeyOutput, y: torch.Tensor, results: list[_TaskResult]) -> None:
+        """Quantize a key's whole fp32 result with the fresh scale amax / fp8 max and write payload + scale,
+        block by block in place (no second fp32 copy of the tensor)."""
+        assert ko.fmt is not None
+        scale = fp8_scale(max((r.amax for r in results), default=0.0), ko.fmt.fp8)
+        saturate = any(r.nonfinite for r in results)  # finite values divided by amax / max stay in range
+        stage = torch.empty(min(y.numel(), 1 << 22), dtype=ko.fmt.fp8)
+        for lo in range(0, y.numel(), stage.numel()):
+            hi = min(y.numel(), lo + stage.numel())
+            q = quantize_fp8(y[lo:hi], scale, ko.fmt.fp8, out=stage[:hi - lo], saturate=saturate, inplace=True)
+            if self.writer is not None:
+                self.writer.write_at(ko.key, lo, q)
+        if self.writer is not None:
+            self.writer.write(ko.scale_key, scale)
+
+    def encoded_task(self, kp: KeyPlan, ko: KeyOutput, full: list[torch.Tensor]) -> _TaskResult:
+        """Merge a key written encoded with a method that needs the whole tensor: the fp32 result once,
+        then quantized with the fresh scale amax / fp8 max of the merged values."""
+        assert ko.fmt is not None
+        fn, weights, params = self.method_args(kp)
+        result = _TaskResult([])
+        xs = [t.to(self.dev, torch.float32) for t in full]
+        y = fn(xs, weights, **params)
+        if tuple(y.shape) != kp.shape:
+            raise WeightsmithError(f"{kp.name!r}: method {kp.method} returned shape {list(y.shape)}, "
+                                   f"expected {list(kp.shape)}")
+        if self.sample_every:
+            result.sums.append(_block_sums(xs, y))
+        del xs
+        result.amax = _note_amax(y, result)
+        self.finish_encoded(ko, y.reshape(-1).cpu(), [result])
+        return result
+
+    def encode_take(self, ko: KeyOutput, t: torch.Tensor) -> None:
+        """Copy a key from one input, encoded afresh (its value decoded to fp32, a new scale from its amax:
+        an input written by ComfyUI, whose largest value sits at the fp8 maximum, comes back bit for bit)."""
+        assert ko.fmt is not None
+        y = t.float()
+        scale = fp8_scale(finite_amax(y), ko.fmt.fp8)
+        q = quantize_fp8(y, scale, ko.fmt.fp8)
+        if self.writer is not None:
+            self.writer.write(ko.key, q.reshape(ko.shape))
+            self.writer.write(ko.scale_key, scale)
+
     def take_task(self, kp: KeyPlan, t: torch.Tensor) -> None:
         """Copy a key (`t`, read from one input) to the output, cast to the output dtype if asked."""
         want = output_dtype(kp, self.out_dtype)
@@ -218,6 +318,41 @@ class _MergeContext:
 
 
 STATS_MODES = ("sample", "full", "off")
+
+
+def _note_amax(y: torch.Tensor, result: _TaskResult) -> float:
+    """max |y| over finite values, noting in `result` any NaN/Inf (judged on the fp32 values: the fp8
+    payload saturates, so written values would hide an overflow)."""
+    if y.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(y)
+    m = max(-float(lo), float(hi))
+    if m == m and m != float("inf"):
+        return m
+    result.nonfinite = True
+    result.nan = result.nan or bool(torch.isnan(y).any())
+    return finite_amax(y)
+
+
+def _then(first, then):
+    """A key's finish that runs `first(results)`, then `then(results)`."""
+    def finish(results: list) -> None:
+        first(results)
+        then(results)
+    return finish
+
+
+def output_layout(plan: MergePlan, choice: OutputChoice) -> OutputLayout:
+    """How every output key is written: `keep` takes each key's encoding from the input its value comes
+    from (A for merged keys); errors for what cannot be written come here, before anything is read."""
+    layout = OutputLayout(choice, plan.out_prefix)
+    for kp in plan.output_keys():
+        i, raw = kp.reads[0]
+        src = plan.sources[i]
+        layout.add(kp.out_key, kp.shape, output_dtype(kp, choice.dtype), kp.name if kp.part == "unet" else None,
+                   source_encoding(src, raw), src, raw, f"{plan.inputs[i].label} ({plan.inputs[i].name})")
+    layout.check()
+    return layout
 
 
 def _check_inputs_finite(plan: MergePlan, kp: KeyPlan, policies: list[str]) -> list[str]:
@@ -282,7 +417,10 @@ def execute_merge(
 ) -> MergeReport:
     """Run `plan`, writing `out_path` (None: a dry run that computes everything and writes nothing).
 
-    `dtype` None keeps each key's input dtype; floats are computed in fp32 and cast once. `stats`: the
+    `dtype` None/'keep' keeps each key's input dtype, and A's ComfyUI scaled-fp8 / mixed-precision encoding
+    (encodings/encode.py; an encoding it cannot write back is refused before anything is read); a dtype
+    name casts every float tensor; 'fp8_scaled[_e5m2]' writes the diffusion model's Linear weights as
+    ComfyUI scaled fp8. Floats are computed in fp32 and cast (or quantized with a fresh scale) once. `stats`: the
     report's similarity/change sums over every element ("full"), over every 16th row block of tensors
     large enough to be processed in blocks ("sample", default: the full sums cost a third of the merge
     time), or not at all ("off"); output NaN/Inf are detected in every mode. `threads`: worker threads
@@ -293,7 +431,9 @@ def execute_merge(
         raise WeightsmithError(f"stats mode {stats!r}: choose one of {', '.join(STATS_MODES)}")
     sample_every = {"full": 1, "sample": STATS_SAMPLE_EVERY, "off": 0}[stats]
     gguf_type = gguf_output_type(dtype)  # a GGUF output: keys computed in fp32, quantized by its writer
-    out_dtype = torch.float32 if gguf_type else parse_dtype(dtype)
+    choice = parse_output(torch.float32 if gguf_type else dtype)
+    out_dtype = choice.dtype
+    layout = output_layout(plan, choice)
     dev = resolve_device(device or "cpu")
     chunk = chunk_elems or (CUDA_CHUNK_ELEMS if dev.type == "cuda" else CPU_CHUNK_ELEMS)
     progress = progress or no_progress
@@ -302,13 +442,13 @@ def execute_merge(
     key_stats: list[KeyStats] = []
     writer = None
     if out_path is not None:
-        layout = {kp.out_key: (kp.shape, output_dtype(kp, out_dtype)) for kp in plan.output_keys()}
         make = partial(GGUFStreamWriter, qtype=gguf_type) if gguf_type else StreamingWriter
-        writer = make(out_path, layout, plan.metadata, protect=plan.protect_paths(), overwrite=overwrite)
+        writer = make(out_path, layout.writer_plan(), layout.metadata(plan.metadata), protect=plan.protect_paths(),
+                      overwrite=overwrite)
     # Inputs are not scanned for NaN/Inf up front (a full extra pass over every tensor): a non-finite
     # input shows in the merged output, which is checked for free, and only then are its inputs scanned.
     policies = [getattr(s, "nonfinite", "report") for s in plan.sources]
-    ctx = _MergeContext(plan, dev, out_dtype, chunk, sample_every, writer)
+    ctx = _MergeContext(plan, dev, out_dtype, chunk, sample_every, writer, layout)
     t0 = time.perf_counter()
     progress(0, total)
     progress_step = max(1, total // 1000)  # 10^5 tiny keys need not make 10^5 progress (and UI) updates
@@ -332,7 +472,9 @@ def execute_merge(
                 if any(r.nonfinite for r in results):
                     bad_inputs = _check_inputs_finite(plan, kp, policies)
                     if not bad_inputs and not any(r.nan for r in results):
-                        raise _overflow_error(kp, plan, output_dtype(kp, out_dtype))
+                        ko = layout.keys.get(kp.out_key)
+                        encoded = ko is not None and ko.fmt is not None  # fp8 scaled saturates nothing: fp32 overflowed
+                        raise _overflow_error(kp, plan, torch.float32 if encoded else output_dtype(kp, out_dtype))
                     if writer is not None:  # never write NaN/Inf, whatever the input policy; a dry run reports them
                         raise _nonfinite_error(kp, plan, bad_inputs)
                     ks.finite = False
@@ -351,6 +493,8 @@ def execute_merge(
             if writer is not None:
                 writer.__enter__()
             try:
+                if writer is not None:
+                    layout.write_extras(writer)
                 with KeyPipeline(workers, single_threaded_torch=dev.type == "cpu") as pipe:
                     labels: dict[tuple[int, ...], list[str]] = {}  # one list per combination of inputs read
                     for kp in key_plans:
@@ -363,12 +507,30 @@ def execute_merge(
                         finish = finisher(kp, ks)
                         if kp.action in ("take", "merge") and ctx.decoded_and_large(kp):
                             pipe.drain()
-                        if kp.action == "take":
+                        ko = layout.keys.get(kp.out_key)
+                        if ko is not None and ko.fmt is not None and kp.action == "take":
+                            pipe.add([partial(ctx.encode_take, ko, ctx.inputs(kp)[0])], finish)
+                        elif ko is not None and ko.fmt is not None and kp.action == "merge" and ctx.blockwise(kp):
+                            # row blocks into one fp32 result; quantized when all are in (amax of the whole)
+                            full = ctx.row_inputs(kp)
+                            cols = kp.numel // kp.shape[0]
+                            step = max(1, chunk // cols)
+                            y = torch.empty(kp.numel, dtype=torch.float32)
+                            pipe.add([partial(ctx.encode_rows_task, kp, full, y, r0, r1, step)
+                                      for r0, r1 in row_ranges(kp.shape[0], cols, step, max(chunk, TASK_ELEMS))],
+                                     _then(partial(ctx.finish_encoded, ko, y), finish))
+                        elif ko is not None and ko.fmt is not None and kp.action == "merge":
+                            task = partial(ctx.encoded_task, kp, ko, ctx.inputs(kp))
+                            if kp.numel * 4 * len(kp.reads) > ALONE_BYTES:  # big: alone, with all cores
+                                finish([pipe.run_alone(task)])
+                            else:
+                                pipe.add([task], finish)
+                        elif kp.action == "take":
                             pipe.add([partial(ctx.take_task, kp, ctx.inputs(kp)[0])], finish)
                         elif kp.action != "merge":
                             finish([])
                         elif ctx.blockwise(kp):
-                            full = ctx.inputs(kp)
+                            full = ctx.row_inputs(kp)
                             cols = kp.numel // kp.shape[0]
                             step = max(1, chunk // cols)
                             pipe.add([partial(ctx.rows_task, kp, full, r0, r1, step)
@@ -391,12 +553,13 @@ def execute_merge(
     return MergeReport(
         plan=plan,
         out_path=Path(out_path) if out_path is not None else None,
-        dtype=dtype if gguf_type else "keep" if out_dtype is None else str(out_dtype).replace("torch.", ""),
+        dtype=dtype if gguf_type else choice.name if out_dtype is None else str(out_dtype).replace("torch.", ""),
         device=str(dev),
         seconds=seconds,
         bytes_written=writer.total_bytes if writer is not None else 0,
         key_stats=key_stats,
         stats=stats,
+        encodings=layout.summary() if layout.encoded else {},
     )
 
 

@@ -51,6 +51,7 @@ class MergeReport:
     bytes_written: int
     key_stats: list[KeyStats]
     stats: str = "sample"
+    encodings: dict[str, int] = field(default_factory=dict)  # written tensors per encoding, when any is encoded
     _groups: list[dict] | None = field(default=None, repr=False, compare=False)  # table, chart and JSON share it
 
     @property
@@ -119,6 +120,7 @@ class MergeReport:
             "groups": self.groups(),
             "stats": self.stats,
             "decoded": self.decoded(),
+            "output_encodings": self.encodings,
             "nonfinite_keys": [{"key": k.name, "inputs_with_nonfinite": k.nonfinite_inputs}
                                for k in self.key_stats if not k.finite],
             "keys_detail": [
@@ -146,6 +148,9 @@ class MergeReport:
         if bad:
             detail = ", ".join(f"{k.name} (inputs: {'+'.join(k.nonfinite_inputs) or 'none; the method'})" for k in bad[:8])
             parts.append(f"WARNING: {len(bad)} merged keys contain NaN/Inf: {detail}")
+        if self.encodings:
+            parts.append("output tensors: " + ", ".join(f"{n} {e}" for e, n in self.encodings.items())
+                         + " (scales recomputed from the merged fp32 weights)")
         where = f"wrote {self.out_path} ({self.bytes_written / 2**20:.1f} MiB)" if self.out_path else "dry run: nothing written"
         parts.append(f"{where} in {self.seconds:.2f} s on {self.device}, dtype {self.dtype}")
         return "\n".join(parts)
