@@ -11,7 +11,7 @@ from ..merge.execute import execute_merge
 from ..merge.methods import describe_methods
 from ..merge.plan import MISSING_POLICIES, OTHERS_POLICIES, plan_merge
 from ..merge.rules import PRESETS, group_aliases
-from ..paths import check_new_output
+from ..paths import WRITTEN_SUFFIXES, check_new_output, check_output_suffix
 from ..progress import TerminalProgress
 from ..report import format_table, save_png
 
@@ -69,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
         raise WeightsmithError("give at least two models to merge")
     if args.output is None and not (args.dry_run or args.plan_only):
         raise WeightsmithError("give an output file with -o OUT.safetensors (or use --dry-run / --plan-only)")
-    if args.output is not None and args.output.suffix.lower() not in (".safetensors", ".sft"):
-        raise WeightsmithError(f"output {args.output} must end in .safetensors")
+    if args.output is not None:
+        # GGUF output, where --dtype offers it (gguf-*), is the only other format merge writes
+        check_output_suffix(args.output, WRITTEN_SUFFIXES + ((".gguf",) if args.dtype.startswith("gguf") else ()))
     # --report/--chart are outputs too: a bad path (an input, an existing file) fails now, not after the merge
     if args.report:
         check_new_output(args.report, "report", protect=args.models, others=[args.output, args.chart])

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..dtypes import parse_dtype
 from ..errors import WeightsmithError
 from ..mix import GROUPS, lossless_mix, resolve_device
-from ..paths import check_new_output
+from ..paths import check_new_output, check_output_suffix
 from ..progress import TerminalProgress
 from ..report import save_png, write_json
 
@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise WeightsmithError("give a reference and at least two candidates: weightsmith mix A B C -o OUT")
     if not args.dry_run and args.output is None:
         raise WeightsmithError("name the output with -o OUT.safetensors, or ask for --dry-run")
+    if not args.dry_run:
+        check_output_suffix(args.output)
     resolve_device(args.device)  # a missing GPU fails here, before any file is opened
     inputs = [args.reference, *args.candidates]
     output = None if args.dry_run else args.output
