@@ -55,7 +55,7 @@ def check_output_suffix(path: str | os.PathLike, allowed: Iterable[str] = WRITTE
     if path.suffix.lower() not in allowed:
         raise OutputPathError(f"output {path}: this command writes {' or '.join(allowed)} files, but the name ends "
                               f"in {path.suffix or '(no suffix)'!r} (another tool, or this one, would then read it "
-                              f"as that format); name the output with {' or '.join(allowed)}")
+                              f"as that format); give the output a {' or '.join(allowed)} name")
     return path
 
 
@@ -94,7 +94,7 @@ def refuse_input_target(path: str | os.PathLike, protect: Iterable[str | os.Path
                 if into_shard_folders and folder.resolve() == target.parent:
                     raise OutputPathError(
                         f"refusing to write {path}: it lies in {folder}, the folder of the sharded input {p}, where "
-                        "it would be taken for one more shard of that model (or replace one); write it to another "
+                        "it would be taken for one more shard of that model (or replace one); choose an output in another "
                         "folder")
         except OSError:
             continue

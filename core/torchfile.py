@@ -51,7 +51,7 @@ class Unwrapped:
         if self.stripped:
             parts.append(f"the prefix {self.stripped!r} (DataParallel) removed from every key")
         if self.alternatives:
-            parts.append("not read: " + ", ".join(repr(a) for a in self.alternatives))
+            parts.append("not read: " + ", ".join(self.alternatives))
         return "; ".join(parts) or None
 
 

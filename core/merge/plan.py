@@ -182,17 +182,25 @@ def _parts(source: TensorSource, layout: DiffusionLayout) -> tuple[dict[str, str
 
 def _check_overlap(maps: list[tuple[dict[str, str], dict[str, str]]], infos: list[InputInfo]) -> None:
     """Refuse inputs that share no key with any other input: the merge would copy the others unchanged
-    and that input would contribute nothing (tensors under another container or prefix, another model)."""
+    and that input would contribute nothing (tensors under another container or prefix, another model,
+    an empty file)."""
+    def named(i: int) -> str:
+        return f"{infos[i].name} ({infos[i].label})"
+
+    fix = ("Give models of one architecture saved with the same key names (`weightsmith inspect` shows a file's "
+           "layout)")
     names = [set(diff) | set(other) for diff, other in maps]
     for i, own in enumerate(names):
-        rest = set().union(*(n for j, n in enumerate(names) if j != i))
-        if own.isdisjoint(rest):
-            others = ", ".join(f"{infos[j].name} ({infos[j].label})" for j in range(len(infos)) if j != i)
-            example = f" (e.g. {sorted(own)[0]!r} vs {sorted(rest)[0]!r})" if own and rest else ""
-            what = f"none of its {len(own)} keys is" if own else "it holds no tensors, so no key is"
-            raise MismatchError(f"{infos[i].name} ({infos[i].label}): {what} in {others}{example}; it would "
-                                "contribute nothing to the merge. Give models of one architecture saved with the "
-                                "same key names (`weightsmith inspect` shows a file's layout)")
+        if not own:
+            raise MismatchError(f"{named(i)} holds no tensors, so it would contribute nothing to the merge (the "
+                                f"download may have failed). {fix}")
+    for own in sorted(range(len(names)), key=lambda j: len(names[j])):
+        own_keys = names[own]
+        rest = set().union(*(n for j, n in enumerate(names) if j != own))
+        if own_keys.isdisjoint(rest):
+            others = ", ".join(named(j) for j in range(len(infos)) if j != own)
+            raise MismatchError(f"{named(own)} shares no key with {others} (e.g. {min(own_keys)!r} vs "
+                                f"{min(rest)!r}): it would contribute nothing to the merge. {fix}")
 
 
 def plan_merge(
