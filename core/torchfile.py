@@ -59,10 +59,15 @@ def _n_tensors(obj: object) -> int:
     return sum(isinstance(v, torch.Tensor) for v in obj.values()) if isinstance(obj, dict) else 0
 
 
-def _holds_tensors(obj: object, depth: int = 0) -> bool:
+def _n_tensors_deep(obj: object, depth: int = 0) -> int:
+    """Tensors in a dict and the dicts inside it (to MAX_DEPTH)."""
     if not isinstance(obj, dict) or depth > MAX_DEPTH:
-        return False
-    return _n_tensors(obj) > 0 or any(_holds_tensors(v, depth + 1) for v in obj.values() if isinstance(v, dict))
+        return 0
+    return _n_tensors(obj) + sum(_n_tensors_deep(v, depth + 1) for v in obj.values() if isinstance(v, dict))
+
+
+def _holds_tensors(obj: object) -> bool:
+    return _n_tensors_deep(obj) > 0
 
 
 def unwrap_state_dict(obj: object, path: Path) -> Unwrapped:
@@ -79,10 +84,11 @@ def unwrap_state_dict(obj: object, path: Path) -> Unwrapped:
             containers = dicts if len(dicts) == 1 and not _n_tensors(obj) else []
         # A level holding tensors is the state dict, unless a container holds more of them (a Lightning
         # checkpoint with a stray tensor such as `global_step` beside its `state_dict`).
-        if not containers or _n_tensors(obj) >= _n_tensors(obj[containers[0]]) > 0:
+        prefix = "".join(f"[{k!r}]" for k in where)
+        if not containers or _n_tensors(obj) >= _n_tensors_deep(obj[containers[0]]):
+            alternatives += [prefix + f"[{k!r}]" for k in containers]  # tensors of their own, left unread
             break
         key = containers[0]
-        prefix = "".join(f"[{k!r}]" for k in where)
         alternatives += [prefix + f"[{k!r}]" for k in containers[1:]]
         where.append(key)
         obj = obj[key]
@@ -173,12 +179,20 @@ def declared_storages(data_pkl: bytes) -> dict[str, tuple[str, int, str]] | None
     return found
 
 
+_QUANTIZED_SIZES = {torch.qint8: 1, torch.quint8: 1, torch.qint32: 4, torch.quint4x2: 1, torch.quint2x4: 1}
+
+
 def _element_size(storage_type: str) -> int | None:
+    """Bytes per element of a storage type named in a checkpoint (None: unknown, do not memory-map)."""
     if storage_type == "UntypedStorage":
         return 1
-    for dtype, name in torch.storage._dtype_to_storage_type_map().items():
+    try:
+        names = torch.storage._dtype_to_storage_type_map()  # torch's own table of the legacy storage names
+    except AttributeError:
+        return None
+    for dtype, name in names.items():
         if name == storage_type:
-            return torch._utils._element_size(dtype)
+            return _QUANTIZED_SIZES.get(dtype) or torch.empty((), dtype=dtype).element_size()
     return None
 
 

@@ -426,3 +426,19 @@ def test_int_or_bool_where_a_float_weight_is_needed_is_refused(d, tmp_path, dtyp
     assert r.returncode == 0 and f"kept {IMG_W}" in r.stdout, r.stdout + r.stderr
     assert torch.equal(sd(out)[IMG_W], sd(d / "a.safetensors")[IMG_W])
     assert digests(tmp_path, d).items() >= before.items()
+
+
+def test_unwrap_picks_the_container_holding_the_model():
+    """The rules behind the CLI cases above, in-process: a stray tensor beside a container does not hide
+    it; tensors beside a smaller container stay the state dict and the container is named as not read."""
+    from weightsmith.torchfile import unwrap_state_dict
+
+    model = {f"layer{i}.weight": torch.ones(2) for i in range(4)}
+    found = unwrap_state_dict({"state_dict": model, "global_step": torch.tensor(7)}, Path("x.ckpt"))
+    assert found.tensors.keys() == model.keys() and found.where == ["state_dict"]
+    found = unwrap_state_dict({**model, "ema": {"layer0.weight": torch.ones(2)}}, Path("x.ckpt"))
+    assert found.tensors.keys() == model.keys() and found.note() == "not read: ['ema']"
+    found = unwrap_state_dict({"checkpoint": {"state_dict": {"model": model}}}, Path("x.ckpt"))
+    assert found.where == ["checkpoint", "state_dict", "model"] and found.tensors.keys() == model.keys()
+    found = unwrap_state_dict({"model": model, "ema": model, "optimizer": {"state": {}}}, Path("x.ckpt"))
+    assert found.where == ["model"] and found.alternatives == ["['ema']"]
