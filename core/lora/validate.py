@@ -366,6 +366,8 @@ def _applied_delta(md: ModuleDelta, key: str, base_w: torch.Tensor, strength: fl
         return None if md.diff_b is None else md.diff_b.to(dev, torch.float32).reshape(base_w.shape) * strength
     if md.set_weight is not None:
         return md.set_weight.to(dev, torch.float32).reshape(base_w.shape) - base_w
+    if md.adapters:  # LoKr / LoHa / DoRA: patched the way ComfyUI patches (DoRA needs the base weight)
+        return md.apply(base_w.float(), strength) - base_w.float()
     if not md.terms and md.diff is None:
         return None
     return md.dense_delta(tuple(base_w.shape), torch.float32, dev) * strength
@@ -392,7 +394,7 @@ def validate_lora(base, tuned, lora, device: str | torch.device = "cpu", strengt
         wkey = keymaps.weight_key(name)
         bkey = keymaps.bias_key(name)
         hit = False
-        if (md.terms or md.diff is not None or md.set_weight is not None) and wkey in keys:
+        if (md.terms or md.adapters or md.diff is not None or md.set_weight is not None) and wkey in keys:
             targets[wkey] = md
             hit = True
         if md.diff_b is not None and bkey in keys:
