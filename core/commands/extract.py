@@ -129,6 +129,9 @@ def run_extract(args: argparse.Namespace) -> int:
         device=args.device, progress=TerminalProgress("extract"), clamp_quantile=args.clamp_quantile,
         dtype=args.dtype, method=args.method, seed=args.seed,
     )
+    for src in (base, tuned):  # where in a checkpoint the tensors were found, stray keys read as the model's
+        for note in src.notes:
+            print(f"note: {Path(src.name).name}: {note}")
     if args.format != "comfy":
         whole, bias = unwritable_parts(lora, args.format)
         reason = f"the {args.format} format has no name for it"
