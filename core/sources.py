@@ -420,9 +420,13 @@ def _open_model(path: str | os.PathLike) -> TensorSource:
         return SafetensorsSource([p])
     if name.endswith(TORCH_EXTS):
         return TorchFileSource(p)
-    # Unknown extension: sniff. safetensors starts with a small little-endian length and '{'.
+    # Unknown extension: sniff. GGUF starts with its magic; safetensors with a small length and '{'.
     with open(p, "rb") as f:
         head = f.read(9)
+    if name.endswith(".gguf") or head[:4] == b"GGUF":
+        from .encodings.gguf import GGUFSource
+
+        return GGUFSource(p)
     if len(head) == 9 and head[8:9] == b"{":
         return SafetensorsSource([p])
     return TorchFileSource(p)
