@@ -47,7 +47,7 @@ from .mix_report import GROUPS, ChunkStats, MixReport, Totals, candidate_letters
 from .pipeline import TASK_ELEMS, KeyPipeline, WorkerBuffers, default_workers
 from .progress import ProgressFn, no_progress
 from .safetensors_io import StreamingWriter
-from .sources import TensorSource, as_source, classify_keys, detect_diffusion_prefix
+from .sources import TensorSource, as_source, classify_keys, detect_diffusion_prefix, diffusion_layout
 
 MODES = ("min", "max")
 # CPU: chunks just under ATen's parallel grain (32768 elements) run every op serially on the calling
@@ -271,12 +271,13 @@ def _canonical(source: TensorSource) -> tuple[dict[str, str], dict[str, str]]:
     checkpoint (`model.diffusion_model.x`) lines up with a bare diffusion-model file (`x`)."""
     keys = source.keys()
     groups = classify_keys(keys)
-    prefix = detect_diffusion_prefix(keys)
+    layout = diffusion_layout(keys)
+    layout.check(source.name)
+    model = {raw: name for name, raw in layout.names.items()}
     canon: dict[str, str] = {}
     for k in keys:
         g = groups[k]
-        name = k[len(prefix):] if g == "unet" and prefix and k.startswith(prefix) else k
-        canon[f"{g}:{name}"] = k
+        canon[f"{g}:{model[k] if g == 'unet' else k}"] = k
     return canon, groups
 
 
@@ -301,6 +302,12 @@ def plan_mix(a: TensorSource, candidates: Sequence[TensorSource], include: Seque
     a_canon, a_groups = _canonical(a)
     cands = [_canonical(c)[0] for c in candidates]
     names = [a.name] + [c.name for c in candidates]
+    for name, c in zip(names[1:], cands):
+        if c and a_canon and c.keys().isdisjoint(a_canon):  # under another container or prefix: nothing lines up
+            raise MismatchError(f"{name}: none of its {len(c)} keys is in the reference {names[0]} (e.g. "
+                                f"{min(c).split(':', 1)[1]!r} vs {min(a_canon).split(':', 1)[1]!r}); it would "
+                                "contribute nothing to the mix. Give models of one architecture saved with the same "
+                                "key names (`weightsmith inspect` shows a file's layout)")
     plans: list[KeyPlan] = []
     for canon, key in a_canon.items():
         info = a.info(key)
@@ -309,6 +316,9 @@ def plan_mix(a: TensorSource, candidates: Sequence[TensorSource], include: Seque
         plans.append(kp)
         if not info.dtype.is_floating_point:
             kp.reason, kp.dtype = "not float", info.dtype
+            continue
+        if info.numel == 0:  # no element to pick: copied as it is (shape kept)
+            kp.reason = "no elements"
             continue
         if group not in include:
             kp.reason = "outside scope"
@@ -499,7 +509,7 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
                 totals.setdefault(label, Totals(len(candidates))).add(None)
     rows = [tot.row(label, letters) for label, tot in totals.items() if label in GROUPS]
     rows += [tot.row(label, letters) for label, tot in totals.items() if label not in GROUPS]
-    copied = {r: [k.key for k in plan.copied(r)] for r in ("outside scope", "missing", "mismatch", "not float")}
+    copied = {r: [k.key for k in plan.copied(r)] for r in ("outside scope", "missing", "mismatch", "not float", "no elements")}
     dtypes = layout.summary()
     sources = {"a": a, **dict(zip(letters, candidates))}
     reads = [("a", k.key) for k in plan.keys] + [(x, key) for k in plan.mixed() for x, key in zip(letters, k.sources)]
@@ -562,8 +572,12 @@ def lossless_mix(a, b=None, c=None, *, candidates: Sequence | None = None, alpha
         meta["weightsmith.mix"] = json.dumps({"mode": mode, "scales": [float(s) for s in scales],
                                               "reference": Path(a_src.name).name,
                                               "candidates": [Path(s.name).name for s in c_src]})
-        return execute_mix(plan, a_src, c_src, scales, mode, out, dry_run, device, progress, stats, overwrite,
-                           chunk, meta, layout)
+        report = execute_mix(plan, a_src, c_src, scales, mode, out, dry_run, device, progress, stats, overwrite,
+                             chunk, meta, layout)
+        report.notes = [f"{Path(s.name).name}: {n}" for s in (a_src, *c_src) for n in s.notes]
+        report.notes += [f"{Path(s.name).name}: {n}" for s in (a_src, *c_src)
+                         if (n := diffusion_layout(s.keys()).note())]
+        return report
     finally:
         for s in opened:
             s.close()

@@ -90,6 +90,7 @@ class MixReport:
     seconds: float = 0.0
     nonfinite: dict[str, list[str]] = field(default_factory=dict)  # input -> mixed keys holding NaN/Inf
     decoded: dict[str, dict] = field(default_factory=dict)  # input -> encoding -> quantized keys decoded
+    notes: list[str] = field(default_factory=list)  # how inputs were read (a checkpoint container, stray keys)
 
     def columns(self) -> list[str]:
         """The table's columns, leaving out statistics that were not computed (NaN in every row)."""
@@ -103,7 +104,7 @@ class MixReport:
             "output": str(self.out) if self.out else None, "dry_run": self.dry_run, "device": self.device,
             "keys_mixed": self.keys_mixed, "kept_from_a": self.copied, "kept_details": self.details,
             "extra_keys_ignored": self.extra, "output_dtypes": self.out_dtypes, "groups": self.rows,
-            "nonfinite_inputs": self.nonfinite,
+            "nonfinite_inputs": self.nonfinite, "notes": self.notes,
             "decoded": self.decoded,
             "lossless_means": LOSSLESS_DECODED if self.decoded else LOSSLESS_PLAIN,
             "seconds": round(self.seconds, 3),
@@ -119,6 +120,7 @@ class MixReport:
                  f"{', scales ' + ', '.join(f'{s:g}' for s in self.scales) if any(s != 1 for s in self.scales) else ''})",
                  f"a = {Path(self.names[0]).name}"]
         lines += [f"{x} = {Path(n).name}" for x, n in zip(letters, self.names[1:])]
+        lines += [f"note: {n}" for n in self.notes]
         lines.append(self.table())
         top = self.rows[0] if self.rows else {}
         if top.get("blend_residual", 1.0) < 0.01 and all(s == 1 for s in self.scales):

@@ -17,6 +17,11 @@ from pathlib import Path
 
 from .errors import OutputPathError
 
+# What the writers produce: every output file is safetensors (a `.ckpt` name would hold safetensors bytes
+# that torch.load, and this tool, then refuse as a pickle). GGUF output, where a command offers it, is
+# allowed by that command alone (`check_output_suffix(path, WRITTEN_SUFFIXES + (".gguf",))`).
+WRITTEN_SUFFIXES = (".safetensors", ".sft")
+
 MAX_COMPONENT = 180  # bytes; leaves room for the counter and extension under the usual 255 limit
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f<>:\"|?*\\]")
 
@@ -42,6 +47,58 @@ def check_relative_name(name: str, what: str = "output name") -> list[str]:
         if len(p.encode("utf-8")) > MAX_COMPONENT:
             raise OutputPathError(f"{what}: the component {p[:40]!r}… is longer than {MAX_COMPONENT} bytes; shorten it")
     return parts
+
+
+def check_output_suffix(path: str | os.PathLike, allowed: Iterable[str] = WRITTEN_SUFFIXES) -> Path:
+    """Refuse an output name whose suffix promises a format we do not write there (`out.ckpt`, `out.pt`)."""
+    path = Path(path)
+    allowed = tuple(allowed)
+    if path.suffix.lower() not in allowed:
+        raise OutputPathError(f"output {path}: this command writes {' or '.join(allowed)} files, but the name ends "
+                              f"in {path.suffix or '(no suffix)'!r} (another tool, or this one, would then read it "
+                              f"as that format); give the output a {' or '.join(allowed)} name")
+    return path
+
+
+def _shard_folders(p: Path) -> list[Path]:
+    """Folders that make up input `p` as a sharded model: the folder itself, or an index file's folder."""
+    if p.is_dir():
+        return [p]
+    if p.name.lower().endswith(".index.json"):
+        return [p.parent]
+    return []
+
+
+def refuse_input_target(path: str | os.PathLike, protect: Iterable[str | os.PathLike], what: str = "output",
+                        into_shard_folders: bool = True) -> None:
+    """Refuse to write `path` if it is one of the inputs in `protect` (the same path, through a symlink,
+    or a hard link of it), or, for model outputs (`into_shard_folders`), if it lands in the folder of a
+    sharded input (folder or `*.index.json`), where it would be read as one more shard of that model."""
+    path = Path(path)
+    target = path.resolve()
+    exists = target.exists()
+    for p in protect:
+        p = Path(p)
+        try:
+            if not p.exists():
+                continue
+            if p.resolve() == target or (exists and os.path.samefile(p, target)):
+                if what == "output":
+                    raise OutputPathError(f"refusing to write {path}: it is one of the inputs ({p}); choose another "
+                                          "output name")
+                raise OutputPathError(f"refusing to write the {what} to {path}: it is one of the inputs ({p}); "
+                                      f"choose another file name for the {what}")
+            for folder in _shard_folders(p):
+                if exists and any(f.is_file() and os.path.samefile(f, target) for f in folder.iterdir()):
+                    raise OutputPathError(f"refusing to write {path}: it is a link to a file of the sharded input "
+                                          f"{p}; choose another {'output' if what == 'output' else what} name")
+                if into_shard_folders and folder.resolve() == target.parent:
+                    raise OutputPathError(
+                        f"refusing to write {path}: it lies in {folder}, the folder of the sharded input {p}, where "
+                        "it would be taken for one more shard of that model (or replace one); choose an output in another "
+                        "folder")
+        except OSError:
+            continue
 
 
 def inside(root: Path, path: Path) -> bool:

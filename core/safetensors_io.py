@@ -27,7 +27,7 @@ import torch
 from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
 from .errors import BadFileError, OutputPathError, UnsupportedEncodingError
 from .outputs import place_or_defer
-from .paths import check_writable_folder, create_temp_beside
+from .paths import check_writable_folder, create_temp_beside, refuse_input_target
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit the safetensors library applies
 REFETCH = "download the file again or re-export it"  # what to do about a damaged file
@@ -245,12 +245,7 @@ class StreamingWriter:
 
     def _check_target(self) -> None:
         target = self.path.resolve()
-        for p in self._protect:
-            try:
-                if p.exists() and (p.resolve() == target or (target.exists() and os.path.samefile(p, target))):
-                    raise OutputPathError(f"refusing to write {self.path}: it is one of the inputs ({p}); choose another output name")
-            except OSError:
-                continue
+        refuse_input_target(self.path, self._protect)  # also every file and the folder of a sharded input
         if target.exists() and not self.overwrite:
             raise OutputPathError(f"refusing to overwrite existing file {self.path}; choose another name or remove it")
         if not target.parent.is_dir():

@@ -13,21 +13,21 @@ import functools
 import json
 import mmap as _mmap
 import os
-import pickle
 import time
-import warnings
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from .dtypes import all_finite, dtype_name, itemsize
-from .errors import BadFileError, UnsafePickleError
+from .errors import BadFileError
 from .safetensors_io import REFETCH, SafetensorsHeader, TensorInfo, read_header
 from .signals import hold_read_lease, release_lease
+from .torchfile import check_tensor, load_checkpoint, unwrap_state_dict
 
 if TYPE_CHECKING:
     from .encodings.base import KeyEncoding
@@ -58,6 +58,7 @@ class TensorSource(ABC):
         self._infos: dict[str, TensorInfo] = {}
         self.metadata = {}
         self.nonfinite_keys: list[str] = []
+        self.notes: list[str] = []  # how the file was read, where that is not plain (reports show these)
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -209,10 +210,13 @@ class SafetensorsSource(TensorSource):
     are views of the file's memory map (nothing is copied; a key costs one strided view, not a library
     call, and a few dict entries of memory: headers can list 10^5 tensors)."""
 
-    def __init__(self, files: list[Path], name: str | None = None):
+    def __init__(self, files: list[Path], name: str | None = None, index: Path | None = None,
+                 folder: Path | None = None):
         super().__init__()
         self.name = name or str(files[0])
         self._files = files
+        # a sharded model is its index and its folder too: an output must replace neither nor land among the shards
+        self._container = [p for p in (index, folder) if p is not None]
         self._start: dict[str, int] = {}  # key -> first byte in its file
         self._key_file: dict[str, int] = {}  # key -> index of its file, for shards only (else all 0)
         self._guards: dict[int, _InputGuard | None] = {}
@@ -274,7 +278,7 @@ class SafetensorsSource(TensorSource):
         return torch.as_strided(m, info.shape, _contiguous_strides(info.shape), start // size)
 
     def paths(self) -> list[Path]:
-        return list(self._files)
+        return [*self._files, *self._container]
 
     def close(self) -> None:
         self._maps.clear()  # the maps go when the last tensor viewing them does
@@ -285,41 +289,25 @@ class SafetensorsSource(TensorSource):
 
 
 class TorchFileSource(TensorSource):
-    """A .ckpt/.pt/.bin file, loaded only with `torch.load(weights_only=True)`: no pickle code ever runs."""
+    """A .ckpt/.pt/.bin file, loaded only with `torch.load(weights_only=True)`: no pickle code ever runs.
+    Storages are checked against their records and tensors against their storages (core/torchfile.py);
+    tensors nested under a trainer's container (`state_dict`, `model`, `ema`, …) are found and `container`
+    says where (also in `notes`)."""
 
     def __init__(self, path: Path):
         super().__init__()
         self.name = str(path)
         self._path = path
         self._guard = _InputGuard(path)  # torch.load(mmap=True) maps the file too
-        obj = None
-        last: Exception | None = None
-        for mmap in (True, False):  # mmap needs the zip format; legacy files fall back to a plain load
-            try:
-                with warnings.catch_warnings():  # torch's note on the pickle protocol would precede our message
-                    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-                    obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
-                break
-            except pickle.UnpicklingError as e:
-                raise UnsafePickleError(
-                    f"{path}: refused: loading it would run pickled code ({str(e).splitlines()[0][:200]}). "
-                    "Only plain tensor checkpoints are accepted; convert it to .safetensors in a trusted environment."
-                ) from None
-            except RuntimeError as e:
-                last = e
-                continue
-            except Exception as e:
-                last = e
-                break
-        if obj is None:
-            raise BadFileError(f"{path}: cannot read as a torch checkpoint: {last}; {REFETCH}")
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise BadFileError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors; convert it to "
-                               ".safetensors in a trusted environment")
-        self._tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-        self.skipped = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+        found = unwrap_state_dict(load_checkpoint(path), path)
+        for key, t in found.tensors.items():
+            check_tensor(path, key, t)
+        self._tensors = found.tensors
+        self.skipped = found.skipped
+        self.container = "".join(f"[{k!r}]" for k in found.where)
+        note = found.note()
+        if note:
+            self.notes.append(note)
         self._infos = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in self._tensors.items()}
 
     def _load(self, key: str) -> torch.Tensor:
@@ -333,19 +321,18 @@ class TorchFileSource(TensorSource):
         self._guard.close()
 
 
-class PrefixView(TensorSource):
-    """The keys of `base` that start with `prefix`, with the prefix removed."""
+class KeyMapView(TensorSource):
+    """Some keys of `base` under other names: `names` maps each name shown to the raw key in `base`."""
 
-    def __init__(self, base: TensorSource, prefix: str):
+    def __init__(self, base: TensorSource, names: Mapping[str, str]):
         super().__init__()
         self.base = base
-        self.prefix = prefix
         self.name = base.name
         self.metadata = base.metadata
         self.nonfinite = base.nonfinite
         self.nonfinite_keys = base.nonfinite_keys  # shared: a report on the base sees what the view read
-        n = len(prefix)
-        self._raw = {k[n:]: k for k in base.keys() if k.startswith(prefix)}
+        self.notes = base.notes
+        self._raw = dict(names)
         self._infos = {k: base.info(raw) for k, raw in self._raw.items()}
 
     def _load(self, key: str) -> torch.Tensor:
@@ -363,6 +350,15 @@ class PrefixView(TensorSource):
 
     def close(self) -> None:
         self.base.close()
+
+
+class PrefixView(KeyMapView):
+    """The keys of `base` that start with `prefix`, with the prefix removed."""
+
+    def __init__(self, base: TensorSource, prefix: str):
+        n = len(prefix)
+        super().__init__(base, {k[n:]: k for k in base.keys() if k.startswith(prefix)})
+        self.prefix = prefix
 
 
 def _shards_of_index(index: Path) -> list[Path]:
@@ -416,10 +412,10 @@ def _open_model(path: str | os.PathLike) -> TensorSource:
         files = _shards_of_index(indexes[0]) if indexes else sorted(p.glob("*.safetensors"))
         if not files:
             raise BadFileError(f"{p}: folder holds no .safetensors files; give a model file or a folder of .safetensors shards")
-        return SafetensorsSource(files, name=str(p))
+        return SafetensorsSource(files, name=str(p), index=indexes[0] if indexes else None, folder=p)
     name = p.name.lower()
     if name.endswith(".index.json"):
-        return SafetensorsSource(_shards_of_index(p), name=str(p))
+        return SafetensorsSource(_shards_of_index(p), name=str(p), index=p, folder=p.parent)
     if name.endswith(SAFETENSORS_EXTS):
         return SafetensorsSource([p])
     if name.endswith(TORCH_EXTS):
@@ -446,18 +442,99 @@ def as_source(obj: TensorSource | Mapping[str, torch.Tensor] | str | os.PathLike
     return open_model(obj)
 
 
+# Bare keys of full checkpoints that are not diffusion-model weights: the EMA copy SD checkpoints keep
+# beside the model, sampler buffers (their names have no dot: `alphas_cumprod`, `betas`).
+_NOT_MODEL_PREFIXES = ("model_ema.", "denoiser.")
+
+
+@dataclass(frozen=True)
+class DiffusionLayout:
+    """Where a file's diffusion-model weights are: `prefix` ('' for a bare diffusion-model file) and
+    `names` (name with the prefix stripped -> raw key). Keys under another diffusion prefix beside the
+    model (`unet.x` in a bare file) are `strays`, folded into `names`; a layer present under two names
+    (`x` and `unet.x`) is a `twins` pair, and such a file is refused by `check`."""
+
+    prefix: str
+    names: dict[str, str]
+    strays: dict[str, str] = field(default_factory=dict)  # raw key -> name
+    twins: list[tuple[str, str]] = field(default_factory=list)
+
+    def check(self, where: str) -> None:
+        if self.twins:
+            shown = ", ".join(f"{a!r} and {b!r}" for a, b in self.twins[:3])
+            more = f" (and {len(self.twins) - 3} more pairs)" if len(self.twins) > 3 else ""
+            raise BadFileError(f"{where}: holds the same layer under two names: {shown}{more} (with and without "
+                               "a prefix); which one is the model's weight cannot be told: remove one of each pair "
+                               "(re-export the model with one key prefix)")
+
+    def note(self) -> str | None:
+        if not self.strays:
+            return None
+        shown = ", ".join(f"{raw} -> {name}" for raw, name in list(self.strays.items())[:5])
+        more = f", … ({len(self.strays)} in all)" if len(self.strays) > 5 else ""
+        return (f"{len(self.strays)} key(s) under another prefix than the model's "
+                f"({self.prefix or 'no prefix'!r}) read as the model's own: {shown}{more}")
+
+
+def _diffusion_prefix_of(key: str) -> str | None:
+    for prefix in DIFFUSION_PREFIXES:
+        if key.startswith(prefix):
+            return prefix
+    return None
+
+
+def diffusion_layout(keys: list[str]) -> DiffusionLayout:
+    """The namespace that covers the diffusion model: the diffusion prefix with the most keys, unless
+    the bare weights outnumber it (a bare model with a stray `unet.x` key is a bare model)."""
+    counts = dict.fromkeys(DIFFUSION_PREFIXES, 0)
+    bare_weights = 0
+    for k in keys:
+        p = _diffusion_prefix_of(k)
+        if p is not None:
+            counts[p] += 1
+        elif "." in k and key_group(k) == "other" and not k.startswith(_NOT_MODEL_PREFIXES):
+            bare_weights += 1
+    prefix = max(DIFFUSION_PREFIXES, key=lambda p: counts[p])  # ties: the most specific prefix
+    if counts[prefix] == 0 or counts[prefix] < bare_weights:
+        prefix = ""
+    names: dict[str, str] = {}
+    if prefix:
+        names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+    else:
+        names = {k: k for k in keys if key_group(k) == "other"}
+    strays: dict[str, str] = {}
+    twins: list[tuple[str, str]] = []
+    for k in keys:
+        p = _diffusion_prefix_of(k)
+        if p is None or p == prefix:
+            if prefix and p is None and k in names:  # `x` beside `model.diffusion_model.x`
+                twins.append((names[k], k))
+            continue
+        name = k[len(p):]
+        if name in names:
+            twins.append((names[name], k))
+        else:
+            names[name] = k
+            strays[k] = name
+    return DiffusionLayout(prefix, names, strays, twins)
+
+
 def detect_diffusion_prefix(keys: list[str]) -> str:
     """The prefix under which the diffusion model's weights sit ('' for a bare diffusion-model file)."""
-    for prefix in DIFFUSION_PREFIXES:
-        if any(k.startswith(prefix) for k in keys):
-            return prefix
-    return ""
+    return diffusion_layout(keys).prefix
 
 
 def diffusion_view(source: TensorSource) -> TensorSource:
-    """Only the diffusion model's keys, prefix stripped: the common ground for merge, extract and compare."""
-    prefix = detect_diffusion_prefix(source.keys())
-    return PrefixView(source, prefix) if prefix else source
+    """Only the diffusion model's keys, prefix stripped: the common ground for merge, extract and compare.
+    A file holding one layer under two names is refused; stray keys are read as the model's and noted."""
+    layout = diffusion_layout(source.keys())
+    layout.check(source.name)
+    note = layout.note()
+    if note and note not in source.notes:
+        source.notes.append(note)
+    if not layout.prefix and not layout.strays and len(layout.names) == len(source):
+        return source
+    return KeyMapView(source, layout.names)
 
 
 _UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model.", "transformer.", "unet.")
@@ -477,9 +554,12 @@ def key_group(key: str) -> str:
 
 
 def classify_keys(keys: list[str]) -> dict[str, str]:
-    """key -> group for a whole file. A bare diffusion-model file (no component prefixes at all) is all
-    'unet'; in a full checkpoint, keys outside the known components stay 'other' (e.g. `alphas_cumprod`)."""
-    groups = {k: key_group(k) for k in keys}
-    if all(g == "other" for g in groups.values()):
-        return dict.fromkeys(keys, "unet")
+    """key -> group for a whole file. The diffusion model's keys (`diffusion_layout`: in a bare file every
+    key outside the known components, stray prefixed keys included) are 'unet'; in a full checkpoint, keys
+    outside the known components stay 'other' (e.g. `alphas_cumprod`)."""
+    model = set(diffusion_layout(keys).names.values())
+    groups = {}
+    for k in keys:
+        g = key_group(k)
+        groups[k] = "unet" if k in model else ("other" if g == "unet" else g)
     return groups

@@ -435,12 +435,13 @@ def test_files_without_tensors_are_refused(work, tmp_path, capsys, argv, names):
     assert_actionable(err, *(getattr(work, n) for n in names))
 
 
-def test_merge_with_a_file_without_tensors_takes_a(work, tmp_path, capsys):
-    """Keys missing from some inputs follow --missing (default take): an empty B gives a copy of A."""
+def test_merge_with_a_file_without_tensors_is_refused(work, tmp_path, capsys):
+    """An empty B would contribute nothing (the output would be A bit for bit): refused naming it (issue 19)."""
     out = tmp_path / "m.safetensors"
     rc, stdout, err = run_cli(capsys, "merge", work.base, work.empty, "-o", out)
-    assert rc == 0 and "take A" in stdout, err
-    assert all(torch.equal(t, tensors(work.base)[k]) for k, t in tensors(out).items())
+    assert rc == 2 and "holds no tensors" in err, err
+    assert_actionable(err, work.empty.name)
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------ the same file twice

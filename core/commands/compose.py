@@ -10,7 +10,7 @@ import torch
 
 from ..dtypes import dtype_name, parse_dtype
 from ..errors import MismatchError
-from ..paths import check_new_output
+from ..paths import check_new_output, check_output_suffix, refuse_input_target
 from ..progress import TerminalProgress
 from ..report import write_json
 
@@ -100,7 +100,10 @@ def _check_device(device: str) -> None:
 
 
 def _check_report_path(args: argparse.Namespace, inputs: list[Path]) -> None:
-    """--report is an output too: a bad path (an input, an existing file) fails before any work."""
+    """-o and --report are checked before any work: a name we would not write (`out.ckpt`), an input, an
+    existing report."""
+    check_output_suffix(args.output)
+    refuse_input_target(args.output, inputs)
     if args.report:
         check_new_output(args.report, "report", protect=inputs, others=[args.output])
 

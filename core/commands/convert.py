@@ -20,7 +20,7 @@ from ..lora.formats import (
 )
 from ..lora.model import LoRA
 from ..lora.reproject import REPROJECT_METHODS
-from ..paths import check_new_output
+from ..paths import check_new_output, check_output_suffix, refuse_input_target
 from ..report import format_table, write_json
 from ..sources import open_model
 
@@ -80,6 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    check_output_suffix(args.output)
+    refuse_input_target(args.output, [args.input])
     if args.report:  # an output too: a bad path (an input, an existing file) fails before any work
         check_new_output(args.report, "report", protect=[args.input], others=[args.output])
     lora = load_lora(args.input, arch=args.arch)
@@ -157,7 +159,7 @@ def module_rows(lora: LoRA) -> list[dict]:
 def _inspect_model(path: Path) -> dict:
     from ..arch import detect_arch
     from ..dtypes import itemsize
-    from ..sources import classify_keys
+    from ..sources import classify_keys, diffusion_layout
 
     src = open_model(path)
     info = detect_arch(src)
@@ -179,6 +181,13 @@ def _inspect_model(path: Path) -> dict:
     print(f"{path}: full model, {info}")
     if info.reason:
         print(f"  {info.reason}")
+    layout = diffusion_layout(src.keys())
+    if layout.note():
+        print(f"note: {layout.note()}")
+    try:
+        layout.check(str(path))
+    except BadFileError as e:  # inspect describes; every command that reads the model refuses it
+        print(f"WARNING: {e}")
     rows = [{"part": g, "tensors": v[0], "parameters": v[1], "MB": round(v[2] / 2**20, 1)} for g, v in sorted(groups.items())]
     print(format_table(rows, ["part", "tensors", "parameters", "MB"]))
     print("dtypes: " + ", ".join(f"{d} ({n})" for d, n in sorted(dtypes.items())))
@@ -197,6 +206,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     src = open_model(args.file)
     from ..arch import detect_arch
 
+    for note in src.notes:  # where in a trainer's checkpoint the tensors were found
+        print(f"note: {note}")
     # a full checkpoint's `model.diffusion_model.` keys also look like ComfyUI LoRA keys: a model is a model
     if detect_format(src.keys()) == "unknown" or detect_arch(src).arch != "unknown":
         data = _inspect_model(args.file)
@@ -217,6 +228,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             print(f"WARNING: {len(src.nonfinite_keys)} tensors hold NaN or Inf: " + ", ".join(src.nonfinite_keys[:8]))
         data["nonfinite_keys"] = list(src.nonfinite_keys)
         data["modules_detail"] = module_rows(lora)
+    data["notes"] = list(src.notes)
     if args.json:
         write_json(args.json, data)
     return 0

@@ -12,7 +12,7 @@ from ..lora.extract import DEFAULT_MIN_DELTA, extract_lora
 from ..lora.formats import WRITABLE_FORMATS, check_writable, save_lora
 from ..lora.svd import METHODS, RANK_MODES
 from ..lora.validate import ReconstructionReport, validate_lora
-from ..paths import check_new_output
+from ..paths import check_new_output, check_output_suffix, refuse_input_target
 from ..progress import TerminalProgress
 from ..report import save_png, write_json
 from ..sources import as_source
@@ -90,6 +90,7 @@ def _check_outputs(args: argparse.Namespace, inputs: list, output: Path | None =
 
 
 def run_extract(args: argparse.Namespace) -> int:
+    check_output_suffix(args.output)
     if args.output.exists():  # checked before the work; the writer refuses it again, atomically
         raise OutputPathError(f"{args.output}: exists; choose another name or remove it")
     if not args.output.parent.is_dir():
@@ -97,12 +98,16 @@ def run_extract(args: argparse.Namespace) -> int:
                               f"for {args.output.name}")
     base, tuned = as_source(args.base), as_source(args.tuned)
     _check_outputs(args, [*base.paths(), *tuned.paths()], args.output)
+    refuse_input_target(args.output, [*base.paths(), *tuned.paths()])
     lora, report = extract_lora(
         base, tuned, rank=args.rank, conv_rank=args.conv_rank, rank_mode=args.rank_mode, energy=args.energy,
         error=args.error, max_rank=args.max_rank, min_delta=args.min_delta, store_diff=args.store_diff,
         device=args.device, progress=TerminalProgress("extract"), clamp_quantile=args.clamp_quantile,
         dtype=args.dtype, method=args.method, seed=args.seed,
     )
+    for src in (base, tuned):  # where in a checkpoint the tensors were found, stray keys read as the model's
+        for note in src.notes:
+            print(f"note: {Path(src.name).name}: {note}")
     # the message Save LoRA gives for the same LoRA; before the report, so a refusal leaves no file at all
     check_writable(lora, args.format)
     _emit(report, args)

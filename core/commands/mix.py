@@ -10,7 +10,7 @@ from ..dtypes import MODEL_OUTPUT_CHOICES
 from ..encodings.encode import parse_output
 from ..errors import WeightsmithError
 from ..mix import GROUPS, lossless_mix, resolve_device
-from ..paths import check_new_output
+from ..paths import check_new_output, check_output_suffix
 from ..progress import TerminalProgress
 from ..report import save_png, write_json
 
@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise WeightsmithError("give a reference and at least two candidates: weightsmith mix A B C -o OUT")
     if not args.dry_run and args.output is None:
         raise WeightsmithError("name the output with -o OUT.safetensors, or ask for --dry-run")
+    if not args.dry_run:
+        check_output_suffix(args.output)
     resolve_device(args.device)  # a missing GPU fails here, before any file is opened
     parse_output(args.dtype)  # so does an unknown output dtype
     inputs = [args.reference, *args.candidates]

@@ -175,6 +175,7 @@ class DecodedSource(TensorSource):
         self.raw = raw
         self.name = raw.name
         self.metadata = {k: v for k, v in raw.metadata.items() if k not in QUANT_METADATA_KEYS}
+        self.notes = raw.notes  # how the raw file was read (a checkpoint container), shared
         self._recipes = dict(detection.recipes)
         hidden = detection.hidden
         for k in raw.keys():

@@ -88,6 +88,13 @@ def pair_models(base, tuned) -> ModelPair:
                 f"{k}: shape {list(sb)} in {b_src.name} but {list(st)} in {t_src.name}; the two models are "
                 "different architectures or sizes: pass a fine-tune and the exact base model it was tuned from"
             )
+        db, dt = b.info(k).dtype, t.info(k).dtype
+        if db.is_floating_point != dt.is_floating_point:  # an int/bool copy of a weight has no meaningful ΔW
+            raise MismatchError(
+                f"{k}: {str(db).replace('torch.', '')} in {b_src.name} but {str(dt).replace('torch.', '')} in "
+                f"{t_src.name}; a weight must be floating point in both models: pass the fine-tune and its base "
+                "as saved by their trainer (not a converted or quantized copy)"
+            )
     return ModelPair(base=b, tuned=t, keys=b.keys(), arch=b_arch.arch)
 
 

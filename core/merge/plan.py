@@ -25,7 +25,7 @@ import torch
 
 from ..arch import detect_arch
 from ..errors import MismatchError, WeightsmithError
-from ..sources import TensorSource, as_source, detect_diffusion_prefix, key_group
+from ..sources import DiffusionLayout, TensorSource, as_source, diffusion_layout, key_group
 from .methods import METHODS, MergeMethod, format_params, get_method
 from .rules import Rule, input_label, parse_input_ref, parse_params, parse_rules, parse_weights, preset_rules, resolve
 
@@ -176,16 +176,34 @@ def _check_inputs(method: MergeMethod, n: int, where: str) -> None:
         raise WeightsmithError(f"{where}: {method.name} takes {method.inputs_text()} models, got {n}")
 
 
-def _parts(source: TensorSource, prefix: str) -> tuple[dict[str, str], dict[str, str]]:
+def _parts(source: TensorSource, layout: DiffusionLayout) -> tuple[dict[str, str], dict[str, str]]:
     """(diffusion name -> raw key, other raw key -> raw key) of one input."""
-    diff, other = {}, {}
-    n = len(prefix)
-    for k in source.keys():
-        if k.startswith(prefix):
-            diff[k[n:]] = k
-        else:
-            other[k] = k
-    return diff, other
+    diff = dict(layout.names)
+    model = set(diff.values())
+    return diff, {k: k for k in source.keys() if k not in model}
+
+
+def _check_overlap(maps: list[tuple[dict[str, str], dict[str, str]]], infos: list[InputInfo]) -> None:
+    """Refuse inputs that share no key with any other input: the merge would copy the others unchanged
+    and that input would contribute nothing (tensors under another container or prefix, another model,
+    an empty file)."""
+    def named(i: int) -> str:
+        return f"{infos[i].name} ({infos[i].label})"
+
+    fix = ("Give models of one architecture saved with the same key names (`weightsmith inspect` shows a file's "
+           "layout)")
+    names = [set(diff) | set(other) for diff, other in maps]
+    for i, own in enumerate(names):
+        if not own:
+            raise MismatchError(f"{named(i)} holds no tensors, so it would contribute nothing to the merge (the "
+                                f"download may have failed). {fix}")
+    for own in sorted(range(len(names)), key=lambda j: len(names[j])):
+        own_keys = names[own]
+        rest = set().union(*(n for j, n in enumerate(names) if j != own))
+        if own_keys.isdisjoint(rest):
+            others = ", ".join(named(j) for j in range(len(infos)) if j != own)
+            raise MismatchError(f"{named(own)} shares no key with {others} (e.g. {min(own_keys)!r} vs "
+                                f"{min(rest)!r}): it would contribute nothing to the merge. {fix}")
 
 
 def plan_merge(
@@ -223,14 +241,18 @@ def plan_merge(
         notes.append(f"{m.name} does not use weights; the given weights apply only where a rule picks another method")
     rule_list = parse_rules(rules) + parse_rules(preset_rules(presets or []))
 
-    infos, prefixes, namings, families = [], [], [], []
+    infos, prefixes, layouts, namings, families = [], [], [], [], []
     for i, s in enumerate(srcs):
         a = detect_arch(s)
-        prefix = detect_diffusion_prefix(s.keys())
+        layout = diffusion_layout(s.keys())
+        layout.check(s.name)
+        prefix = layout.prefix
         prefixes.append(prefix)
+        layouts.append(layout)
         namings.append(a.naming)
         families.append(a.family)
         infos.append(InputInfo(input_label(i), Path(s.name).name if s.paths() else s.name, a.arch, prefix, len(s)))
+        notes += [f"{input_label(i)} ({infos[-1].name}): {n}" for n in [*s.notes, layout.note()] if n]
     known_families = {x for x in families if x != "unknown"}
     if len(known_families) > 1:
         detail = ", ".join(f"{i.label} {i.name}: {i.arch}" for i in infos)
@@ -242,7 +264,8 @@ def plan_merge(
         raise MismatchError(f"the inputs use different key naming ({detail}); keys cannot be matched by name. "
                             "Convert them to one naming first (e.g. diffusers -> ComfyUI/BFL)")
 
-    maps = [_parts(s, p) for s, p in zip(srcs, prefixes)]
+    maps = [_parts(s, layout) for s, layout in zip(srcs, layouts)]
+    _check_overlap(maps, infos)
     out_prefix = prefixes[0]
 
     # (name, part, {input index: raw key}) in output order: A's keys first, then keys only others have
