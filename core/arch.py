@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 
 from .sources import TensorSource, detect_diffusion_prefix
 
-ARCHES = ("flux-dev", "flux-schnell", "chroma", "sdxl", "sd15")
+ARCHES = ("flux-dev", "flux-schnell", "chroma", "sdxl", "sd15", "qwen-image", "wan")
 
 
 @dataclass
 class ArchInfo:
     arch: str  # one of ARCHES or "unknown"
-    naming: str  # "bfl" (ComfyUI/BFL single file), "diffusers", "ldm" (SD UNets), or "unknown"
+    naming: str  # "bfl" (ComfyUI/BFL single file), "diffusers", "ldm" (SD UNets), "native" (ComfyUI's own
+    # names for models that have no other here: Qwen-Image, whose names are diffusers' too, and Wan), or "unknown"
     prefix: str  # the prefix the diffusion model's keys carry in the file
     details: dict = field(default_factory=dict)
     reason: str = ""
@@ -24,11 +25,14 @@ class ArchInfo:
             return "flux"
         if self.arch in ("sdxl", "sd15"):
             return "sd"
+        if self.arch in ("qwen-image", "wan"):
+            return self.arch
         return "unknown"
 
     @property
     def lora_arch(self) -> str:
-        """The architecture name LoRAs use: flux, chroma, sdxl, sd15 (dev and schnell share LoRAs)."""
+        """The architecture name LoRAs use: flux, chroma, sdxl, sd15, qwen-image, wan (dev and schnell share
+        LoRAs; so do Wan 2.1 and 2.2 models of one size)."""
         return "flux" if self.arch.startswith("flux") else self.arch
 
     def __str__(self) -> str:
@@ -45,7 +49,7 @@ def _count(keys: set[str], prefix: str) -> int:
 
 
 def detect_arch(source: TensorSource) -> ArchInfo:
-    """Detect Flux dev / schnell, Chroma, SDXL or SD1.5 (UNet) from a full model's keys and shapes."""
+    """Detect Flux dev / schnell, Chroma, SDXL, SD1.5 (UNet), Qwen-Image or Wan 2.1/2.2 from a full model's keys and shapes."""
     raw = source.keys()
     prefix = detect_diffusion_prefix(raw)
     keys = {k[len(prefix):] for k in raw if k.startswith(prefix)}
@@ -68,6 +72,14 @@ def detect_arch(source: TensorSource) -> ArchInfo:
             return ArchInfo("chroma", "diffusers", prefix, details)
         guided = any(k.startswith("time_text_embed.guidance_embedder.") for k in keys)
         return ArchInfo("flux-dev" if guided else "flux-schnell", "diffusers", prefix, details)
+    if "txt_norm.weight" in keys and "img_in.weight" in keys:  # ComfyUI's own Qwen-Image test
+        return ArchInfo("qwen-image", "native", prefix, _qwen_details(keys, shape, _params(source, prefix, keys)))
+    if "head.modulation" in keys and "patch_embedding.weight" in keys:  # ComfyUI's own Wan 2.x test
+        return ArchInfo("wan", "native", prefix, _wan_details(keys, shape, _params(source, prefix, keys)))
+    if "condition_embedder.time_embedder.linear_1.weight" in keys and "blocks.0.attn1.to_q.weight" in keys:
+        return ArchInfo("wan", "diffusers", prefix, {"dim": shape("blocks.0.attn1.to_q.weight")[0],
+                                                     "layers": _count(keys, "blocks.")},
+                        reason="diffusers-named Wan: ComfyUI 0.3.75 loads Wan models in its native names only")
     if "input_blocks.0.0.weight" in keys:
         ctx = None
         for k in sorted(keys):
@@ -84,6 +96,70 @@ def detect_arch(source: TensorSource) -> ArchInfo:
     if "conv_in.weight" in keys and any(k.startswith("down_blocks.") for k in keys):
         arch = "sdxl" if any(k.startswith("add_embedding.") for k in keys) else "sd15"
         return ArchInfo(arch, "diffusers", prefix, {})
+    return ArchInfo("unknown", "unknown", prefix, {}, reason=f"{source.name}: {explain_unknown(keys)}")
+
+
+def _params(source: TensorSource, prefix: str, keys: set[str]) -> int:
+    return sum(source.info(prefix + k).numel for k in keys)
+
+
+def _size(params: int) -> str:
+    return f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.1f}M"
+
+
+def _qwen_details(keys: set[str], shape, params: int) -> dict:
+    hidden = shape("img_in.weight")[0]
+    blocks = _count(keys, "transformer_blocks.")
+    # Qwen-Image and Qwen-Image-Edit (2509, 2511) share every key and shape: the weights cannot tell them apart
+    return {"variant": "Qwen-Image / Qwen-Image-Edit", "hidden": hidden, "blocks": blocks,
+            "in_channels": shape("img_in.weight")[1], "size": _size(params)}
+
+
+def _wan_details(keys: set[str], shape, params: int) -> dict:
+    dim = shape("head.modulation")[-1]
+    in_dim = shape("patch_embedding.weight")[1]
+    out_dim = shape("head.head.weight")[0] // 4
+    extra = {"vace_patch_embedding.weight": "vace", "control_adapter.conv.weight": "camera",
+             "casual_audio_encoder.encoder.final_linear.weight": "s2v", "face_adapter.fuser_blocks.0.k_norm.weight": "animate"}
+    kind = next((v for k, v in extra.items() if k in keys), None)
+    if kind is not None:
+        variant, version = kind, "2.1/2.2"
+    elif out_dim == 48:
+        variant, version = "ti2v", "2.2"  # the 5B model with its own VAE (48 latent channels)
+    elif "img_emb.proj.0.bias" in keys:
+        variant, version = "i2v", "2.1"  # CLIP-vision image embedding: Wan 2.1 I2V/FLF2V
+    elif in_dim > 16:
+        variant, version = "i2v", "2.2"  # image latents concatenated, no CLIP embedding: Wan 2.2 I2V-A14B expert
+    else:
+        variant, version = "t2v", "2.1 or 2.2"  # Wan 2.2 T2V-A14B experts have Wan 2.1 14B's keys and shapes
+    return {"variant": variant, "version": version, "dim": dim, "layers": _count(keys, "blocks."),
+            "in_dim": in_dim, "size": _size(params)}
+
+
+def _pattern_share(keys: set[str]) -> dict[str, float]:
+    """Per known architecture, the share of the file's weight keys whose module that architecture names."""
+    from .lora import keymaps as km
+
+    mods = [k[: -len(".weight")] for k in keys if k.endswith(".weight")] or [k for k in keys]
+    tests = {"flux/chroma": km.is_flux_module, "qwen-image": km.is_qwen_module, "wan": km.is_wan_module,
+             "sd15/sdxl": lambda n: bool(km.SD_LDM_RE.match(n) or km.SD_DIFFUSERS_RE.match(n))}
+    return {a: sum(bool(t(m)) for m in mods) / len(mods) for a, t in tests.items()} if mods else {}
+
+
+def explain_unknown(keys: set[str]) -> str:
+    """Why no architecture matched: the closest known one and keys it does not name."""
+    if not keys:
+        return "no diffusion-model keys at all"
+    share = _pattern_share(keys)
+    best = max(share, key=lambda a: share[a]) if share else None
     sample = ", ".join(sorted(keys)[:5])
-    return ArchInfo("unknown", "unknown", prefix, {},
-                    reason=f"{source.name}: no Flux/Chroma/SDXL/SD1.5 key pattern found among {len(keys)} keys ({sample}, …)")
+    known = "Flux/Chroma/SDXL/SD1.5/Qwen-Image/Wan"
+    if best is None or share[best] == 0:
+        return f"no {known} key pattern found among {len(keys)} keys ({sample}, …)"
+    from .lora import keymaps as km
+
+    test = {"flux/chroma": km.is_flux_module, "qwen-image": km.is_qwen_module, "wan": km.is_wan_module}.get(best)
+    odd = sorted(k for k in keys if k.endswith(".weight") and test is not None and not test(k[: -len(".weight")]))
+    return (f"no {known} model; closest is {best} ({share[best]:.0%} of its {len(keys)} keys are {best} layer names), "
+            f"but its tell-tale keys are missing" + (f" and these differ: {', '.join(odd[:5])}"
+                                                     + (f", … ({len(odd)} in all)" if len(odd) > 5 else "") if odd else ""))

@@ -183,6 +183,50 @@ def flux_to_diffusers(bfl: str) -> list[tuple[str, Piece]]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Qwen-Image and Wan 2.1/2.2: ComfyUI's native names are the only ones these models have here. Qwen-Image's
+# native names already are diffusers' (QwenImageTransformer2DModel), so its diffusers LoRA naming is
+# `transformer.<native name>`; ComfyUI 0.3.75 maps no diffusers names for Wan (only `diffusion_model.*` and
+# `lora_unet_*`).
+
+QWEN_MODULE_RE = re.compile(
+    r"^(?:img_in|txt_in|txt_norm|proj_out|norm_out\.linear|time_text_embed\.timestep_embedder\.linear_[12]"
+    r"|transformer_blocks\.\d+\.(?:(?:img|txt)_mod\.1|(?:img|txt)_mlp\.net\.(?:0\.proj|2)"
+    r"|attn\.(?:to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out"
+    r"|norm_q|norm_k|norm_added_q|norm_added_k)))$"
+)
+# Names only Qwen-Image has (Flux's diffusers names share the attention projections and `img_in`-style roots).
+QWEN_ONLY_RE = re.compile(r"^(?:txt_norm|transformer_blocks\.\d+\.(?:img_mod|txt_mod|img_mlp|txt_mlp)\.)")
+WAN_MODULE_RE = re.compile(
+    r"^(?:patch_embedding|text_embedding\.[02]|time_embedding\.[02]|time_projection\.1|head\.head"
+    r"|img_emb\.proj\.[0134]|blocks\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q|k|v|o|norm_q|norm_k|k_img|v_img|norm_k_img)"
+    r"|ffn\.[02]|norm3))$"
+)
+
+
+def is_qwen_module(name: str) -> bool:
+    return bool(QWEN_MODULE_RE.match(name))
+
+
+def is_qwen_only(name: str) -> bool:
+    return bool(QWEN_ONLY_RE.match(name))
+
+
+def is_wan_module(name: str) -> bool:
+    return bool(WAN_MODULE_RE.match(name))
+
+
+def looks_qwen(names: list[str]) -> bool:
+    """True when module names (no prefix) are Qwen-Image's rather than Flux's diffusers names: a Qwen-only layer,
+    or double-stream blocks past Flux's 19 with no single-stream blocks at all."""
+    if any(QWEN_ONLY_RE.match(n) for n in names):
+        return True
+    if any(n.startswith("single_transformer_blocks.") for n in names):
+        return False
+    idx = [int(m.group(1)) for n in names if (m := re.match(r"^transformer_blocks\.(\d+)\.", n))]
+    return bool(idx) and max(idx) >= 19
+
+
+# ---------------------------------------------------------------------------------------------------
 # Underscored names (kohya, OneTrainer): dots become underscores, which loses where the dots were.
 # The names are rebuilt by re-joining the multi-word tokens real layer names contain.
 
@@ -203,6 +247,9 @@ _COMPOUNDS = {
     # text encoders
     "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "text_projection", "final_layer_norm",
     "wi_0", "wi_1", "relative_attention_bias", "layer_norm",
+    # Qwen-Image and Wan (ComfyUI-native names)
+    "txt_norm", "cross_attn", "k_img", "v_img", "norm_k_img", "patch_embedding", "text_embedding",
+    "time_projection", "img_emb",
 }
 _MAX_COMPOUND = max(c.count("_") for c in _COMPOUNDS) + 1
 

@@ -1,0 +1,148 @@
+"""Qwen-Image and Wan 2.1 as first-class architectures: detection, inspect, and LoRAs extracted in every
+naming ComfyUI 0.3.75 maps for them, loaded and applied by real ComfyUI (tiny models built from
+`comfy.supported_models` classes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from comfy_support import apply_lora, dit_patcher, effective_weights, import_comfy
+from weightsmith.arch import detect_arch as _detect
+from weightsmith.sources import as_source
+from weightsmith.errors import MismatchError
+from weightsmith.lora.extract import extract_lora
+from weightsmith.lora.formats import detect_format, load_lora, lora_state_dict
+
+pytestmark = pytest.mark.comfy
+
+# What ComfyUI 0.3.75's model_lora_keys_unet maps, per architecture (Wan: only the generic two).
+NAMINGS = {"qwen": ("comfy", "kohya", "diffusers", "lycoris"), "wan-t2v": ("comfy", "kohya"),
+           "wan-i2v": ("comfy", "kohya")}
+REFUSED = {"qwen": ("onetrainer",), "wan-t2v": ("diffusers", "onetrainer", "lycoris"),
+           "wan-i2v": ("diffusers", "onetrainer", "lycoris")}
+
+
+def _tuned(sd: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
+    """Every linear and conv weight gets a rank-2 change; every other tensor (biases, norms) a dense one."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in sd.items():
+        if v.ndim >= 2 and k.endswith(".weight"):
+            d = torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v[0].numel(), generator=g)
+            out[k] = v + 0.05 * d.reshape(v.shape)
+        else:
+            out[k] = v + 0.05 * torch.randn(v.shape, generator=g)
+    return out
+
+
+def _deltas(comfy_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per module of a comfy-named LoRA state dict, the change it makes (ΔW = alpha/rank · up @ down; diffs)."""
+    out = {}
+    for k, v in comfy_sd.items():
+        if k.endswith(".lora_up.weight"):
+            m = k[: -len(".lora_up.weight")]
+            down = comfy_sd[m + ".lora_down.weight"].double()
+            alpha = comfy_sd.get(m + ".alpha")
+            scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+            out[m] = scale * (v.double().flatten(1) @ down.flatten(1))
+        elif k.endswith((".diff", ".diff_b", ".set_weight")):
+            out[k] = v.double()
+    return out
+
+
+@pytest.fixture(scope="module", params=["qwen", "wan-t2v", "wan-i2v"])
+def model(request):
+    patcher, sd = dit_patcher(request.param)
+    return request.param, patcher, sd
+
+
+def test_key_set_is_comfyuis_and_detected_with_and_without_prefix(model):
+    kind, patcher, sd = model
+    comfy_keys = {k[len("diffusion_model."):] for k in patcher.model.state_dict() if k.startswith("diffusion_model.")}
+    assert set(sd) == comfy_keys
+    for prefix in ("", "model.diffusion_model."):
+        info = detect_arch({prefix + k: v for k, v in sd.items()})
+        assert info.prefix == prefix
+        if kind == "qwen":
+            assert (info.arch, info.details["blocks"], info.details["hidden"]) == ("qwen-image", 2, 32)
+        else:
+            assert info.arch == "wan" and info.details["layers"] == 2 and info.details["dim"] == 32
+            assert info.details["variant"] == kind.split("-")[1] and info.details["version"].startswith("2.1")
+        # ComfyUI's own detection agrees on the family
+        comfy = import_comfy()
+        cfg = comfy.model_detection.detect_unet_config(sd, "")
+        assert cfg["image_model"] == ("qwen_image" if kind == "qwen" else "wan2.1")
+
+
+def test_wan22_variants_from_shapes():
+    _, sd = dit_patcher("wan-t2v")
+    i2v22 = dict(sd)
+    w = i2v22["patch_embedding.weight"]
+    i2v22["patch_embedding.weight"] = torch.zeros(w.shape[0], 36, *w.shape[2:])
+    assert detect_arch(i2v22).details["variant"] == "i2v" and detect_arch(i2v22).details["version"] == "2.2"
+    ti2v = dict(sd)
+    ti2v["head.head.weight"] = torch.zeros(4 * 48, sd["head.head.weight"].shape[1])
+    assert (detect_arch(ti2v).details["variant"], detect_arch(ti2v).details["version"]) == ("ti2v", "2.2")
+
+
+def test_unknown_model_names_closest_architecture():
+    _, sd = dit_patcher("qwen")
+    broken = {k: v for k, v in sd.items() if k != "txt_norm.weight"}
+    broken["transformer_blocks.0.attn.mystery.weight"] = torch.zeros(2, 2)
+    info = detect_arch(broken)
+    assert info.arch == "unknown"
+    assert "closest is qwen-image" in info.reason and "transformer_blocks.0.attn.mystery.weight" in info.reason
+
+
+def test_inspect_names_the_model(tmp_path, capsys, model):
+    from safetensors.torch import save_file
+    from weightsmith.cli import main
+
+    kind, _, sd = model
+    path = tmp_path / "m.safetensors"
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in sd.items()}, str(path))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "full model" in out and ("qwen-image" if kind == "qwen" else "wan") in out
+    assert "size=" in out
+
+
+def test_extracted_lora_loads_in_comfy_in_every_naming_and_patches_base_to_tuned(tmp_path, model):
+    kind, patcher, sd = model
+    tuned = _tuned(sd)
+    lora, _ = extract_lora(sd, tuned, rank=4, dtype="fp32")
+    assert lora.arch == ("qwen-image" if kind == "qwen" else "wan")
+    ref = lora_state_dict(lora, "comfy")
+    want = {k: v for k, v in tuned.items() if k.endswith((".weight", ".bias"))}
+    for fmt in NAMINGS[kind]:
+        lsd = lora_state_dict(lora, fmt)
+        if fmt == "diffusers":
+            assert all(k.startswith("transformer.") for k in lsd)
+        clone, missing, refused = apply_lora(patcher, lsd)
+        assert missing == [] and refused == [], (fmt, missing[:3], refused[:3])
+        eff = effective_weights(clone)
+        for k, v in want.items():
+            torch.testing.assert_close(eff[k], v, rtol=1e-4, atol=1e-5, msg=f"{fmt}: {k}")
+        # reading the file back and writing it in ComfyUI's naming is exact
+        back = load_lora(lsd)
+        assert back.arch == lora.arch and detect_format(lsd) == fmt and not back.unknown_keys
+        again, first = _deltas(lora_state_dict(back, "comfy")), _deltas(ref)
+        assert set(again) == set(first)
+        for k in first:
+            torch.testing.assert_close(again[k], first[k], rtol=1e-6, atol=1e-7, msg=f"{fmt}: {k}")
+    for fmt in REFUSED[kind]:
+        with pytest.raises(MismatchError, match="has no name for"):
+            lora_state_dict(lora, fmt)
+
+
+def test_lora_for_one_architecture_refused_for_another(model):
+    kind, _, sd = model
+    lora, _ = extract_lora(sd, _tuned(sd), rank=2, dtype="fp32")
+    lsd = lora_state_dict(lora, "comfy")
+    mine = "qwen-image" if kind == "qwen" else "wan"
+    with pytest.raises(MismatchError, match=f"{mine} LoRA, not a flux one"):
+        load_lora(lsd, arch="flux")
+
+
+def detect_arch(sd):
+    return _detect(as_source(sd))
