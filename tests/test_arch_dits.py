@@ -4,6 +4,8 @@ naming ComfyUI 0.3.75 maps for them, loaded and applied by real ComfyUI (tiny mo
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from comfy_support import apply_lora, dit_patcher, effective_weights, import_comfy
@@ -48,6 +50,21 @@ def _deltas(comfy_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif k.endswith((".diff", ".diff_b", ".set_weight")):
             out[k] = v.double()
     return out
+
+
+def _without(lora, names):
+    out = copy.copy(lora)
+    out.modules = {n: m for n, m in lora.modules.items() if n not in names}
+    return out
+
+
+def _without_sd(comfy_sd, names):
+    return {k: v for k, v in comfy_sd.items() if not any(k.startswith(n + ".") for n in names)}
+
+
+def _base_for(want, base, names):
+    keys = {n[len("diffusion_model."):] for n in names}
+    return {k: (base[k] if k in keys else v) for k, v in want.items()}
 
 
 @pytest.fixture(scope="module", params=["qwen", "wan-t2v", "wan-i2v"])
@@ -113,8 +130,14 @@ def test_extracted_lora_loads_in_comfy_in_every_naming_and_patches_base_to_tuned
     lora, _ = extract_lora(sd, tuned, rank=4, dtype="fp32")
     assert lora.arch == ("qwen-image" if kind == "qwen" else "wan")
     ref = lora_state_dict(lora, "comfy")
-    want = {k: v for k, v in tuned.items() if k.endswith((".weight", ".bias"))}
+    want = dict(tuned)
+    params = [n for n in lora.modules if n.endswith("modulation")]
+    assert bool(params) == kind.startswith("wan")  # Wan's modulation parameters travel as diffs
     for fmt in NAMINGS[kind]:
+        if fmt == "kohya" and params:  # lora_unet_* names `.weight`s only: the parameters are refused, by name
+            with pytest.raises(MismatchError, match="blocks.0.modulation"):
+                lora_state_dict(lora, fmt)
+            lora, ref, want = _without(lora, params), _without_sd(ref, params), _base_for(want, sd, params)
         lsd = lora_state_dict(lora, fmt)
         if fmt == "diffusers":
             assert all(k.startswith("transformer.") for k in lsd)

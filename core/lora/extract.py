@@ -128,7 +128,7 @@ def plan_layer(key: str, shape: tuple[int, ...], dtype: torch.dtype, opts: Extra
     module = keymaps.module_of_key(key)
     if module is None:
         return LayerPlan(key, None, "other", "drop", reason="no LoRA key can address this tensor")
-    if kind == "vector":
+    if kind == "vector" or keymaps.is_parameter_name(key):  # a whole parameter (Wan modulation): a diff only
         if opts.store_diff:
             return LayerPlan(key, module, kind, "diff")
         return LayerPlan(key, module, kind, "drop", reason="1-D weights are left out (store_diff off)")

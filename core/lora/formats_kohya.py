@@ -181,7 +181,7 @@ def _kohya_namer(lora: LoRA):
     def names(module: str, arch: str) -> list[OutName]:
         if module.startswith(km.TEXT):
             return _te_kohya_name(module, arch)
-        if module.endswith(".scale"):
+        if km.is_parameter_name(module):
             return []  # ComfyUI's kohya map covers `.weight` parameters only
         if arch in ("sd15", "sdxl"):
             return [OutName(sd_unet_kohya_name(module, lora))]

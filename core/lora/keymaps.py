@@ -3,7 +3,8 @@
 Canonical module names carry their component prefix: `diffusion_model.<BFL or LDM name>` for the
 diffusion model, `text_encoders.<clip_l|clip_g|t5xxl>.transformer.<HF name>` for text encoders. A
 canonical name normally denotes `<name>.weight`; names ending in `.scale` (Flux q/k RMSNorm gains)
-denote that parameter itself, exactly as ComfyUI's key map treats them.
+denote that parameter itself, exactly as ComfyUI's key map treats them; so do names whose last part is
+`modulation` (Wan's `blocks.N.modulation` / `head.modulation` parameters, addressable as `.diff` only).
 
 diffusers splits some fused BFL weights: `to_q/to_k/to_v` are row slices of `qkv`, and the single
 blocks' `to_q/to_k/to_v/proj_mlp` are row slices of `linear1`. A slice is given in units of the hidden
@@ -24,11 +25,16 @@ TEXT = "text_encoders."
 # Canonical names
 
 
+def is_parameter_name(name: str) -> bool:
+    """True for canonical names that denote a parameter itself rather than a layer's `.weight`."""
+    return name.endswith(".scale") or name.rsplit(".", 1)[-1] == "modulation"
+
+
 def weight_key(module: str) -> str:
     """The state-dict key a canonical module patches, without the component prefix for the diffusion
     model (`diffusion_model.double_blocks.0.img_attn.qkv` -> `double_blocks.0.img_attn.qkv.weight`)."""
     name = module[len(DIFFUSION):] if module.startswith(DIFFUSION) else module
-    return name if name.endswith(".scale") else name + ".weight"
+    return name if is_parameter_name(name) else name + ".weight"
 
 
 def bias_key(module: str) -> str:
@@ -40,7 +46,7 @@ def module_of_key(key: str) -> str | None:
     """Canonical diffusion-model module for a model weight key (`….weight` or a norm `….scale`)."""
     if key.endswith(".weight"):
         return DIFFUSION + key[: -len(".weight")]
-    if key.endswith(".scale"):
+    if is_parameter_name(key):
         return DIFFUSION + key
     return None
 
@@ -199,7 +205,7 @@ QWEN_ONLY_RE = re.compile(r"^(?:txt_norm|transformer_blocks\.\d+\.(?:img_mod|txt
 WAN_MODULE_RE = re.compile(
     r"^(?:patch_embedding|text_embedding\.[02]|time_embedding\.[02]|time_projection\.1|head\.head"
     r"|img_emb\.proj\.[0134]|blocks\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q|k|v|o|norm_q|norm_k|k_img|v_img|norm_k_img)"
-    r"|ffn\.[02]|norm3))$"
+    r"|ffn\.[02]|norm3|modulation)|head\.modulation)$"
 )
 
 
