@@ -9,11 +9,12 @@ import copy
 import pytest
 import torch
 from comfy_support import apply_lora, dit_patcher, effective_weights, import_comfy
+
 from weightsmith.arch import detect_arch as _detect
-from weightsmith.sources import as_source
 from weightsmith.errors import MismatchError
 from weightsmith.lora.extract import extract_lora
 from weightsmith.lora.formats import detect_format, load_lora, lora_state_dict
+from weightsmith.sources import as_source
 
 pytestmark = pytest.mark.comfy
 
@@ -113,6 +114,7 @@ def test_unknown_model_names_closest_architecture():
 
 def test_inspect_names_the_model(tmp_path, capsys, model):
     from safetensors.torch import save_file
+
     from weightsmith.cli import main
 
     kind, _, sd = model

@@ -12,7 +12,7 @@ from ..lora.extract import DEFAULT_MIN_DELTA, extract_lora, leave_out
 from ..lora.formats import WRITABLE_FORMATS, lora_state_dict, save_lora
 from ..lora.model import LoRA, ModuleDelta
 from ..lora.svd import METHODS, RANK_MODES
-from ..lora.validate import ReconstructionReport, validate_lora
+from ..lora.validate import MISSING_POLICIES, ReconstructionReport, validate_lora
 from ..paths import check_new_output
 from ..progress import TerminalProgress
 from ..report import save_png, write_json
@@ -25,6 +25,9 @@ def _positive_or_none(text: str) -> int | None:
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--missing", choices=MISSING_POLICIES, default="auto",
+                   help="tensors only one model has: skip (use the shared ones, list the rest), error, or auto "
+                        "(default: skip between related bases such as Flux dev/schnell, error otherwise)")
     p.add_argument("--device", default="cpu", help="where the math runs: cpu, cuda, cuda:1 … (default cpu)")
     p.add_argument("--report", type=Path, help="write the full report (summary, blocks, modules) as JSON")
     p.add_argument("--chart", type=Path, help="write the error-per-block chart as PNG")
@@ -125,7 +128,7 @@ def run_extract(args: argparse.Namespace) -> int:
         base, tuned, rank=args.rank, conv_rank=args.conv_rank, rank_mode=args.rank_mode, energy=args.energy,
         error=args.error, max_rank=args.max_rank, min_delta=args.min_delta, store_diff=args.store_diff,
         device=args.device, progress=TerminalProgress("extract"), clamp_quantile=args.clamp_quantile,
-        dtype=args.dtype, method=args.method, seed=args.seed,
+        dtype=args.dtype, method=args.method, seed=args.seed, missing=args.missing,
     )
     if args.format != "comfy":
         whole, bias = unwritable_parts(lora, args.format)
@@ -148,7 +151,7 @@ def run_extract(args: argparse.Namespace) -> int:
 def run_validate(args: argparse.Namespace) -> int:
     _check_outputs(args, [args.base, args.tuned, args.lora])
     report = validate_lora(args.base, args.tuned, args.lora, device=args.device, strength=args.strength,
-                           progress=TerminalProgress("validate"))
+                           progress=TerminalProgress("validate"), missing=args.missing)
     _emit(report, args)
     if report.orphans:
         print(f"{len(report.orphans)} LoRA modules target nothing in these models: {', '.join(report.orphans[:5])}")
