@@ -171,3 +171,29 @@ def test_lora_for_one_architecture_refused_for_another(model):
 
 def detect_arch(sd):
     return _detect(as_source(sd))
+
+
+def test_block_groups_address_qwen_and_wan_blocks(tmp_path):
+    from weightsmith.merge import merge, parse_rule
+
+    _, qwen = dit_patcher("qwen")
+    _, wan = dit_patcher("wan-t2v")
+    assert parse_rule("@blocks.1=take:B").matches("transformer_blocks.1.img_mlp.net.2.weight")
+    assert parse_rule("@blocks.1=take:B").matches("blocks.1.ffn.0.weight")
+    assert not parse_rule("@blocks.1=take:B").matches("blocks.10.ffn.0.weight")
+    assert parse_rule("@img=take:B").matches("transformer_blocks.0.img_mod.1.weight")
+    assert parse_rule("@txt=take:B").matches("transformer_blocks.0.txt_mlp.net.0.proj.weight")
+    assert parse_rule("@cross=take:B").matches("blocks.0.cross_attn.k.weight")
+    for name, sd in (("qwen", qwen), ("wan", wan)):
+        a, b = tmp_path / f"{name}a.safetensors", tmp_path / f"{name}b.safetensors"
+        tuned = _tuned(sd)
+        from safetensors.torch import load_file, save_file
+
+        save_file({"model.diffusion_model." + k: v.contiguous() for k, v in sd.items()}, str(a))
+        save_file({"model.diffusion_model." + k: v.contiguous() for k, v in tuned.items()}, str(b))
+        out = tmp_path / f"{name}.safetensors"
+        merge([a, b], out, "weighted_sum", [1.0, 0.0], rules=["@blocks.1=weight:0.25,0.75"])
+        got = load_file(str(out))
+        for k, v in sd.items():
+            want = 0.25 * v + 0.75 * tuned[k] if k.startswith(("blocks.1.", "transformer_blocks.1.")) else v
+            torch.testing.assert_close(got["model.diffusion_model." + k], want, msg=k)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from safetensors.torch import save_file
+
 from weightsmith.cli import main
 from weightsmith.errors import MismatchError
 from weightsmith.lora.extract import extract_lora
