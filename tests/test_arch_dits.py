@@ -197,3 +197,17 @@ def test_block_groups_address_qwen_and_wan_blocks(tmp_path):
         for k, v in sd.items():
             want = 0.25 * v + 0.75 * tuned[k] if k.startswith(("blocks.1.", "transformer_blocks.1.")) else v
             torch.testing.assert_close(got["model.diffusion_model." + k], want, msg=k)
+
+
+def test_inspect_explains_an_unknown_model(tmp_path, capsys):
+    from safetensors.torch import save_file
+    from weightsmith.cli import main
+
+    _, sd = dit_patcher("qwen")
+    broken = {k: v.contiguous() for k, v in sd.items() if k != "txt_norm.weight"}
+    broken["transformer_blocks.0.attn.mystery.weight"] = torch.zeros(2, 2)
+    path = tmp_path / "odd.safetensors"
+    save_file(broken, str(path))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "full model, unknown" in out and "closest is qwen-image" in out and "mystery" in out
