@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .sources import TensorSource, detect_diffusion_prefix
 
-ARCHES = ("flux-dev", "flux-schnell", "chroma", "sdxl", "sd15", "qwen-image", "wan")
+ARCHES = ("flux-dev", "flux-schnell", "chroma", "sdxl", "sd15", "qwen-image", "wan", "flux2", "lumina2", "hidream", "sd3")
 
 
 @dataclass
@@ -21,11 +21,11 @@ class ArchInfo:
     @property
     def family(self) -> str:
         """'flux' for Flux dev/schnell and Chroma (one LoRA key space), 'sd' for SD UNets."""
-        if self.arch.startswith("flux") or self.arch == "chroma":
+        if self.arch in ("flux-dev", "flux-schnell", "chroma"):
             return "flux"
         if self.arch in ("sdxl", "sd15"):
             return "sd"
-        if self.arch in ("qwen-image", "wan"):
+        if self.arch in ("qwen-image", "wan", "flux2", "lumina2", "hidream", "sd3"):
             return self.arch
         return "unknown"
 
@@ -33,7 +33,7 @@ class ArchInfo:
     def lora_arch(self) -> str:
         """The architecture name LoRAs use: flux, chroma, sdxl, sd15, qwen-image, wan (dev and schnell share
         LoRAs; so do Wan 2.1 and 2.2 models of one size)."""
-        return "flux" if self.arch.startswith("flux") else self.arch
+        return "flux" if self.arch in ("flux-dev", "flux-schnell") else self.arch
 
     def __str__(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self.details.items())
@@ -60,6 +60,8 @@ def detect_arch(source: TensorSource) -> ArchInfo:
     if "double_blocks.0.img_attn.qkv.weight" in keys or "double_blocks.0.img_attn.norm.key_norm.scale" in keys:
         hidden = (shape("img_in.weight") or shape("double_blocks.0.img_attn.proj.weight") or (0,))[0]
         details = {"hidden": hidden, "double_blocks": _count(keys, "double_blocks."), "single_blocks": _count(keys, "single_blocks.")}
+        if "double_stream_modulation_img.lin.weight" in keys:  # ComfyUI's Flux.2 test: shared modulations
+            return ArchInfo("flux2", "bfl", prefix, details | {"size": _size(_params(source, prefix, keys))})
         if any(k.startswith("distilled_guidance_layer.") for k in keys):
             return ArchInfo("chroma", "bfl", prefix, details)
         arch = "flux-dev" if "guidance_in.in_layer.weight" in keys else "flux-schnell"
@@ -80,6 +82,12 @@ def detect_arch(source: TensorSource) -> ArchInfo:
         return ArchInfo("wan", "diffusers", prefix, {"dim": shape("blocks.0.attn1.to_q.weight")[0],
                                                      "layers": _count(keys, "blocks.")},
                         reason="diffusers-named Wan: ComfyUI 0.3.75 loads Wan models in its native names only")
+    other = _other_dit(keys, shape)
+    if other is not None:
+        arch, details = other
+        return ArchInfo(arch, "native", prefix, details | {"size": _size(_params(source, prefix, keys))},
+                        reason="detected from ComfyUI's own key test; LoRAs for it are written in ComfyUI's naming "
+                               "(comfy, kohya) only")
     if "input_blocks.0.0.weight" in keys:
         ctx = None
         for k in sorted(keys):
@@ -97,6 +105,24 @@ def detect_arch(source: TensorSource) -> ArchInfo:
         arch = "sdxl" if any(k.startswith("add_embedding.") for k in keys) else "sd15"
         return ArchInfo(arch, "diffusers", prefix, {})
     return ArchInfo("unknown", "unknown", prefix, {}, reason=f"{source.name}: {explain_unknown(keys)}")
+
+
+def _other_dit(keys: set[str], shape) -> tuple[str, dict] | None:
+    """Lumina 2 / Z-Image, HiDream and SD3/3.5 (MMDiT) from the keys ComfyUI 0.3.75's model_detection tests."""
+    if "cap_embedder.1.weight" in keys:
+        dim = shape("cap_embedder.1.weight")[0]
+        variant = {2304: "Lumina 2", 3840: "Z-Image"}.get(dim, "unknown width")
+        return "lumina2", {"variant": variant, "dim": dim, "layers": _count(keys, "layers.")}
+    if "caption_projection.0.linear.weight" in keys:
+        return "hidream", {"double_blocks": _count(keys, "double_stream_blocks."),
+                           "single_blocks": _count(keys, "single_stream_blocks.")}
+    if "joint_blocks.0.context_block.attn.qkv.weight" in keys:
+        depth = _count(keys, "joint_blocks.")
+        variant = "SD3.5 Medium" if any(".x_block.attn2." in k for k in keys) else (
+            "SD3.5 Large" if depth == 38 else "SD3 Medium" if depth == 24 else f"{depth} joint blocks")
+        return "sd3", {"variant": variant, "depth": depth, "hidden": shape("x_embedder.proj.weight")[0]
+                       if "x_embedder.proj.weight" in keys else None}
+    return None
 
 
 def _params(source: TensorSource, prefix: str, keys: set[str]) -> int:

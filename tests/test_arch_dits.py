@@ -201,6 +201,7 @@ def test_block_groups_address_qwen_and_wan_blocks(tmp_path):
 
 def test_inspect_explains_an_unknown_model(tmp_path, capsys):
     from safetensors.torch import save_file
+
     from weightsmith.cli import main
 
     _, sd = dit_patcher("qwen")
@@ -211,3 +212,36 @@ def test_inspect_explains_an_unknown_model(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "full model, unknown" in out and "closest is qwen-image" in out and "mystery" in out
+
+
+def test_flux2_is_not_taken_for_flux_and_gets_no_flux_diffusers_names():
+    from weightsmith.testmodels import FluxConfig, finetune, flux_state_dict
+
+    sd = flux_state_dict(FluxConfig(), "schnell", seed=0)
+    sd = {k: v for k, v in sd.items() if "_mod." not in k and "modulation.lin" not in k}
+    h = sd["img_in.weight"].shape[0]
+    for name, rows in (("double_stream_modulation_img", 6), ("double_stream_modulation_txt", 6),
+                       ("single_stream_modulation", 3)):
+        sd[f"{name}.lin.weight"] = torch.randn(rows * h, h)
+    assert import_comfy().model_detection.detect_unet_config(sd, "")["image_model"] == "flux2"
+    info = detect_arch(sd)
+    assert info.arch == "flux2" and info.lora_arch == "flux2"
+    lora, _ = extract_lora(sd, finetune(sd, seed=2), rank=4, dtype="fp32")
+    assert lora.arch == "flux2"
+    with pytest.raises(MismatchError, match="has no name for"):
+        lora_state_dict(lora, "diffusers")
+    assert lora_state_dict(lora, "comfy")
+
+
+@pytest.mark.parametrize("keys,arch,variant", [
+    ({"cap_embedder.1.weight": (3840, 2560), "layers.0.attention.qkv.weight": (4, 4)}, "lumina2", "Z-Image"),
+    ({"cap_embedder.1.weight": (2304, 2304), "layers.0.attention.qkv.weight": (4, 4)}, "lumina2", "Lumina 2"),
+    ({"caption_projection.0.linear.weight": (4, 4), "double_stream_blocks.0.x.weight": (4, 4)}, "hidream", None),
+    ({"joint_blocks.0.context_block.attn.qkv.weight": (12, 4), "joint_blocks.0.x_block.attn2.qkv.weight": (12, 4),
+      "x_embedder.proj.weight": (4, 16, 2, 2)}, "sd3", "SD3.5 Medium"),
+])
+def test_other_dits_detected_by_comfyuis_tell_tale_keys(keys, arch, variant):
+    for prefix in ("", "model.diffusion_model."):
+        info = detect_arch({prefix + k: torch.zeros(s) for k, s in keys.items()})
+        assert info.arch == arch and info.prefix == prefix
+        assert variant is None or info.details["variant"] == variant

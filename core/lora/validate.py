@@ -115,7 +115,7 @@ def pair_models(base, tuned, missing: str = "auto") -> ModelPair:
 
 def lora_arch(arch: str) -> str:
     """The LoRA architecture name of a model architecture (Flux dev and schnell share LoRAs)."""
-    return "flux" if arch.startswith("flux") else arch
+    return "flux" if arch in ("flux-dev", "flux-schnell") else arch
 
 
 # ---------------------------------------------------------------------------------------------------
