@@ -181,7 +181,8 @@ def explain_unknown(keys: set[str]) -> str:
     sample = ", ".join(sorted(keys)[:5])
     known = "Flux/Chroma/SDXL/SD1.5/Qwen-Image/Wan"
     if best is None or share[best] == 0:
-        return f"no {known} key pattern found among {len(keys)} keys ({sample}, …)"
+        return (f"no Flux/Chroma/SDXL/SD1.5 key pattern (nor Qwen-Image, Wan, Flux.2, Lumina 2, HiDream, SD3) found "
+                f"among {len(keys)} keys ({sample}, …)")
     from .lora import keymaps as km
 
     test = {"flux/chroma": km.is_flux_module, "qwen-image": km.is_qwen_module, "wan": km.is_wan_module}.get(best)
