@@ -22,6 +22,7 @@ import torch
 
 from ..devices import resolve_device
 from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name, parse_dtype
+from ..encodings.gguf_write import GGUFStreamWriter, gguf_output_type
 from ..errors import BadFileError, WeightsmithError
 from ..pipeline import TASK_ELEMS, KeyPipeline, WorkerBuffers, default_workers, row_ranges
 from ..progress import ProgressFn, no_progress
@@ -126,6 +127,12 @@ class _MergeContext:
         """The key's input tensors (memory-mapped views; read on the calling thread, so sources need not
         be thread-safe)."""
         return [self.plan.sources[i].get(raw) for i, raw in kp.reads]
+
+    def decoded_and_large(self, kp: KeyPlan) -> bool:
+        """Whether a key's inputs come decoded (quantized files: fresh fp32 memory, not mapped pages) and
+        are large enough that only one such key should be in flight at a time."""
+        return kp.numel * 4 * len(kp.reads) > ALONE_BYTES and any(
+            getattr(self.plan.sources[i], "encoding", lambda _: None)(raw) is not None for i, raw in kp.reads)
 
     def method_args(self, kp: KeyPlan) -> tuple:
         method = METHODS[kp.method]
@@ -261,7 +268,8 @@ def execute_merge(
     if stats not in STATS_MODES:
         raise WeightsmithError(f"stats mode {stats!r}: choose one of {', '.join(STATS_MODES)}")
     sample_every = {"full": 1, "sample": STATS_SAMPLE_EVERY, "off": 0}[stats]
-    out_dtype = parse_dtype(dtype)
+    gguf_type = gguf_output_type(dtype)  # a GGUF output: keys computed in fp32, quantized by its writer
+    out_dtype = torch.float32 if gguf_type else parse_dtype(dtype)
     dev = resolve_device(device or "cpu")
     chunk = chunk_elems or (CUDA_CHUNK_ELEMS if dev.type == "cuda" else CPU_CHUNK_ELEMS)
     progress = progress or no_progress
@@ -271,13 +279,15 @@ def execute_merge(
     writer = None
     if out_path is not None:
         layout = {kp.out_key: (kp.shape, output_dtype(kp, out_dtype)) for kp in plan.output_keys()}
-        writer = StreamingWriter(out_path, layout, plan.metadata, protect=plan.protect_paths(), overwrite=overwrite)
+        make = partial(GGUFStreamWriter, qtype=gguf_type) if gguf_type else StreamingWriter
+        writer = make(out_path, layout, plan.metadata, protect=plan.protect_paths(), overwrite=overwrite)
     # Inputs are not scanned for NaN/Inf up front (a full extra pass over every tensor): a non-finite
     # input shows in the merged output, which is checked for free, and only then are its inputs scanned.
     policies = [getattr(s, "nonfinite", "report") for s in plan.sources]
     ctx = _MergeContext(plan, dev, out_dtype, chunk, sample_every, writer)
     t0 = time.perf_counter()
     progress(0, total)
+    progress_step = max(1, total // 1000)  # 10^5 tiny keys need not make 10^5 progress (and UI) updates
 
     def finisher(kp: KeyPlan, ks: KeyStats):
         def finish(results: list) -> None:
@@ -302,7 +312,9 @@ def execute_merge(
                     ks.finite = False
                     ks.nonfinite_inputs = bad_inputs
             key_stats.append(ks)
-            progress(len(key_stats), total)
+            done = len(key_stats)
+            if done == total or done % progress_step == 0:
+                progress(done, total)
         return finish
 
     for s in plan.sources:
@@ -314,10 +326,17 @@ def execute_merge(
                 writer.__enter__()
             try:
                 with KeyPipeline(workers, single_threaded_torch=dev.type == "cpu") as pipe:
+                    labels: dict[tuple[int, ...], list[str]] = {}  # one list per combination of inputs read
                     for kp in key_plans:
-                        ks = KeyStats(kp.name, kp.group, kp.action, kp.method, kp.numel,
-                                      reads=[plan.inputs[i].label for i, _ in kp.reads], decided_by=kp.decided_by)
+                        which = tuple(i for i, _ in kp.reads)
+                        reads = labels.get(which)
+                        if reads is None:
+                            reads = labels[which] = [plan.inputs[i].label for i in which]
+                        ks = KeyStats(kp.name, kp.group, kp.action, kp.method, kp.numel, reads=reads,
+                                      decided_by=kp.decided_by)
                         finish = finisher(kp, ks)
+                        if kp.action in ("take", "merge") and ctx.decoded_and_large(kp):
+                            pipe.drain()
                         if kp.action == "take":
                             pipe.add([partial(ctx.take_task, kp, ctx.inputs(kp)[0])], finish)
                         elif kp.action != "merge":
@@ -328,6 +347,7 @@ def execute_merge(
                             step = max(1, chunk // cols)
                             pipe.add([partial(ctx.rows_task, kp, full, r0, r1, step)
                                       for r0, r1 in row_ranges(kp.shape[0], cols, step, max(chunk, TASK_ELEMS))], finish)
+                            del full  # decoded inputs are freed with the key's last task, not at the next key
                         elif kp.numel * 4 * len(kp.reads) > ALONE_BYTES:
                             finish([pipe.run_alone(partial(ctx.whole_task, kp, ctx.inputs(kp)))])
                         else:
@@ -345,7 +365,7 @@ def execute_merge(
     return MergeReport(
         plan=plan,
         out_path=Path(out_path) if out_path is not None else None,
-        dtype="keep" if out_dtype is None else str(out_dtype).replace("torch.", ""),
+        dtype=dtype if gguf_type else "keep" if out_dtype is None else str(out_dtype).replace("torch.", ""),
         device=str(dev),
         seconds=seconds,
         bytes_written=writer.total_bytes if writer is not None else 0,
