@@ -65,10 +65,17 @@ def _examples(keys: list[str], n: int = 3) -> str:
 MISSING_POLICIES = ("auto", "skip", "error")
 
 
-def _related(a: str, b: str) -> bool:
+def _known_layer(key: str) -> bool:
+    name = key.rsplit(".", 1)[0]
+    return bool(keymaps.is_flux_module(name) or keymaps.is_qwen_module(name) or keymaps.is_wan_module(name)
+                or keymaps.is_wan_module(key) or keymaps.SD_LDM_RE.match(key))
+
+
+def _related(a: str, b: str, unpaired: list[str]) -> bool:
     """Two detected architectures close enough to pair over their shared keys (Flux dev and schnell, Wan 2.1
-    and 2.2 of one size): one LoRA architecture, known."""
-    return a != "unknown" and lora_arch(a) == lora_arch(b)
+    and 2.2 of one size): one LoRA architecture, known, and every key only one has is a layer of it (a stray
+    tensor is not a related base: it is refused)."""
+    return a != "unknown" and lora_arch(a) == lora_arch(b) and all(_known_layer(k) for k in unpaired)
 
 
 def pair_models(base, tuned, missing: str = "auto") -> ModelPair:
@@ -90,7 +97,7 @@ def pair_models(base, tuned, missing: str = "auto") -> ModelPair:
     t_keys = set(t.keys())
     only_base = [k for k in b.keys() if k not in t_keys]
     only_tuned = sorted(t_keys.difference(b.keys()))
-    skip = missing == "skip" or (missing == "auto" and _related(b_arch.arch, t_arch.arch))
+    skip = missing == "skip" or (missing == "auto" and _related(b_arch.arch, t_arch.arch, only_base + only_tuned))
     shared = [k for k in b.keys() if k in t_keys]
     if (only_base or only_tuned) and skip and shared:
         pass
