@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 
 from .sources import TensorSource, detect_diffusion_prefix
 
-ARCHES = ("flux-dev", "flux-schnell", "chroma", "sdxl", "sd15")
+ARCHES = ("flux-dev", "flux-schnell", "chroma", "sdxl", "sd15", "qwen-image", "wan", "flux2", "lumina2", "hidream", "sd3")
 
 
 @dataclass
 class ArchInfo:
     arch: str  # one of ARCHES or "unknown"
-    naming: str  # "bfl" (ComfyUI/BFL single file), "diffusers", "ldm" (SD UNets), or "unknown"
+    naming: str  # "bfl" (ComfyUI/BFL single file), "diffusers", "ldm" (SD UNets), "native" (ComfyUI's own
+    # names for models that have no other here: Qwen-Image, whose names are diffusers' too, and Wan), or "unknown"
     prefix: str  # the prefix the diffusion model's keys carry in the file
     details: dict = field(default_factory=dict)
     reason: str = ""
@@ -20,16 +21,19 @@ class ArchInfo:
     @property
     def family(self) -> str:
         """'flux' for Flux dev/schnell and Chroma (one LoRA key space), 'sd' for SD UNets."""
-        if self.arch.startswith("flux") or self.arch == "chroma":
+        if self.arch in ("flux-dev", "flux-schnell", "chroma"):
             return "flux"
         if self.arch in ("sdxl", "sd15"):
             return "sd"
+        if self.arch in ("qwen-image", "wan", "flux2", "lumina2", "hidream", "sd3"):
+            return self.arch
         return "unknown"
 
     @property
     def lora_arch(self) -> str:
-        """The architecture name LoRAs use: flux, chroma, sdxl, sd15 (dev and schnell share LoRAs)."""
-        return "flux" if self.arch.startswith("flux") else self.arch
+        """The architecture name LoRAs use: flux, chroma, sdxl, sd15, qwen-image, wan (dev and schnell share
+        LoRAs; so do Wan 2.1 and 2.2 models of one size)."""
+        return "flux" if self.arch in ("flux-dev", "flux-schnell") else self.arch
 
     def __str__(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self.details.items())
@@ -45,7 +49,7 @@ def _count(keys: set[str], prefix: str) -> int:
 
 
 def detect_arch(source: TensorSource) -> ArchInfo:
-    """Detect Flux dev / schnell, Chroma, SDXL or SD1.5 (UNet) from a full model's keys and shapes."""
+    """Detect Flux dev / schnell, Chroma, SDXL, SD1.5 (UNet), Qwen-Image or Wan 2.1/2.2 from a full model's keys and shapes."""
     raw = source.keys()
     prefix = detect_diffusion_prefix(raw)
     keys = {k[len(prefix):] for k in raw if k.startswith(prefix)}
@@ -56,6 +60,8 @@ def detect_arch(source: TensorSource) -> ArchInfo:
     if "double_blocks.0.img_attn.qkv.weight" in keys or "double_blocks.0.img_attn.norm.key_norm.scale" in keys:
         hidden = (shape("img_in.weight") or shape("double_blocks.0.img_attn.proj.weight") or (0,))[0]
         details = {"hidden": hidden, "double_blocks": _count(keys, "double_blocks."), "single_blocks": _count(keys, "single_blocks.")}
+        if "double_stream_modulation_img.lin.weight" in keys:  # ComfyUI's Flux.2 test: shared modulations
+            return ArchInfo("flux2", "bfl", prefix, details | {"size": _size(_params(source, prefix, keys))})
         if any(k.startswith("distilled_guidance_layer.") for k in keys):
             return ArchInfo("chroma", "bfl", prefix, details)
         arch = "flux-dev" if "guidance_in.in_layer.weight" in keys else "flux-schnell"
@@ -68,6 +74,20 @@ def detect_arch(source: TensorSource) -> ArchInfo:
             return ArchInfo("chroma", "diffusers", prefix, details)
         guided = any(k.startswith("time_text_embed.guidance_embedder.") for k in keys)
         return ArchInfo("flux-dev" if guided else "flux-schnell", "diffusers", prefix, details)
+    if "txt_norm.weight" in keys and "img_in.weight" in keys:  # ComfyUI's own Qwen-Image test
+        return ArchInfo("qwen-image", "native", prefix, _qwen_details(keys, shape, _params(source, prefix, keys)))
+    if "head.modulation" in keys and "patch_embedding.weight" in keys:  # ComfyUI's own Wan 2.x test
+        return ArchInfo("wan", "native", prefix, _wan_details(keys, shape, _params(source, prefix, keys)))
+    if "condition_embedder.time_embedder.linear_1.weight" in keys and "blocks.0.attn1.to_q.weight" in keys:
+        return ArchInfo("wan", "diffusers", prefix, {"dim": shape("blocks.0.attn1.to_q.weight")[0],
+                                                     "layers": _count(keys, "blocks.")},
+                        reason="diffusers-named Wan: ComfyUI 0.3.75 loads Wan models in its native names only")
+    other = _other_dit(keys, shape)
+    if other is not None:
+        arch, details = other
+        return ArchInfo(arch, "native", prefix, details | {"size": _size(_params(source, prefix, keys))},
+                        reason="detected from ComfyUI's own key test; LoRAs for it are written in ComfyUI's naming "
+                               "(comfy, kohya) only")
     if "input_blocks.0.0.weight" in keys:
         ctx = None
         for k in sorted(keys):
@@ -84,6 +104,89 @@ def detect_arch(source: TensorSource) -> ArchInfo:
     if "conv_in.weight" in keys and any(k.startswith("down_blocks.") for k in keys):
         arch = "sdxl" if any(k.startswith("add_embedding.") for k in keys) else "sd15"
         return ArchInfo(arch, "diffusers", prefix, {})
+    return ArchInfo("unknown", "unknown", prefix, {}, reason=f"{source.name}: {explain_unknown(keys)}")
+
+
+def _other_dit(keys: set[str], shape) -> tuple[str, dict] | None:
+    """Lumina 2 / Z-Image, HiDream and SD3/3.5 (MMDiT) from the keys ComfyUI 0.3.75's model_detection tests."""
+    if "cap_embedder.1.weight" in keys:
+        dim = shape("cap_embedder.1.weight")[0]
+        variant = {2304: "Lumina 2", 3840: "Z-Image"}.get(dim, "unknown width")
+        return "lumina2", {"variant": variant, "dim": dim, "layers": _count(keys, "layers.")}
+    if "caption_projection.0.linear.weight" in keys:
+        return "hidream", {"double_blocks": _count(keys, "double_stream_blocks."),
+                           "single_blocks": _count(keys, "single_stream_blocks.")}
+    if "joint_blocks.0.context_block.attn.qkv.weight" in keys:
+        depth = _count(keys, "joint_blocks.")
+        variant = "SD3.5 Medium" if any(".x_block.attn2." in k for k in keys) else (
+            "SD3.5 Large" if depth == 38 else "SD3 Medium" if depth == 24 else f"{depth} joint blocks")
+        return "sd3", {"variant": variant, "depth": depth, "hidden": shape("x_embedder.proj.weight")[0]
+                       if "x_embedder.proj.weight" in keys else None}
+    return None
+
+
+def _params(source: TensorSource, prefix: str, keys: set[str]) -> int:
+    return sum(source.info(prefix + k).numel for k in keys)
+
+
+def _size(params: int) -> str:
+    return f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.1f}M"
+
+
+def _qwen_details(keys: set[str], shape, params: int) -> dict:
+    hidden = shape("img_in.weight")[0]
+    blocks = _count(keys, "transformer_blocks.")
+    # Qwen-Image and Qwen-Image-Edit (2509, 2511) share every key and shape: the weights cannot tell them apart
+    return {"variant": "Qwen-Image / Qwen-Image-Edit", "hidden": hidden, "blocks": blocks,
+            "in_channels": shape("img_in.weight")[1], "size": _size(params)}
+
+
+def _wan_details(keys: set[str], shape, params: int) -> dict:
+    dim = shape("head.modulation")[-1]
+    in_dim = shape("patch_embedding.weight")[1]
+    out_dim = shape("head.head.weight")[0] // 4
+    extra = {"vace_patch_embedding.weight": "vace", "control_adapter.conv.weight": "camera",
+             "casual_audio_encoder.encoder.final_linear.weight": "s2v", "face_adapter.fuser_blocks.0.k_norm.weight": "animate"}
+    kind = next((v for k, v in extra.items() if k in keys), None)
+    if kind is not None:
+        variant, version = kind, "2.1/2.2"
+    elif out_dim == 48:
+        variant, version = "ti2v", "2.2"  # the 5B model with its own VAE (48 latent channels)
+    elif "img_emb.proj.0.bias" in keys:
+        variant, version = "i2v", "2.1"  # CLIP-vision image embedding: Wan 2.1 I2V/FLF2V
+    elif in_dim > 16:
+        variant, version = "i2v", "2.2"  # image latents concatenated, no CLIP embedding: Wan 2.2 I2V-A14B expert
+    else:
+        variant, version = "t2v", "2.1 or 2.2"  # Wan 2.2 T2V-A14B experts have Wan 2.1 14B's keys and shapes
+    return {"variant": variant, "version": version, "dim": dim, "layers": _count(keys, "blocks."),
+            "in_dim": in_dim, "size": _size(params)}
+
+
+def _pattern_share(keys: set[str]) -> dict[str, float]:
+    """Per known architecture, the share of the file's weight keys whose module that architecture names."""
+    from .lora import keymaps as km
+
+    mods = [k[: -len(".weight")] for k in keys if k.endswith(".weight")] or [k for k in keys]
+    tests = {"flux/chroma": km.is_flux_module, "qwen-image": km.is_qwen_module, "wan": km.is_wan_module,
+             "sd15/sdxl": lambda n: bool(km.SD_LDM_RE.match(n) or km.SD_DIFFUSERS_RE.match(n))}
+    return {a: sum(bool(t(m)) for m in mods) / len(mods) for a, t in tests.items()} if mods else {}
+
+
+def explain_unknown(keys: set[str]) -> str:
+    """Why no architecture matched: the closest known one and keys it does not name."""
+    if not keys:
+        return "no diffusion-model keys at all"
+    share = _pattern_share(keys)
+    best = max(share, key=lambda a: share[a]) if share else None
     sample = ", ".join(sorted(keys)[:5])
-    return ArchInfo("unknown", "unknown", prefix, {},
-                    reason=f"{source.name}: no Flux/Chroma/SDXL/SD1.5 key pattern found among {len(keys)} keys ({sample}, …)")
+    known = "Flux/Chroma/SDXL/SD1.5/Qwen-Image/Wan"
+    if best is None or share[best] == 0:
+        return (f"no Flux/Chroma/SDXL/SD1.5 key pattern (nor Qwen-Image, Wan, Flux.2, Lumina 2, HiDream, SD3) found "
+                f"among {len(keys)} keys ({sample}, …)")
+    from .lora import keymaps as km
+
+    test = {"flux/chroma": km.is_flux_module, "qwen-image": km.is_qwen_module, "wan": km.is_wan_module}.get(best)
+    odd = sorted(k for k in keys if k.endswith(".weight") and test is not None and not test(k[: -len(".weight")]))
+    return (f"no {known} model; closest is {best} ({share[best]:.0%} of its {len(keys)} keys are {best} layer names), "
+            f"but its tell-tale keys are missing" + (f" and these differ: {', '.join(odd[:5])}"
+                                                     + (f", … ({len(odd)} in all)" if len(odd) > 5 else "") if odd else ""))

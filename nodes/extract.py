@@ -9,7 +9,7 @@ import torch
 
 from ..core.lora.extract import extract_lora
 from ..core.lora.svd import RANK_MODES
-from ..core.lora.validate import validate_lora
+from ..core.lora.validate import MISSING_POLICIES, validate_lora
 from ..core.sources import diffusion_view, open_model
 from .common import CATEGORY, LORA_TYPE, PatcherSource, compute_device, image_tensor, input_path, progress, ui_report
 
@@ -45,10 +45,19 @@ def _settings_inputs() -> dict:
     }
 
 
-def _extract_kwargs(rank, conv_rank, rank_mode, energy, error, max_rank, store_diff, clamp_quantile, dtype) -> dict:
+def _missing_input() -> dict:
+    return {"missing": (list(MISSING_POLICIES), {
+        "default": "auto", "tooltip": "Tensors only one model has: auto skips them between related bases (Flux dev "
+                                      "vs schnell: the guidance embedder) and refuses different architectures; skip "
+                                      "always uses the shared ones; error refuses any difference. Skipped tensors "
+                                      "are listed in the report."})}
+
+
+def _extract_kwargs(rank, conv_rank, rank_mode, energy, error, max_rank, store_diff, clamp_quantile, dtype,
+                    missing="auto") -> dict:
     return {"rank": rank, "conv_rank": conv_rank or None, "rank_mode": rank_mode, "energy": energy, "error": error,
             "max_rank": max_rank or None, "store_diff": store_diff, "clamp_quantile": clamp_quantile or None,
-            "dtype": dtype}
+            "dtype": dtype, "missing": missing}
 
 
 def _outputs(lora, report):
@@ -94,6 +103,7 @@ class WeightsmithExtractLoRA:
                 "tuned": ("MODEL", {"tooltip": "The fine-tuned (or merged, or LoRA-patched) model."}),
                 **_settings_inputs(),
             },
+            "optional": _missing_input(),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -127,6 +137,7 @@ class WeightsmithExtractLoRAFiles:
                 "tuned_model": (models, {"tooltip": "The fine-tuned model file (same architecture)."}),
                 **_settings_inputs(),
             },
+            "optional": _missing_input(),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -163,16 +174,17 @@ class WeightsmithValidateLoRA:
                 "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                        "tooltip": "Strength the LoRA is applied at."}),
             },
+            "optional": _missing_input(),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def validate(self, base_model, tuned_model, lora, strength, unique_id=None):
+    def validate(self, base_model, tuned_model, lora, strength, unique_id=None, missing="auto"):
         base = open_model(input_path("diffusion_models", base_model))
         tuned = open_model(input_path("diffusion_models", tuned_model))
         view = diffusion_view(base)
         device = compute_device(WORKSPACE_FACTOR * _largest_layer_bytes(view))
         report = validate_lora(base, tuned, lora, device=device, strength=strength,
-                               progress=progress(len(view), unique_id))
+                               progress=progress(len(view), unique_id), missing=missing)
         text = report.text()
         return {"ui": ui_report(text, report.to_dict()), "result": (image_tensor(report.chart()), text)}
 

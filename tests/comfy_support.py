@@ -101,6 +101,32 @@ def unet_patcher(sd: dict[str, torch.Tensor], kind: str):
     return _patcher(model)
 
 
+TINY_QWEN = {"image_model": "qwen_image", "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+             "joint_attention_dim": 24, "axes_dims_rope": (4, 6, 6), "in_channels": 64}
+TINY_WAN = {"image_model": "wan2.1", "dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2, "text_dim": 24,
+            "freq_dim": 16, "out_dim": 16, "patch_size": (1, 2, 2), "window_size": (-1, -1), "qk_norm": True,
+            "cross_attn_norm": True, "eps": 1e-6}
+
+
+def dit_patcher(kind: str, seed: int = 0, sd: dict[str, torch.Tensor] | None = None):
+    """A real comfy Qwen-Image ('qwen'), Wan 2.1 T2V ('wan-t2v') or I2V ('wan-i2v') model built from
+    `comfy.supported_models` with a tiny config; its weights are random (seeded) unless `sd` is given.
+    Returns (patcher, the diffusion model's state dict as ComfyUI holds it)."""
+    comfy = import_comfy()
+    sm = comfy.supported_models
+    cls, cfg = {"qwen": (sm.QwenImage, TINY_QWEN),
+                "wan-t2v": (sm.WAN21_T2V, {**TINY_WAN, "model_type": "t2v", "in_dim": 16}),
+                "wan-i2v": (sm.WAN21_I2V, {**TINY_WAN, "model_type": "i2v", "in_dim": 36})}[kind]
+    mc = cls(dict(cfg))
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({}, "")
+    if sd is None:
+        g = torch.Generator().manual_seed(seed)
+        sd = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in model.diffusion_model.state_dict().items()}
+    model.diffusion_model.load_state_dict(sd, strict=True)
+    return _patcher(model), {k: v.detach().clone() for k, v in model.diffusion_model.state_dict().items()}
+
+
 class LogCapture(logging.Handler):
     def __init__(self):
         super().__init__(level=logging.DEBUG)

@@ -171,8 +171,11 @@ def test_mismatched_architectures_and_shapes_are_clear_errors(flux_pair):
     base, _ = flux_pair
     schnell = flux_state_dict(CFG, "schnell", seed=0)
     with pytest.raises(MismatchError, match="guidance_in") as e:
-        extract_lora(base, schnell)
+        extract_lora(base, schnell, missing="error")
     assert "flux-dev" in str(e.value) and "flux-schnell" in str(e.value)
+    # related bases pair over their shared keys by default (issue 17), the guidance embedder listed
+    _, report = extract_lora(base, schnell)
+    assert len(report.unpaired["base"]) == 4 and all(k.startswith("guidance_in.") for k in report.unpaired["base"])
     wider = flux_state_dict(FluxConfig(hidden=128), "dev", seed=0)
     with pytest.raises(MismatchError, match=r"shape \[64, 64\]"):
         extract_lora(base, wider)

@@ -180,3 +180,27 @@ def test_extract_node_honours_interrupt(flux_models, nodes):
                 max_rank=0, store_diff=True, clamp_quantile=0.0, dtype="bf16", unique_id="9")
     finally:
         mm.interrupt_current_processing(False)
+
+
+def test_file_nodes_missing_policy_on_dev_vs_schnell(nodes, tmp_path, monkeypatch):
+    import folder_paths
+
+    dev = flux_state_dict(FluxConfig(), "dev", seed=0)
+    schnell = finetune({k: v for k, v in dev.items() if not k.startswith("guidance_in.")}, seed=3)
+    write_safetensors(tmp_path / "dev.safetensors", dev)
+    write_safetensors(tmp_path / "schnell.safetensors", schnell)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(tmp_path)], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    files = nodes["WeightsmithExtractLoRAFiles"]
+    assert files.INPUT_TYPES()["optional"]["missing"][1]["default"] == "auto"
+    settings = dict(rank=4, conv_rank=0, rank_mode="fixed", energy=0.99, error=0.05, max_rank=0, store_diff=True,
+                    clamp_quantile=0.0, dtype="fp32", unique_id="4")
+    lora, _, text = files().extract(base_model="dev.safetensors", tuned_model="schnell.safetensors", missing="skip",
+                                    **settings)["result"]
+    assert "4 tensors only in the base model" in text and "guidance_in.in_layer.weight" in text and lora.modules
+    with pytest.raises(Exception, match="guidance_in") as err:  # the pack's own copy of MismatchError
+        files().extract(base_model="dev.safetensors", tuned_model="schnell.safetensors", missing="error", **settings)
+    assert type(err.value).__name__ == "MismatchError"
+    val = nodes["WeightsmithValidateLoRA"]().validate(base_model="dev.safetensors", tuned_model="schnell.safetensors",
+                                                      lora=lora, strength=1.0, unique_id="5", missing="skip")
+    assert "guidance_in.in_layer.weight" in val["result"][1]

@@ -200,6 +200,13 @@ def _inspect_model(path: Path) -> dict:
             "parts": {r["part"]: r for r in rows}, "dtypes": dtypes, "encodings": encodings}
 
 
+def _has_adapter_keys(keys: list[str]) -> bool:
+    from ..lora.formats_base import KOHYA_SUFFIXES, PEFT_SUFFIXES
+
+    suffixes = tuple(suf for suf, _ in KOHYA_SUFFIXES + PEFT_SUFFIXES + [(".down.weight", ""), (".up.weight", "")])
+    return any(k.endswith(suffixes) for k in keys)
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         check_new_output(args.json, "JSON summary", protect=[args.file])
@@ -208,8 +215,9 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     for note in src.notes:  # where in a trainer's checkpoint the tensors were found
         print(f"note: {note}")
-    # a full checkpoint's `model.diffusion_model.` keys also look like ComfyUI LoRA keys: a model is a model
-    if detect_format(src.keys()) == "unknown" or detect_arch(src).arch != "unknown":
+    # a full checkpoint's `model.diffusion_model.` keys also look like ComfyUI LoRA keys: a model is a model; so is
+    # a file of plain weights no adapter suffix marks (an unknown model: explained, not read as a LoRA)
+    if detect_format(src.keys()) == "unknown" or detect_arch(src).arch != "unknown" or not _has_adapter_keys(src.keys()):
         data = _inspect_model(args.file)
     else:
         lora = load_lora(src)

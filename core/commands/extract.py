@@ -11,7 +11,7 @@ from ..errors import OutputPathError
 from ..lora.extract import DEFAULT_MIN_DELTA, extract_lora
 from ..lora.formats import WRITABLE_FORMATS, check_writable, save_lora
 from ..lora.svd import METHODS, RANK_MODES
-from ..lora.validate import ReconstructionReport, validate_lora
+from ..lora.validate import MISSING_POLICIES, ReconstructionReport, validate_lora
 from ..paths import check_new_output, check_output_suffix, refuse_input_target
 from ..progress import TerminalProgress
 from ..report import save_png, write_json
@@ -24,6 +24,9 @@ def _positive_or_none(text: str) -> int | None:
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--missing", choices=MISSING_POLICIES, default="auto",
+                   help="tensors only one model has: skip (use the shared ones, list the rest), error, or auto "
+                        "(default: skip between related bases such as Flux dev/schnell, error otherwise)")
     p.add_argument("--device", default="cpu", help="where the math runs: cpu, cuda, cuda:1 … (default cpu)")
     p.add_argument("--report", type=Path, help="write the full report (summary, blocks, modules) as JSON")
     p.add_argument("--chart", type=Path, help="write the error-per-block chart as PNG")
@@ -103,7 +106,7 @@ def run_extract(args: argparse.Namespace) -> int:
         base, tuned, rank=args.rank, conv_rank=args.conv_rank, rank_mode=args.rank_mode, energy=args.energy,
         error=args.error, max_rank=args.max_rank, min_delta=args.min_delta, store_diff=args.store_diff,
         device=args.device, progress=TerminalProgress("extract"), clamp_quantile=args.clamp_quantile,
-        dtype=args.dtype, method=args.method, seed=args.seed,
+        dtype=args.dtype, method=args.method, seed=args.seed, missing=args.missing,
     )
     for src in (base, tuned):  # where in a checkpoint the tensors were found, stray keys read as the model's
         for note in src.notes:
@@ -122,7 +125,7 @@ def run_extract(args: argparse.Namespace) -> int:
 def run_validate(args: argparse.Namespace) -> int:
     _check_outputs(args, [args.base, args.tuned, args.lora])
     report = validate_lora(args.base, args.tuned, args.lora, device=args.device, strength=args.strength,
-                           progress=TerminalProgress("validate"))
+                           progress=TerminalProgress("validate"), missing=args.missing)
     _emit(report, args)
     if report.orphans:
         print(f"{len(report.orphans)} LoRA modules target nothing in these models: {', '.join(report.orphans[:5])}")

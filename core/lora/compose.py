@@ -63,7 +63,7 @@ CPU = torch.device("cpu")
 
 def lora_arch(arch: str) -> str:
     """The LoRA key space of an architecture name: flux-dev / flux-schnell / flux → flux."""
-    return "flux" if arch.startswith("flux") else arch
+    return "flux" if arch in ("flux-dev", "flux-schnell") else arch
 
 
 # ----------------------------------------------------------------------------------------------- plan

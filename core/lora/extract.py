@@ -128,7 +128,7 @@ def plan_layer(key: str, shape: tuple[int, ...], dtype: torch.dtype, opts: Extra
     module = keymaps.module_of_key(key)
     if module is None:
         return LayerPlan(key, None, "other", "drop", reason="no LoRA key can address this tensor")
-    if kind == "vector":
+    if kind == "vector" or keymaps.is_parameter_name(key):  # a whole parameter (Wan modulation): a diff only
         if opts.store_diff:
             return LayerPlan(key, module, kind, "diff")
         return LayerPlan(key, module, kind, "drop", reason="1-D weights are left out (store_diff off)")
@@ -205,20 +205,22 @@ def extract_lora(
     dtype: str | torch.dtype = "bf16",
     method: str = "auto",
     seed: int = 0,
+    missing: str = "auto",
 ) -> tuple[LoRA, ExtractionReport]:
     """The LoRA taking `base` to `tuned` (paths, state dicts or TensorSources; checkpoint prefixes do not
     matter), and its reconstruction report. Identical models give an empty LoRA and a report saying so;
-    models of different architectures raise MismatchError naming the keys."""
+    models of different architectures raise MismatchError naming the keys; `missing` decides keys only one
+    model has (auto: skipped and listed between related bases such as Flux dev and schnell; skip; error)."""
     opts = check_options(ExtractOptions(rank, conv_rank, rank_mode, energy, error, max_rank, min_delta, store_diff,
                                         clamp_quantile or None, _output_dtype(dtype), method, seed))
     device = resolve_device(device)  # a missing GPU fails here, before any file is read
     progress = progress or no_progress
     t0 = time.perf_counter()
-    pair = pair_models(base, tuned)
+    pair = pair_models(base, tuned, missing)
     plans = plan_extraction(pair, opts)
     lora = LoRA(arch=lora_arch(pair.arch), source_format="extracted")
     report = ExtractionReport("extraction", pair.arch, settings=opts.as_metadata() | {"device": str(device)},
-                              decoded=pair.decoded())
+                              decoded=pair.decoded(), unpaired=pair.unpaired)
     for i, plan in enumerate(plans):
         progress(i, len(plans))
         report.compared += 1

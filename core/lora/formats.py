@@ -23,7 +23,7 @@ from .formats_base import FORMATS, Format, UnwritableError, register, unwritable
 from .model import LoRA
 
 WRITABLE_FORMATS = ("comfy", "kohya", "diffusers", "onetrainer", "lycoris")
-LORA_ARCHES = ("flux", "chroma", "sdxl", "sd15")
+LORA_ARCHES = ("flux", "chroma", "sdxl", "sd15", "qwen-image", "wan")
 # When two formats match equally many keys, the more specific one wins.
 _PRIORITY = ("xlabs", "bfl_control", "peft_bfl", "onetrainer", "lycoris", "kohya", "diffusers", "comfy")
 
@@ -53,6 +53,10 @@ def normalize_arch(arch: str | None) -> str | None:
         return None
     if a.startswith("flux"):
         return "flux"
+    if a.startswith("qwen"):
+        return "qwen-image"
+    if a.startswith("wan"):
+        return "wan"
     a = {"sd1.5": "sd15", "sd-1.5": "sd15", "sd1": "sd15", "sd-xl": "sdxl"}.get(a, a)
     if a not in LORA_ARCHES:
         raise ValueError(f"unknown LoRA architecture {arch!r}; choose one of {', '.join(LORA_ARCHES)}")
@@ -167,10 +171,16 @@ def _not_a_lora(source: TensorSource) -> str:
 
 
 def infer_arch(lora: LoRA) -> str:
-    """flux | chroma | sdxl | sd15 | unknown, from the modules a LoRA targets (and shapes where needed)."""
+    """flux | chroma | sdxl | sd15 | qwen-image | wan | unknown, from the modules a LoRA targets (and shapes
+    where needed)."""
     names = [n[len(km.DIFFUSION):] for n in lora.modules if n.startswith(km.DIFFUSION)]
     encoders = {te[0] for n in lora.modules if (te := km.split_te(n))}
     recorded = lora.metadata.get("weightsmith.arch")
+    if any(km.is_wan_module(n) for n in names):
+        return "wan"
+    if any(n.startswith("transformer_blocks.") or km.is_qwen_only(n) for n in names) or (
+            recorded == "qwen-image" and names and all(km.is_qwen_module(n) for n in names)):
+        return "qwen-image"  # canonical Flux names never start with transformer_blocks (those are BFL's double_blocks)
     if any(km.is_flux_module(n) for n in names):
         if any(km.is_chroma_only(n) for n in names):
             return "chroma"
@@ -201,7 +211,8 @@ def infer_arch(lora: LoRA) -> str:
 
 
 def _family(arch: str) -> str:
-    return {"flux": "flux", "chroma": "flux", "sdxl": "sd", "sd15": "sd"}.get(arch, "unknown")
+    return {"flux": "flux", "chroma": "flux", "sdxl": "sd", "sd15": "sd", "qwen-image": "qwen-image", "wan": "wan"}.get(
+        arch, "unknown")
 
 
 def _checked_arch(lora: LoRA, hint: str | None, where: str) -> str:

@@ -95,11 +95,11 @@ def write_comfy(lora: LoRA, dtype: torch.dtype | None) -> dict[str, torch.Tensor
 _TE_RE = re.compile(r"^lora_te(\d?)_(.+)$")
 
 
-def _kohya_resolver(arch: str | None, layout: str):
+def _kohya_resolver(arch: str | None, layout: str, qwen: bool = False):
     def resolve(prefix: str) -> Target | None:
         if prefix.startswith("lora_unet_"):
             name = km.dotted(prefix[len("lora_unet_"):])
-            if km.is_flux_module(name) or km.SD_LDM_RE.match(name):
+            if km.is_flux_module(name) or km.SD_LDM_RE.match(name) or km.is_qwen_module(name) or km.is_wan_module(name):
                 return Target(km.DIFFUSION + name)
             if km.SD_DIFFUSERS_RE.match(name):
                 ldm = km.sd_from_diffusers(name, layout)
@@ -107,6 +107,8 @@ def _kohya_resolver(arch: str | None, layout: str):
             return None
         if prefix.startswith("lycoris_"):
             name = km.dotted(prefix[len("lycoris_"):])
+            if qwen:  # SimpleTuner names Qwen-Image's native (= diffusers) modules; ComfyUI maps them as such
+                return Target(km.DIFFUSION + name) if km.is_qwen_module(name) else None
             piece = km.flux_from_diffusers(name)
             if piece is not None:
                 return Target(km.DIFFUSION + piece.bfl, piece.rows, piece.swap)
@@ -151,7 +153,10 @@ def _read_kohya_family(src: TensorSource, arch: str | None, fmt: str) -> LoRA:
     layout = sd_layout_of(src, arch) if any(k.startswith(("lora_unet_", "lycoris_")) for k in keys) else ""
     groups, rest = group_keys(keys, KOHYA_SUFFIXES)
     lora.unknown_keys.extend(rest)
-    assemble(src, groups, _kohya_resolver(arch, layout), lora)
+    lyco = [km.dotted(p[len("lycoris_"):]) for p in groups if p.startswith("lycoris_")]
+    qwen = arch == "qwen-image" or (arch not in ("flux", "chroma") and bool(lyco) and (
+        src.metadata.get("weightsmith.arch") == "qwen-image" or km.looks_qwen(lyco)))
+    assemble(src, groups, _kohya_resolver(arch, layout, qwen), lora)
     return lora
 
 
@@ -185,7 +190,7 @@ def _kohya_namer(lora: LoRA):
     def names(module: str, arch: str) -> list[OutName]:
         if module.startswith(km.TEXT):
             return _te_kohya_name(module, arch)
-        if module.endswith(".scale"):
+        if km.is_parameter_name(module):
             return []  # ComfyUI's kohya map covers `.weight` parameters only
         if arch in ("sd15", "sdxl"):
             return [OutName(sd_unet_kohya_name(module, lora))]
@@ -204,6 +209,11 @@ def _onetrainer_namer(lora: LoRA, prefix: str = "lora_transformer_"):
     def names(module: str, arch: str) -> list[OutName]:
         if module.startswith(km.TEXT):
             return kohya(module, arch)
+        if arch == "qwen-image":  # ComfyUI maps `lycoris_<native name>` for Qwen-Image, no `lora_transformer_`
+            name = module[len(km.DIFFUSION):]
+            return [OutName(prefix + km.underscored(name))] if prefix == "lycoris_" and km.is_qwen_module(name) else []
+        if arch not in ("flux", "chroma", "sd15", "sdxl"):
+            return []  # Wan and unknown models: ComfyUI 0.3.75 maps neither naming for them
         if arch in ("sd15", "sdxl"):
             if prefix == "lora_transformer_":
                 return kohya(module, arch)

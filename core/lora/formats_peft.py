@@ -66,6 +66,11 @@ def _sd_piece(name: str, layout: str) -> Target | None:
 
 def _diffusers_resolver(src: TensorSource, arch: str | None):
     layout = ""
+    # Qwen-Image's diffusers names are its native ones and overlap Flux's diffusers names (`transformer_blocks.N.
+    # attn.to_q`): which one a file means is decided once, from the hint, the recorded arch or the names.
+    names = [k[len("transformer."):] if k.startswith("transformer.") else k for k in src.keys()]
+    qwen = arch == "qwen-image" or (arch not in ("flux", "chroma") and (
+        src.metadata.get("weightsmith.arch") == "qwen-image" or km.looks_qwen(names)))
 
     def sd(name: str) -> Target | None:
         nonlocal layout
@@ -73,6 +78,9 @@ def _diffusers_resolver(src: TensorSource, arch: str | None):
         return _sd_piece(name, layout)
 
     def resolve(prefix: str) -> Target | None:
+        if qwen:
+            name = prefix[len("transformer."):] if prefix.startswith("transformer.") else prefix
+            return Target(km.DIFFUSION + name) if km.is_qwen_module(name) else None
         if prefix.startswith("transformer."):
             return _flux_piece(prefix[len("transformer."):])
         if prefix.startswith("unet."):
@@ -129,6 +137,10 @@ def _diffusers_namer(lora: LoRA):
                 proj = m.group(2).replace(".0", "")
                 return [OutName(f"unet.{m.group(1)}.processor.{proj}", up="_lora.up.weight", down="_lora.down.weight")]
             return [OutName(f"unet.{d}", up=".lora.up.weight", down=".lora.down.weight")]
+        if arch == "qwen-image":  # diffusers' names are Qwen-Image's own; ComfyUI maps `transformer.<name>`
+            return [OutName("transformer." + name)] if km.is_qwen_module(name) else []
+        if arch not in ("flux", "chroma"):
+            return []  # no diffusers naming ComfyUI 0.3.75 maps (Wan, unknown models): refused, never guessed
         if km.is_chroma_only(name):
             return []  # diffusers does name Chroma's guidance layer, but ComfyUI 0.3.75 would not load it
         return [

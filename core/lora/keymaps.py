@@ -3,7 +3,8 @@
 Canonical module names carry their component prefix: `diffusion_model.<BFL or LDM name>` for the
 diffusion model, `text_encoders.<clip_l|clip_g|t5xxl>.transformer.<HF name>` for text encoders. A
 canonical name normally denotes `<name>.weight`; names ending in `.scale` (Flux q/k RMSNorm gains)
-denote that parameter itself, exactly as ComfyUI's key map treats them.
+denote that parameter itself, exactly as ComfyUI's key map treats them; so do names whose last part is
+`modulation` (Wan's `blocks.N.modulation` / `head.modulation` parameters, addressable as `.diff` only).
 
 diffusers splits some fused BFL weights: `to_q/to_k/to_v` are row slices of `qkv`, and the single
 blocks' `to_q/to_k/to_v/proj_mlp` are row slices of `linear1`. A slice is given in units of the hidden
@@ -24,11 +25,16 @@ TEXT = "text_encoders."
 # Canonical names
 
 
+def is_parameter_name(name: str) -> bool:
+    """True for canonical names that denote a parameter itself rather than a layer's `.weight`."""
+    return name.endswith(".scale") or name.rsplit(".", 1)[-1] == "modulation"
+
+
 def weight_key(module: str) -> str:
     """The state-dict key a canonical module patches, without the component prefix for the diffusion
     model (`diffusion_model.double_blocks.0.img_attn.qkv` -> `double_blocks.0.img_attn.qkv.weight`)."""
     name = module[len(DIFFUSION):] if module.startswith(DIFFUSION) else module
-    return name if name.endswith(".scale") else name + ".weight"
+    return name if is_parameter_name(name) else name + ".weight"
 
 
 def bias_key(module: str) -> str:
@@ -40,7 +46,7 @@ def module_of_key(key: str) -> str | None:
     """Canonical diffusion-model module for a model weight key (`….weight` or a norm `….scale`)."""
     if key.endswith(".weight"):
         return DIFFUSION + key[: -len(".weight")]
-    if key.endswith(".scale"):
+    if is_parameter_name(key):
         return DIFFUSION + key
     return None
 
@@ -183,6 +189,50 @@ def flux_to_diffusers(bfl: str) -> list[tuple[str, Piece]]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Qwen-Image and Wan 2.1/2.2: ComfyUI's native names are the only ones these models have here. Qwen-Image's
+# native names already are diffusers' (QwenImageTransformer2DModel), so its diffusers LoRA naming is
+# `transformer.<native name>`; ComfyUI 0.3.75 maps no diffusers names for Wan (only `diffusion_model.*` and
+# `lora_unet_*`).
+
+QWEN_MODULE_RE = re.compile(
+    r"^(?:img_in|txt_in|txt_norm|proj_out|norm_out\.linear|time_text_embed\.timestep_embedder\.linear_[12]"
+    r"|transformer_blocks\.\d+\.(?:(?:img|txt)_mod\.1|(?:img|txt)_mlp\.net\.(?:0\.proj|2)"
+    r"|attn\.(?:to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out"
+    r"|norm_q|norm_k|norm_added_q|norm_added_k)))$"
+)
+# Names only Qwen-Image has (Flux's diffusers names share the attention projections and `img_in`-style roots).
+QWEN_ONLY_RE = re.compile(r"^(?:txt_norm|transformer_blocks\.\d+\.(?:img_mod|txt_mod|img_mlp|txt_mlp)\.)")
+WAN_MODULE_RE = re.compile(
+    r"^(?:patch_embedding|text_embedding\.[02]|time_embedding\.[02]|time_projection\.1|head\.head"
+    r"|img_emb\.proj\.[0134]|blocks\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q|k|v|o|norm_q|norm_k|k_img|v_img|norm_k_img)"
+    r"|ffn\.[02]|norm3|modulation)|head\.modulation)$"
+)
+
+
+def is_qwen_module(name: str) -> bool:
+    return bool(QWEN_MODULE_RE.match(name))
+
+
+def is_qwen_only(name: str) -> bool:
+    return bool(QWEN_ONLY_RE.match(name))
+
+
+def is_wan_module(name: str) -> bool:
+    return bool(WAN_MODULE_RE.match(name))
+
+
+def looks_qwen(names: list[str]) -> bool:
+    """True when module names (no prefix) are Qwen-Image's rather than Flux's diffusers names: a Qwen-only layer,
+    or double-stream blocks past Flux's 19 with no single-stream blocks at all."""
+    if any(QWEN_ONLY_RE.match(n) for n in names):
+        return True
+    if any(n.startswith("single_transformer_blocks.") for n in names):
+        return False
+    idx = [int(m.group(1)) for n in names if (m := re.match(r"^transformer_blocks\.(\d+)\.", n))]
+    return bool(idx) and max(idx) >= 19
+
+
+# ---------------------------------------------------------------------------------------------------
 # Underscored names (kohya, OneTrainer): dots become underscores, which loses where the dots were.
 # The names are rebuilt by re-joining the multi-word tokens real layer names contain.
 
@@ -203,6 +253,9 @@ _COMPOUNDS = {
     # text encoders
     "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "text_projection", "final_layer_norm",
     "wi_0", "wi_1", "relative_attention_bias", "layer_norm",
+    # Qwen-Image and Wan (ComfyUI-native names)
+    "txt_norm", "cross_attn", "k_img", "v_img", "norm_k_img", "patch_embedding", "text_embedding",
+    "time_projection", "img_emb",
 }
 _MAX_COMPOUND = max(c.count("_") for c in _COMPOUNDS) + 1
 

@@ -34,7 +34,7 @@ from ..sources import TensorSource, as_source, diffusion_view
 from . import keymaps
 from .formats import LORA_ARCHES, load_lora
 from .model import LoRA, ModuleDelta
-from .svd import RankPolicy, frobenius, low_rank, subtract_
+from .svd import OptionError, RankPolicy, frobenius, low_rank, subtract_
 
 # ---------------------------------------------------------------------------------------------------
 # Pairing two models
@@ -46,6 +46,7 @@ class ModelPair:
     tuned: TensorSource
     keys: list[str]  # shared keys, in the base's order
     arch: str  # detect_arch of the base ("unknown" when not recognised)
+    unpaired: dict[str, list[str]] = field(default_factory=dict)  # "base"/"tuned" -> keys only it has (skipped)
 
     def info(self, key: str) -> TensorInfo:
         return self.base.info(key)
@@ -61,9 +62,31 @@ def _examples(keys: list[str], n: int = 3) -> str:
     return shown + (", …" if len(keys) > n else "")
 
 
-def pair_models(base, tuned) -> ModelPair:
+MISSING_POLICIES = ("auto", "skip", "error")
+
+
+def _known_layer(key: str) -> bool:
+    name = key.rsplit(".", 1)[0]
+    return bool(keymaps.is_flux_module(name) or keymaps.is_qwen_module(name) or keymaps.is_wan_module(name)
+                or keymaps.is_wan_module(key) or keymaps.SD_LDM_RE.match(key))
+
+
+def _related(a: str, b: str, unpaired: list[str]) -> bool:
+    """Two detected architectures close enough to pair over their shared keys (Flux dev and schnell, Wan 2.1
+    and 2.2 of one size): one LoRA architecture, known, and every key only one has is a layer of it (a stray
+    tensor is not a related base: it is refused)."""
+    return a != "unknown" and lora_arch(a) == lora_arch(b) and all(_known_layer(k) for k in unpaired)
+
+
+def pair_models(base, tuned, missing: str = "auto") -> ModelPair:
     """The diffusion models of `base` and `tuned` (paths, dicts or TensorSources), checked to share one
-    architecture: the same keys (whatever prefix each file uses) with the same shapes."""
+    architecture: the same keys (whatever prefix each file uses) with the same shapes.
+
+    Keys only one model has: `error` refuses; `skip` pairs the shared keys and lists the rest in `unpaired`;
+    `auto` (default) skips between related bases (Flux dev vs schnell: the guidance embedder) and refuses
+    models of different architectures."""
+    if missing not in MISSING_POLICIES:
+        raise OptionError(f"unknown missing-key policy {missing!r}; choose one of {', '.join(MISSING_POLICIES)}")
     b_src, t_src = as_source(base), as_source(tuned)
     b, t = diffusion_view(b_src), diffusion_view(t_src)
     for src, view in ((b_src, b), (t_src, t)):
@@ -74,14 +97,19 @@ def pair_models(base, tuned) -> ModelPair:
     t_keys = set(t.keys())
     only_base = [k for k in b.keys() if k not in t_keys]
     only_tuned = sorted(t_keys.difference(b.keys()))
-    if only_base or only_tuned:
+    skip = missing == "skip" or (missing == "auto" and _related(b_arch.arch, t_arch.arch, only_base + only_tuned))
+    shared = [k for k in b.keys() if k in t_keys]
+    if (only_base or only_tuned) and skip and shared:
+        pass
+    elif only_base or only_tuned:
         raise MismatchError(
             f"{b_src.name} ({b_arch.arch}) and {t_src.name} ({t_arch.arch}) are not the same architecture: "
             f"{len(only_base)} tensors only in the base ({_examples(only_base) or 'none'}), "
             f"{len(only_tuned)} only in the tuned model ({_examples(only_tuned) or 'none'}). "
-            "Extract from a fine-tune and the exact model it was tuned from."
+            "Extract from a fine-tune and the exact model it was tuned from"
+            + (", or pass --missing skip to use the shared keys only." if shared else ".")
         )
-    for k in b.keys():
+    for k in shared:
         sb, st = b.info(k).shape, t.info(k).shape
         if sb != st:
             raise MismatchError(
@@ -95,12 +123,13 @@ def pair_models(base, tuned) -> ModelPair:
                 f"{t_src.name}; a weight must be floating point in both models: pass the fine-tune and its base "
                 "as saved by their trainer (not a converted or quantized copy)"
             )
-    return ModelPair(base=b, tuned=t, keys=b.keys(), arch=b_arch.arch)
+    unpaired = {n: ks for n, ks in (("base", sorted(only_base)), ("tuned", only_tuned)) if ks}
+    return ModelPair(base=b, tuned=t, keys=shared, arch=b_arch.arch, unpaired=unpaired)
 
 
 def lora_arch(arch: str) -> str:
     """The LoRA architecture name of a model architecture (Flux dev and schnell share LoRAs)."""
-    return "flux" if arch.startswith("flux") else arch
+    return "flux" if arch in ("flux-dev", "flux-schnell") else arch
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,6 +198,7 @@ class ReconstructionReport:
     seconds: float = 0.0
     message: str = ""
     decoded: dict = field(default_factory=dict)  # "base"/"tuned" -> encoding -> quantized keys decoded
+    unpaired: dict = field(default_factory=dict)  # "base"/"tuned" -> keys only that model has (not compared)
 
     @property
     def changed(self) -> list[ModuleReport]:
@@ -233,6 +263,7 @@ class ReconstructionReport:
             "summary": self.summary(), "settings": self.settings, "message": self.message,
             "warnings": self.warnings(),
             "decoded": self.decoded,
+            "unpaired": self.unpaired,
             "blocks": self.blocks(),
             "modules": [dict(m.row(), shape=list(m.shape), optimal_exact=m.optimal_exact, note=m.note) for m in self.modules],
         }
@@ -263,7 +294,10 @@ class ReconstructionReport:
 
     def text(self, per_module: bool = False) -> str:
         decoded = [line] if (line := decoded_line(self.decoded)) else []
-        parts = [self.headline(), *self.warnings(), *decoded, "", format_table(self.blocks(), title="per block")]
+        unpaired = [f"{len(ks)} tensors only in the {who} model, not compared: {', '.join(ks)}"
+                    for who, ks in self.unpaired.items()]
+        parts = [self.headline(), *self.warnings(), *decoded, *unpaired, "",
+                 format_table(self.blocks(), title="per block")]
         if per_module:
             parts += ["", format_table([m.row() for m in self.modules], title="per module")]
         return "\n".join(parts)
@@ -384,13 +418,13 @@ def _applied_delta(md: ModuleDelta, key: str, base_w: torch.Tensor, strength: fl
 
 @torch.no_grad()  # sources may hand out nn.Parameters (ModelPatchers): no autograd graphs
 def validate_lora(base, tuned, lora, device: str | torch.device = "cpu", strength: float = 1.0,
-                  progress: ProgressFn | None = None) -> ValidationReport:
+                  progress: ProgressFn | None = None, missing: str = "auto") -> ValidationReport:
     """The reconstruction report of `lora` (a LoRA, a file in any format `formats.load_lora` reads, or a
     state dict) against the fine-tune it claims to reproduce: `tuned` relative to `base`."""
     t0 = time.perf_counter()
     device = torch.device(device)
     progress = progress or no_progress
-    pair = pair_models(base, tuned)
+    pair = pair_models(base, tuned, missing)
     arch = lora_arch(pair.arch)
     lora = _as_lora(lora, arch)
     keys = set(pair.keys)
@@ -412,7 +446,7 @@ def validate_lora(base, tuned, lora, device: str | torch.device = "cpu", strengt
         if not hit:
             orphans.append(name)
     report = ValidationReport("validation", pair.arch, orphans=orphans, other_components=other, decoded=pair.decoded(),
-                              settings={"strength": strength, "lora_format": lora.source_format,
+                              unpaired=pair.unpaired, settings={"strength": strength, "lora_format": lora.source_format,
                                         "lora_arch": lora.arch, "device": str(device)})
     for i, key in enumerate(pair.keys):
         progress(i, len(pair.keys))

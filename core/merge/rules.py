@@ -54,10 +54,14 @@ _GROUPS: dict[str, tuple[str, str]] = {
     # Flux / Chroma
     "double": (r"^(double_blocks|transformer_blocks)\.", "Flux double-stream blocks"),
     "single": (r"^(single_blocks|single_transformer_blocks)\.", "Flux single-stream blocks"),
-    "img": (r"^double_blocks\.\d+\.img_|^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out|norm_q|norm_k)\.|norm1\.|ff\.)",
-            "image stream of the double blocks"),
+    "img": (r"^double_blocks\.\d+\.img_|^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out|norm_q|norm_k)\.|norm1\.|ff\."
+            r"|img_)", "image stream of the double blocks (Flux; Qwen-Image's blocks)"),
     "txt": (r"^double_blocks\.\d+\.txt_|^transformer_blocks\.\d+\.(attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out|"
-            r"norm_added_q|norm_added_k)\.|norm1_context\.|ff_context\.)", "text stream of the double blocks"),
+            r"norm_added_q|norm_added_k)\.|norm1_context\.|ff_context\.|txt_)",
+            "text stream of the double blocks (Flux; Qwen-Image's blocks)"),
+    # Qwen-Image and Wan 2.1/2.2
+    "blocks": (r"^(blocks|transformer_blocks)\.", "Wan / Qwen-Image transformer blocks"),
+    "cross": (r"^blocks\.\d+\.cross_attn\.", "Wan cross-attention (text and image conditioning)"),
     "guidance": (r"^(guidance_in|time_text_embed\.guidance_embedder)\.", "Flux-dev guidance embedder"),
     "time": (r"^(time_in|time_text_embed\.timestep_embedder|time_embed|time_embedding)\.", "timestep embedder"),
     "vector": (r"^(vector_in|time_text_embed\.text_embedder)\.", "pooled-text (vector) embedder"),
@@ -74,7 +78,8 @@ _GROUPS: dict[str, tuple[str, str]] = {
 }
 # aliases that take a block number: @double.3 …
 _NUMBERED = {"double": ("double_blocks", "transformer_blocks"), "single": ("single_blocks", "single_transformer_blocks"),
-             "in": ("input_blocks", "down_blocks"), "out": ("output_blocks", "up_blocks")}
+             "in": ("input_blocks", "down_blocks"), "out": ("output_blocks", "up_blocks"),
+             "blocks": ("blocks", "transformer_blocks")}
 
 
 def group_aliases() -> list[dict]:
