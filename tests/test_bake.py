@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from weightsmith.bake import bake, plan_bake
+from weightsmith.bake import bake, execute_bake, plan_bake
 from weightsmith.cli import main
 from weightsmith.errors import MismatchError, OutputPathError, WeightsmithError
 from weightsmith.lora import keymaps as km
@@ -71,6 +71,11 @@ def test_baked_weights_equal_base_plus_strength_times_delta(tmp_path):
     assert rep.plan.rule_hits["@single=0.5"] > 0 and rep.plan.unmatched == []
     # l2 came in diffusers names: its q/k/v slices land on the rows of the fused weights
     assert any(t.rows for m in load_lora(p2, arch="flux").modules.values() for t in m.terms)
+    # row blocks that cut through the q/k/v slices give the same weights
+    small = tmp_path / "small-blocks.safetensors"
+    execute_bake(plan_bake(model, [(p1, 0.8), (p2, -0.6)], ["@single=0.5"]), small, task_elems=64 * 5)
+    for k, t in load_file(str(small)).items():
+        torch.testing.assert_close(t, want[k], rtol=1e-6, atol=1e-6, msg=k)
     meta = json.loads(__import__("safetensors").safe_open(str(out), "pt").metadata()["weightsmith.bake"])
     assert [x["strength"] for x in meta["loras"]] == [0.8, -0.6]
 

@@ -23,7 +23,7 @@ from ..devices import resolve_device
 from ..dtypes import all_finite, cast_for_output, dtype_name, parse_dtype
 from ..errors import WeightsmithError
 from ..lora.model import ModuleDelta
-from ..pipeline import KeyPipeline, default_workers
+from ..pipeline import TASK_ELEMS, KeyPipeline, default_workers, row_ranges
 from ..progress import ProgressFn, no_progress
 from ..safetensors_io import StreamingWriter
 from .plan import BakePlan, Patch
@@ -51,6 +51,46 @@ def apply_module(w: torch.Tensor, mod: ModuleDelta, strength: float) -> None:
     for a in mod.adapters:
         s, n = a.rows if a.rows is not None else (0, w.shape[0])
         w[s : s + n] = a.apply(w[s : s + n], strength)
+
+
+def rowwise(patches: list[Patch], shape: tuple[int, ...]) -> bool:
+    """Whether a key can be patched in row blocks: only low-rank terms and full diffs (each row of the result
+    depends on the same row of the weight alone); adapters (DoRA norms, Kronecker products) take it whole."""
+    return len(shape) >= 2 and shape[0] > 1 and all(
+        p.rows is None and not p.bias and not p.delta.adapters and p.delta.set_weight is None for p in patches)
+
+
+@dataclass
+class _RowOps:
+    """A row-wise key's patches, factors widened to fp32 on the device once: ("mm", start row, up, down, scale)
+    and ("add", diff, strength), in chain order. One addmm per term, as ComfyUI adds one product per patch
+    (joining the factors into one product measured no faster: the products are compute-bound)."""
+
+    ops: list[tuple]
+
+    @classmethod
+    def of(cls, patches: list[Patch], rows: int, dev: torch.device) -> _RowOps:
+        ops: list[tuple] = []
+        for p in patches:
+            for t in p.delta.terms:
+                s = t.rows[0] if t.rows is not None else 0
+                ops.append(("mm", s, t.up.to(dev, torch.float32).flatten(1), t.down.to(dev, torch.float32).flatten(1),
+                            t.scale * p.strength))
+            if p.delta.diff is not None:
+                ops.append(("add", p.delta.diff.to(dev, torch.float32).reshape(rows, -1), p.strength))
+        return cls(ops)
+
+    def apply(self, block: torch.Tensor, r0: int) -> None:
+        """Patch rows [r0, r0 + len(block)) of the weight, `block` fp32 [rows, cols], in place."""
+        r1 = r0 + block.shape[0]
+        for op in self.ops:
+            if op[0] == "mm":
+                _, s, up, down, alpha = op
+                a, b = max(r0, s), min(r1, s + up.shape[0])
+                if a < b:
+                    block[a - r0 : b - r0].addmm_(up[a - s : b - s], down, alpha=alpha)
+            else:
+                block.add_(op[1][r0:r1], alpha=op[2])
 
 
 def apply_patches(w: torch.Tensor, patches: list[Patch]) -> torch.Tensor:
@@ -135,8 +175,11 @@ def execute_bake(
     progress: ProgressFn | None = None,
     overwrite: bool = False,
     threads: int | None = None,
+    task_elems: int = TASK_ELEMS,
 ) -> BakeReport:
-    """Write `out_path` (None: a dry run that computes every patched key and writes nothing)."""
+    """Write `out_path` (None: a dry run that computes every patched key and writes nothing). Keys patched
+    by low-rank terms and full diffs alone go in row blocks of about `task_elems` elements (bounded memory,
+    every core busy); keys with adapters whole."""
     if isinstance(dtype, str) and dtype.strip().lower() not in (*PLAIN_DTYPES, "same", "auto", ""):
         raise WeightsmithError(f"bake output dtype {dtype!r}: choose one of {', '.join(PLAIN_DTYPES)} (quantized "
                                "outputs are not supported by bake yet)")
@@ -174,6 +217,20 @@ def execute_bake(
         if writer is not None:
             writer.write(key, out.cpu())
 
+    def rows_task(key: str, t: torch.Tensor, ops: _RowOps, r0: int, r1: int) -> None:
+        shape, out_dtype = layout[key]
+        block = t[r0:r1].to(dev, torch.float32, copy=True)
+        ops.apply(block.view(r1 - r0, -1), r0)
+        if not all_finite(block):
+            raise _nonfinite_error(plan, key, plan.patches[key], all_finite(t[r0:r1]), None)
+        out = cast_for_output(block, out_dtype)
+        del block
+        if not all_finite(out):
+            raise _nonfinite_error(plan, key, plan.patches[key], True, out_dtype)
+        if writer is not None:
+            cols = out[0].numel()
+            writer.write_at(key, r0 * cols * out.element_size(), out.cpu())
+
     def copy_task(key: str, t: torch.Tensor) -> None:
         out_dtype = layout[key][1]
         if t.dtype != out_dtype:
@@ -201,7 +258,13 @@ def execute_bake(
                 with KeyPipeline(threads or default_workers(dev), single_threaded_torch=dev.type == "cpu") as pipe:
                     for key in keys:
                         t = src.get(key)
-                        if key in plan.patches:
+                        if key in plan.patches and rowwise(plan.patches[key], tuple(t.shape)):
+                            report.patched.append(key)
+                            ops = _RowOps.of(plan.patches[key], t.shape[0], dev)
+                            cols = t[0].numel()
+                            pipe.add([partial(rows_task, key, t, ops, r0, r1)
+                                      for r0, r1 in row_ranges(t.shape[0], cols, 1, task_elems)], finish)
+                        elif key in plan.patches:
                             report.patched.append(key)
                             pipe.add([partial(patch_task, key, t)], finish)
                         else:

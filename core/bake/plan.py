@@ -178,10 +178,16 @@ def _lora_label(lora: LoraInput, i: int) -> str:
     return f"LoRA {i + 1}"
 
 
+def _is_lora(obj) -> bool:
+    """A canonical LoRA (also one made by the node pack's own copy of this package: compared by shape)."""
+    return isinstance(obj, LoRA) or (hasattr(obj, "modules") and hasattr(obj, "source_format")
+                                     and not isinstance(obj, Mapping))
+
+
 def _read_lora(lora: LoraInput, arch: ArchInfo, label: str, model_name: str) -> tuple[LoRA, str]:
     """The LoRA in canonical form and its own architecture; a LoRA of another family is refused."""
     hint = arch.lora_arch
-    if isinstance(lora, LoRA):
+    if _is_lora(lora):
         lo = lora
         own = lo.arch if lo.arch != "unknown" else infer_arch(lo)
     else:
