@@ -156,36 +156,49 @@ def module_rows(lora: LoRA) -> list[dict]:
 
 def _inspect_model(path: Path) -> dict:
     from ..arch import detect_arch
+    from ..dtypes import itemsize
     from ..sources import classify_keys
 
     src = open_model(path)
     info = detect_arch(src)
     groups: dict[str, list[int]] = {}
+    encodings: dict[str, dict[str, int]] = {}  # part -> encoding label or "plain <dtype>" -> keys
+    dtypes: dict[str, int] = {}  # stored dtypes (an encoded weight counts its payload's)
     for key, group in classify_keys(src.keys()).items():
         i = src.info(key)
+        enc = src.encoding(key)
+        stored = enc.stored_dtype if enc is not None else i.dtype
         g = groups.setdefault(group, [0, 0, 0])
         g[0] += 1
         g[1] += i.numel
-        g[2] += i.nbytes
-    dtypes: dict[str, int] = {}
-    for key in src.keys():
-        d = dtype_name(src.info(key).dtype)
-        dtypes[d] = dtypes.get(d, 0) + 1
+        g[2] += i.numel * itemsize(stored)
+        label = enc.label if enc is not None else f"plain {dtype_name(i.dtype)}"
+        part = encodings.setdefault(group, {})
+        part[label] = part.get(label, 0) + 1
+        dtypes[dtype_name(stored)] = dtypes.get(dtype_name(stored), 0) + 1
     print(f"{path}: full model, {info}")
     if info.reason:
         print(f"  {info.reason}")
     rows = [{"part": g, "tensors": v[0], "parameters": v[1], "MB": round(v[2] / 2**20, 1)} for g, v in sorted(groups.items())]
     print(format_table(rows, ["part", "tensors", "parameters", "MB"]))
     print("dtypes: " + ", ".join(f"{d} ({n})" for d, n in sorted(dtypes.items())))
+    quantized = {p: {k: n for k, n in e.items() if not k.startswith("plain ")} for p, e in encodings.items()}
+    for part, encs in sorted(quantized.items()):
+        if encs:
+            print(f"encoding of {part}: " + ", ".join(f"{k} ({n} layers)" for k, n in encs.items())
+                  + " — read decoded (fp32) by every command")
     return {"kind": "model", "arch": info.arch, "naming": info.naming, "prefix": info.prefix, **info.details,
-            "parts": {r["part"]: r for r in rows}, "dtypes": dtypes}
+            "parts": {r["part"]: r for r in rows}, "dtypes": dtypes, "encodings": encodings}
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         check_new_output(args.json, "JSON summary", protect=[args.file])
     src = open_model(args.file)
-    if detect_format(src.keys()) == "unknown":
+    from ..arch import detect_arch
+
+    # a full checkpoint's `model.diffusion_model.` keys also look like ComfyUI LoRA keys: a model is a model
+    if detect_format(src.keys()) == "unknown" or detect_arch(src).arch != "unknown":
         data = _inspect_model(args.file)
     else:
         lora = load_lora(src)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..arch import detect_arch
+from ..encodings.report import decoded_line, decoded_reads
 from ..errors import BadFileError, MismatchError
 from ..progress import ProgressFn, no_progress
 from ..report import bar_chart, format_table
@@ -48,6 +49,11 @@ class ModelPair:
 
     def info(self, key: str) -> TensorInfo:
         return self.base.info(key)
+
+    def decoded(self) -> dict[str, dict]:
+        """"base"/"tuned" -> encoding -> the quantized keys of each that are read decoded."""
+        return decoded_reads({"base": self.base, "tuned": self.tuned},
+                             [("base", k) for k in self.keys] + [("tuned", k) for k in self.keys])
 
 
 def _examples(keys: list[str], n: int = 3) -> str:
@@ -155,6 +161,7 @@ class ReconstructionReport:
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
     message: str = ""
+    decoded: dict = field(default_factory=dict)  # "base"/"tuned" -> encoding -> quantized keys decoded
 
     @property
     def changed(self) -> list[ModuleReport]:
@@ -218,6 +225,7 @@ class ReconstructionReport:
         return {
             "summary": self.summary(), "settings": self.settings, "message": self.message,
             "warnings": self.warnings(),
+            "decoded": self.decoded,
             "blocks": self.blocks(),
             "modules": [dict(m.row(), shape=list(m.shape), optimal_exact=m.optimal_exact, note=m.note) for m in self.modules],
         }
@@ -247,7 +255,8 @@ class ReconstructionReport:
                 "of the model (re-download it, or take an earlier checkpoint of a diverged fine-tune)"]
 
     def text(self, per_module: bool = False) -> str:
-        parts = [self.headline(), *self.warnings(), "", format_table(self.blocks(), title="per block")]
+        decoded = [line] if (line := decoded_line(self.decoded)) else []
+        parts = [self.headline(), *self.warnings(), *decoded, "", format_table(self.blocks(), title="per block")]
         if per_module:
             parts += ["", format_table([m.row() for m in self.modules], title="per module")]
         return "\n".join(parts)
@@ -395,7 +404,7 @@ def validate_lora(base, tuned, lora, device: str | torch.device = "cpu", strengt
             hit = True
         if not hit:
             orphans.append(name)
-    report = ValidationReport("validation", pair.arch, orphans=orphans, other_components=other,
+    report = ValidationReport("validation", pair.arch, orphans=orphans, other_components=other, decoded=pair.decoded(),
                               settings={"strength": strength, "lora_format": lora.source_format,
                                         "lora_arch": lora.arch, "device": str(device)})
     for i, key in enumerate(pair.keys):
