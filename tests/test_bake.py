@@ -255,3 +255,27 @@ def test_lora_objects_and_strength_zero(tmp_path):
     got = load_file(str(out))
     torch.testing.assert_close(got["img_in.weight"], sd["img_in.weight"] + 2.0)
     assert torch.equal(got["txt_in.weight"], sd["txt_in.weight"]) and rep.patched == ["img_in.weight"]
+
+
+def test_scaled_fp8_model_is_decoded_and_baked_to_a_plain_dtype(tmp_path):
+    """A ComfyUI scaled-fp8 model reads decoded (weight · scale, exactly); the LoRA is added in fp32 and the
+    result written in the dtype asked for; `keep` (a quantized output) is refused, saying what to choose."""
+    from weightsmith.encodings.testfiles import scaled_fp8
+    from weightsmith.sources import open_model
+
+    enc = scaled_fp8(flux_state_dict(CFG, "dev", seed=1))
+    model = tmp_path / "fp8.safetensors"
+    save_file(enc.tensors, str(model))
+    decoded = open_model(model)
+    lora = random_lora(flux_shapes(CFG), "flux", rank=4, seed=7, scale=0.1)
+    with pytest.raises(WeightsmithError, match="stored quantized.*bf16, fp16 or fp32"):
+        bake(model, [lora], tmp_path / "keep.safetensors")
+    assert not (tmp_path / "keep.safetensors").exists()
+    out = tmp_path / "out.safetensors"
+    bake(model, [(lora, 0.5)], out, dtype="fp32")
+    got = load_file(str(out))
+    assert set(got) == set(decoded.keys()) and "scaled_fp8" not in got
+    want = _reference({k: decoded.get(k) for k in decoded.keys()}, [(lora, 0.5)])
+    for k, t in got.items():
+        assert t.dtype == torch.float32
+        torch.testing.assert_close(t, want[k], rtol=1e-6, atol=1e-6, msg=k)

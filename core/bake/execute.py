@@ -191,6 +191,11 @@ def execute_bake(
     progress = progress or no_progress
     src = plan.source
     keys = src.keys()
+    encoded = next((e for k in keys if (e := src.encoding(k)) is not None), None)
+    if encoded is not None and want is None:
+        raise WeightsmithError(f"{plan.model_name} is stored quantized ({encoded.label}); bake reads it decoded exactly "
+                               "but writes plain dtypes only for now: choose the output dtype bf16, fp16 or fp32 "
+                               "(quantize the baked file afterwards if you need fp8)")
     layout = {k: (src.info(k).shape, _out_dtype(src.info(k).dtype, want)) for k in keys}
     meta = {k: v for k, v in src.metadata.items() if isinstance(k, str) and isinstance(v, str)}
     meta["weightsmith.bake"] = json.dumps({"model": plan.model_name, "loras": [
