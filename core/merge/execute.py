@@ -278,6 +278,7 @@ def execute_merge(
     ctx = _MergeContext(plan, dev, out_dtype, chunk, sample_every, writer)
     t0 = time.perf_counter()
     progress(0, total)
+    progress_step = max(1, total // 1000)  # 10^5 tiny keys need not make 10^5 progress (and UI) updates
 
     def finisher(kp: KeyPlan, ks: KeyStats):
         def finish(results: list) -> None:
@@ -302,7 +303,9 @@ def execute_merge(
                     ks.finite = False
                     ks.nonfinite_inputs = bad_inputs
             key_stats.append(ks)
-            progress(len(key_stats), total)
+            done = len(key_stats)
+            if done == total or done % progress_step == 0:
+                progress(done, total)
         return finish
 
     for s in plan.sources:
@@ -314,9 +317,14 @@ def execute_merge(
                 writer.__enter__()
             try:
                 with KeyPipeline(workers, single_threaded_torch=dev.type == "cpu") as pipe:
+                    labels: dict[tuple[int, ...], list[str]] = {}  # one list per combination of inputs read
                     for kp in key_plans:
-                        ks = KeyStats(kp.name, kp.group, kp.action, kp.method, kp.numel,
-                                      reads=[plan.inputs[i].label for i, _ in kp.reads], decided_by=kp.decided_by)
+                        which = tuple(i for i, _ in kp.reads)
+                        reads = labels.get(which)
+                        if reads is None:
+                            reads = labels[which] = [plan.inputs[i].label for i in which]
+                        ks = KeyStats(kp.name, kp.group, kp.action, kp.method, kp.numel, reads=reads,
+                                      decided_by=kp.decided_by)
                         finish = finisher(kp, ks)
                         if kp.action == "take":
                             pipe.add([partial(ctx.take_task, kp, ctx.inputs(kp)[0])], finish)
