@@ -131,7 +131,13 @@ def save_lora_node(nodes, folders, prefix="weightsmith/lora"):
     return call(nodes, "WeightsmithSaveLoRA", lora=lora, filename_prefix=prefix)
 
 
+def bake_node(nodes, folders, prefix="weightsmith/baked", model="diffusion_models/a.safetensors"):
+    return call(nodes, "WeightsmithBakeLoRAs", model=model, lora_1=load_lora(folders.loras / "flux_lora.safetensors"),
+                filename_prefix=prefix)
+
+
 WRITERS = {
+    "bake": lambda nodes, f, prefix: bake_node(nodes, f, prefix),
     "merge_files_output": lambda nodes, f, prefix: merge_files(nodes, prefix, output_folder="output"),
     "merge_files_diffusion_models": lambda nodes, f, prefix: merge_files(nodes, prefix, output_folder="diffusion_models"),
     "mix_files": lambda nodes, f, prefix: mix_files(nodes, prefix),
@@ -217,7 +223,7 @@ class _Hook:
 
 
 @pytest.mark.parametrize("action", ["interrupt", "raise"])
-@pytest.mark.parametrize("writer", ["merge_files_diffusion_models", "mix_files"])
+@pytest.mark.parametrize("writer", ["merge_files_diffusion_models", "mix_files", "bake"])
 def test_interrupt_or_crash_mid_write_leaves_no_file(nodes, folders, tmp_path, writer, action):
     import comfy.model_management as mm
     import comfy.utils
@@ -247,6 +253,7 @@ INPUT_CASES = ["truncated", "corrupt_header", "zero_length", "pickle_ckpt", "pic
 
 # node -> call(nodes, folders, the hostile file's name in its folder); combos of model files name the folder
 FILE_READERS = {
+    "bake": lambda nodes, f, name: bake_node(nodes, f, model=f"diffusion_models/{name}"),
     "merge_files": lambda nodes, f, name: merge_files(nodes, model_b=f"diffusion_models/{name}"),
     "mix_files": lambda nodes, f, name: call(nodes, "WeightsmithLosslessMixFiles", model_a="diffusion_models/a.safetensors",
                                              model_b="diffusion_models/b.safetensors", model_c=f"diffusion_models/{name}"),
@@ -325,6 +332,8 @@ BAD_REQUESTS = {
     "WeightsmithApplyLoRA": (lambda f: {"model": _flux(), "lora": _lora(f, "sd15_lora")}, "MismatchError"),
     "WeightsmithComposeLoRAs": (lambda f: {"lora_1": _lora(f, "flux_lora"), "lora_2": _lora(f, "sd15_lora")},
                                 "MismatchError"),
+    "WeightsmithBakeLoRAs": (lambda f: {"model": "diffusion_models/a.safetensors", "lora_1": _lora(f, "sd15_lora")},
+                             "MismatchError"),
     "WeightsmithRerankLoRA": (lambda f: {"lora": _lora(f, "flux_lora"), "rank": 0, "energy": 0.0}, "ValueError"),
 }
 
