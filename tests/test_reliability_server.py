@@ -96,6 +96,10 @@ def runtime_failures(info) -> dict[str, tuple[dict, str]]:
             info, "WeightsmithComposeLoRAs", lora_1=["1", 0], lora_2=["2", 0])}, "3"),
         "WeightsmithRerankLoRA": ({"1": lora(info, FLUX_LORA), "2": node(
             info, "WeightsmithRerankLoRA", lora=["1", 0], rank=0, energy=0.0)}, "2"),
+        # an SD1.5 LoRA baked into a Flux model: refused before any work, nothing written
+        "WeightsmithBakeLoRAs": ({"1": lora(info, SD15_LORA), "2": node(
+            info, "WeightsmithBakeLoRAs", model="diffusion_models/" + FLUX_TINY, lora_1=["1", 0],
+            filename_prefix="never/baked")}, "2"),
     }
 
 
