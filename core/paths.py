@@ -70,11 +70,42 @@ def next_free_path(root: str | os.PathLike, prefix: str, ext: str = ".safetensor
     return folder / f"{stem}_{counter:05}_{ext}"
 
 
+def name_max(folder: Path) -> int:
+    """The longest file name (in bytes) the folder's file system allows (255 on ext4, NTFS, APFS)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or a folder that does not exist yet
+        return 255
+
+
+def check_name_fits(path: str | os.PathLike, what: str = "output") -> Path:
+    """Refuse an output name longer than the file system allows, before anything is opened (the OS
+    would fail with ENAMETOOLONG deep in a write)."""
+    path = Path(path)
+    limit = name_max(path.parent if path.parent.is_dir() else Path("."))
+    size = len(os.fsencode(path.name))
+    if size > limit:
+        raise OutputPathError(f"{what} file name {path.name[:40]!r}… is {size} bytes long, more than the {limit} "
+                              "bytes the file system allows; shorten it")
+    return path
+
+
+def _temp_name(name: str, token: str, limit: int) -> str:
+    """`.NAME.TOKEN.tmp`, with NAME cut (at a character boundary) so that the whole fits `limit` bytes:
+    an output name the file system allows must never fail because of its temp name."""
+    room = limit - len(f"..{token}.tmp")
+    stem = name
+    while len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
+    return f".{stem}.{token}.tmp"
+
+
 def create_temp_beside(folder: Path, name: str) -> tuple[int, Path]:
     """A new hidden temp file beside the target, created with the umask's permissions like any other
     file (tempfile.mkstemp would make it 0600, and the rename would keep that)."""
+    limit = name_max(folder)
     for _ in range(100):
-        tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        tmp = folder / _temp_name(name, secrets.token_hex(4), limit)
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
         except FileExistsError:
@@ -85,7 +116,7 @@ def create_temp_beside(folder: Path, name: str) -> tuple[int, Path]:
 def write_new_file(path: str | os.PathLike, data: bytes) -> Path:
     """Write a small file (a JSON report, a chart) atomically and never over an existing file: a report
     path that names an input model must not destroy it."""
-    path = Path(path)
+    path = check_name_fits(path, "the")
     if path.exists():
         raise OutputPathError(f"refusing to overwrite existing file {path}; choose another name or remove it")
     if not path.parent.is_dir():
@@ -121,7 +152,7 @@ def check_new_output(
     fails at once instead of after a long merge: it must not be an input (`protect`), already exist,
     or be another output of the same command (`others`, e.g. `-o`), and its folder must exist.
     The final write (`write_new_file`) still refuses to overwrite; this only makes the refusal early."""
-    path = Path(path)
+    path = check_name_fits(path, f"the {what}")
     target = path.resolve()
     for p in protect:
         p = Path(p)

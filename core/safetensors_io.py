@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 import threading
 from collections.abc import Iterable, Mapping
@@ -24,10 +25,12 @@ import torch
 
 from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
 from .errors import BadFileError, OutputPathError
-from .paths import create_temp_beside
+from .paths import check_name_fits, create_temp_beside
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit the safetensors library applies
 REFETCH = "download the file again or re-export it"  # what to do about a damaged file
+MAX_DIM = 2**63  # torch sizes are int64: a larger dimension, or element count, cannot be held
+MAX_NDIM = 64  # torch's limit on dimensions
 
 
 @dataclass(frozen=True)
@@ -61,15 +64,72 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
-def read_header(path: str | os.PathLike) -> SafetensorsHeader:
-    """Parse and validate a safetensors header without reading any tensor data."""
-    path = Path(path)
+def _regular_file_size(path: Path) -> int:
+    """The size of `path`, refusing what is not a regular file: a FIFO or a socket would block the read
+    forever, a device would be read without end."""
     if path.is_dir():
         raise BadFileError(f"{path}: is a directory, expected a .safetensors file; give the path of the file itself")
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         raise BadFileError(f"{path}: no such file; check the path") from None
+    except OSError as e:
+        raise BadFileError(f"{path}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadFileError(f"{path}: is {not_regular_kind(st.st_mode)}, not a regular file; give the path of a model file")
+    return st.st_size
+
+
+def not_regular_kind(mode: int) -> str:
+    """'a FIFO (named pipe)', 'a socket', … for the message refusing it."""
+    for test, what in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _parse_json(raw: bytes, path: Path) -> object:
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except RecursionError:  # a header of nested brackets; no real header nests more than 3 deep
+        raise BadFileError(f"{path}: corrupt safetensors header (JSON nested too deeply to be a tensor "
+                           f"table); {REFETCH}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadFileError(f"{path}: corrupt safetensors header ({e}); {REFETCH}") from None
+
+
+def _shape(value: object) -> tuple[int, ...] | None:
+    """A well-formed shape: a list of non-negative ints (not bools) torch can hold, or None."""
+    if not isinstance(value, list) or not all(type(s) is int and 0 <= s < MAX_DIM for s in value):
+        return None
+    if len(value) > MAX_NDIM or math.prod(s for s in value if s) >= MAX_DIM:
+        return None
+    return tuple(value)
+
+
+def _check_layout(path: Path, offsets: dict[str, tuple[int, int]], data_len: int) -> None:
+    """The tensors tile the data section exactly, as the safetensors library requires before it reads any
+    tensor: sorted by offset, each starts where the previous ends, and the last ends at the end of the file.
+    Checked here so that every command (inspect and verify included) judges a file alike."""
+    end, prev = 0, None
+    for key, (start, stop) in sorted(offsets.items(), key=lambda kv: kv[1]):
+        if start != end:
+            what = (f"overlaps tensor {prev!r}" if start < end else
+                    f"starts at byte {start}, leaving bytes {end}..{start} that belong to no tensor")
+            raise BadFileError(f"{path}: tensor {key!r} {what}: the header is corrupt; {REFETCH}")
+        end, prev = stop, key
+    if end != data_len:
+        raise BadFileError(f"{path}: {data_len - end} bytes follow the last tensor (the tensors end at byte {end} "
+                           f"of {data_len}): the file is corrupt or not safetensors; {REFETCH}")
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and validate a safetensors header without reading any tensor data: everything the
+    safetensors library checks before reading a tensor (dtypes, shapes, sizes, a data section the tensors
+    tile exactly, string metadata) is checked here, with a message naming file and key."""
+    path = Path(path)
+    size = _regular_file_size(path)
     if size < 8:
         raise BadFileError(f"{path}: file is {size} bytes, too short to be safetensors (truncated or empty download?); {REFETCH}")
     with open(path, "rb") as f:
@@ -80,15 +140,14 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
                 f"{REFETCH}"
             )
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise BadFileError(f"{path}: corrupt safetensors header ({e}); {REFETCH}") from None
+    header = _parse_json(raw, path)
     if not isinstance(header, dict):
         raise BadFileError(f"{path}: safetensors header is not a JSON object; {REFETCH}")
     data_start = 8 + n
     data_len = size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # absent, or null as the safetensors library accepts it
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise BadFileError(f"{path}: __metadata__ must map strings to strings; {REFETCH}")
     tensors: dict[str, TensorInfo] = {}
@@ -98,21 +157,21 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         if not isinstance(entry, dict):
             raise BadFileError(f"{where}: header entry is not an object; {REFETCH}")
         code = entry.get("dtype")
-        if code not in SAFETENSORS_TO_TORCH:
+        if not isinstance(code, str) or code not in SAFETENSORS_TO_TORCH:
             raise BadFileError(f"{where}: unsupported dtype {code!r}; convert the file to one of "
                                f"{', '.join(SAFETENSORS_TO_TORCH)} with the tool that wrote it")
-        shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise BadFileError(f"{where}: invalid shape {shape!r}; {REFETCH}")
+        shape = _shape(entry.get("shape"))
+        if shape is None:
+            raise BadFileError(f"{where}: invalid shape {entry.get('shape')!r}; {REFETCH}")
         offs = entry.get("data_offsets")
         if (
             not isinstance(offs, list)
             or len(offs) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offs)
+            or not all(type(o) is int and o >= 0 for o in offs)
             or offs[0] > offs[1]
         ):
             raise BadFileError(f"{where}: invalid data_offsets {offs!r}; {REFETCH}")
-        info = TensorInfo(tuple(shape), SAFETENSORS_TO_TORCH[code])
+        info = TensorInfo(shape, SAFETENSORS_TO_TORCH[code])
         if offs[1] > data_len:
             raise BadFileError(
                 f"{where}: data ends at byte {offs[1]} but the file holds {data_len} data bytes: the file is truncated; "
@@ -120,11 +179,13 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             )
         if offs[1] - offs[0] != info.nbytes:
             raise BadFileError(
-                f"{where}: shape {shape} of {code} needs {info.nbytes} bytes but the header gives {offs[1] - offs[0]}: "
-                f"the header is corrupt; {REFETCH}"
+                f"{where}: shape {list(shape)} of {code} needs {info.nbytes} bytes but the header gives "
+                f"{offs[1] - offs[0]}: the header is corrupt; {REFETCH}"
             )
         tensors[key] = info
-        offsets[key] = (data_start + offs[0], data_start + offs[1])
+        offsets[key] = (offs[0], offs[1])
+    _check_layout(path, offsets, data_len)
+    offsets = {k: (data_start + a, data_start + b) for k, (a, b) in offsets.items()}
     return SafetensorsHeader(path, tensors, offsets, dict(metadata))
 
 
@@ -199,6 +260,7 @@ class StreamingWriter:
         self._tmp: Path | None = None
 
     def _check_target(self) -> None:
+        check_name_fits(self.path)
         target = self.path.resolve()
         for p in self._protect:
             try:

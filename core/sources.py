@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -21,7 +22,7 @@ import torch
 
 from .dtypes import all_finite
 from .errors import BadFileError, UnsafePickleError
-from .safetensors_io import REFETCH, SafetensorsHeader, TensorInfo, read_header
+from .safetensors_io import REFETCH, SafetensorsHeader, TensorInfo, not_regular_kind, read_header
 
 SAFETENSORS_EXTS = (".safetensors", ".sft")
 TORCH_EXTS = (".ckpt", ".pt", ".pth", ".bin")
@@ -183,6 +184,9 @@ class TorchFileSource(TensorSource):
                     obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
                 break
             except pickle.UnpicklingError as e:
+                if _damaged_pickle(str(e)):
+                    raise BadFileError(f"{path}: damaged torch checkpoint: not a valid pickle ({_last_line(e)}); "
+                                       f"{REFETCH}") from None
                 raise UnsafePickleError(
                     f"{path}: refused: loading it would run pickled code ({str(e).splitlines()[0][:200]}). "
                     "Only plain tensor checkpoints are accepted; convert it to .safetensors in a trusted environment."
@@ -211,6 +215,20 @@ class TorchFileSource(TensorSource):
         return [self._path]
 
 
+_DAMAGED_PICKLE = ("Unsupported operand", "invalid load key", "pickle data was truncated", "Ran out of input")
+
+
+def _damaged_pickle(message: str) -> bool:
+    """torch's weights-only unpickler met bytes that are no pickle at all (corrupt or truncated), rather
+    than a pickle asking to run code."""
+    return any(m in message for m in _DAMAGED_PICKLE)
+
+
+def _last_line(e: Exception) -> str:
+    lines = str(e).splitlines()
+    return next((ln.strip() for ln in lines if any(m in ln for m in _DAMAGED_PICKLE)), lines[0] if lines else "")[:200]
+
+
 class PrefixView(TensorSource):
     """The keys of `base` that start with `prefix`, with the prefix removed."""
 
@@ -236,21 +254,53 @@ class PrefixView(TensorSource):
         self.base.close()
 
 
-def _shards_of_index(index: Path) -> list[Path]:
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's `weight_map` (tensor key -> shard file name), checked: a JSON object of strings to
+    non-empty strings, naming at least one tensor."""
+    bad = f"{index}: not a valid safetensors index"
     try:
-        data = json.loads(index.read_text())
-        files = sorted(set(data["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise BadFileError(f"{index}: not a valid safetensors index ({e}); {REFETCH}") from None
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise BadFileError(f"{bad} (JSON nested too deeply); {REFETCH}") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise BadFileError(f"{bad} ({e}); {REFETCH}") from None
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict):
+        raise BadFileError(f"{bad}: it needs a \"weight_map\" object mapping tensor names to shard files, found "
+                           f"{type(wm).__name__ if wm is not None else 'none'}; {REFETCH}")
+    if not wm:
+        raise BadFileError(f"{index}: the index lists no tensors (empty \"weight_map\"); {REFETCH}")
+    for key, f in wm.items():
+        if not isinstance(f, str) or not f.strip() or f.strip() in (".", ".."):
+            raise BadFileError(f"{bad}: tensor {key!r} maps to {f!r}, not a shard file name; {REFETCH}")
+    return wm
+
+
+def _index_source(index: Path, name: str | None = None) -> SafetensorsSource:
+    """The shards an index names, each tensor of its `weight_map` checked to be in the shard it names."""
+    wm = _weight_map(index)
+    files = sorted(set(wm.values()))
+    folder = index.parent.resolve()
     paths = []
     for f in files:
         p = (index.parent / f).resolve()
-        if index.parent.resolve() not in p.parents:
-            raise BadFileError(f"{index}: shard {f!r} lies outside the index's folder")
-        if not p.is_file():
+        if folder not in p.parents:
+            raise BadFileError(f"{index}: shard {f!r} lies outside the index's folder; keep the shards beside the index")
+        if p == index.resolve():
+            raise BadFileError(f"{index}: the index names itself as a shard; {REFETCH}")
+        if not p.exists():
             raise BadFileError(f"{index}: shard {f} is missing; download every shard the index lists")
+        if not p.is_file():
+            raise BadFileError(f"{index}: shard {f} is not a regular file; download every shard the index lists")
         paths.append(p)
-    return paths
+    source = SafetensorsSource(paths, name=name or str(index))
+    by_name = dict(zip(files, paths))
+    for key, f in wm.items():
+        if key not in source or source._files[source._key_file[key]] != by_name[f]:
+            raise BadFileError(f"{index}: the index puts tensor {key!r} in {f}, but "
+                               + ("that shard does not hold it" if key not in source else "another shard holds it")
+                               + "; the index and the shards do not match: download them again together")
+    return source
 
 
 _default_nonfinite = "report"
@@ -271,6 +321,21 @@ def open_model(path: str | os.PathLike, nonfinite: str | None = None) -> TensorS
     return _open_model(path).set_nonfinite_policy(nonfinite or _default_nonfinite)
 
 
+def sniff(path: Path) -> tuple[str, bytes]:
+    """(what a file holds, its first bytes): 'safetensors' (a little-endian header length within the file,
+    then '{'), 'zip' (torch.save's format), 'pickle' (the legacy torch.save format: pickle protocol 2+),
+    or 'unknown'. Suffixes lie (a safetensors file renamed .bin); the content decides what reads it."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return "safetensors", head
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip", head
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle", head
+    return "unknown", head
+
+
 def _open_model(path: str | os.PathLike) -> TensorSource:
     p = Path(path)
     if not p.exists():
@@ -279,22 +344,29 @@ def _open_model(path: str | os.PathLike) -> TensorSource:
         indexes = sorted(p.glob("*.safetensors.index.json"))
         if len(indexes) > 1:
             raise BadFileError(f"{p}: several index files ({', '.join(i.name for i in indexes)}); name one")
-        files = _shards_of_index(indexes[0]) if indexes else sorted(p.glob("*.safetensors"))
+        if indexes:
+            return _index_source(indexes[0], name=str(p))
+        files = sorted(p.glob("*.safetensors"))
         if not files:
             raise BadFileError(f"{p}: folder holds no .safetensors files; give a model file or a folder of .safetensors shards")
         return SafetensorsSource(files, name=str(p))
+    mode = p.stat().st_mode
+    if not stat.S_ISREG(mode):  # a FIFO or socket would block the first read forever
+        raise BadFileError(f"{p}: is {not_regular_kind(mode)}, not a regular file; give the path of a model file")
     name = p.name.lower()
     if name.endswith(".index.json"):
-        return SafetensorsSource(_shards_of_index(p), name=str(p))
+        return _index_source(p)
     if name.endswith(SAFETENSORS_EXTS):
         return SafetensorsSource([p])
-    if name.endswith(TORCH_EXTS):
-        return TorchFileSource(p)
-    # Unknown extension: sniff. safetensors starts with a small little-endian length and '{'.
-    with open(p, "rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{":
+    kind, head = sniff(p)
+    if kind == "safetensors":  # also under a torch suffix: read as what it is, never unpickled
         return SafetensorsSource([p])
+    if kind == "unknown":
+        size = p.stat().st_size
+        raise BadFileError(
+            f"{p}: not a model file: " + ("it is empty" if not size else
+            f"its first bytes ({head[:8].hex(' ')}) are neither safetensors nor a torch checkpoint "
+            "(zip or pickle)") + f"; {REFETCH}")
     return TorchFileSource(p)
 
 

@@ -13,7 +13,7 @@ from ..lora.formats import WRITABLE_FORMATS, lora_state_dict, save_lora
 from ..lora.model import LoRA, ModuleDelta
 from ..lora.svd import METHODS, RANK_MODES
 from ..lora.validate import ReconstructionReport, validate_lora
-from ..paths import check_new_output
+from ..paths import check_name_fits, check_new_output
 from ..progress import TerminalProgress
 from ..report import save_png, write_json
 from ..sources import as_source
@@ -114,6 +114,7 @@ def _check_outputs(args: argparse.Namespace, inputs: list, output: Path | None =
 
 
 def run_extract(args: argparse.Namespace) -> int:
+    check_name_fits(args.output)
     if args.output.exists():  # checked before the work; the writer refuses it again, atomically
         raise OutputPathError(f"{args.output}: exists; choose another name or remove it")
     if not args.output.parent.is_dir():

@@ -19,7 +19,7 @@ from ..safetensors_io import write_safetensors
 from ..sources import TensorSource, as_source, open_model
 from . import formats_kohya, formats_peft  # noqa: F401  (they register the formats)
 from . import keymaps as km
-from .formats_base import FORMATS, Format, register
+from .formats_base import FORMATS, Format, check_modules, register
 from .model import LoRA
 
 WRITABLE_FORMATS = ("comfy", "kohya", "diffusers", "onetrainer")
@@ -118,6 +118,7 @@ def load_lora(src: str | os.PathLike | TensorSource | Mapping[str, torch.Tensor]
             continue
         _merge_into(lora, extra)
         lora.unknown_keys = extra.unknown_keys
+    check_modules(lora, source.name)
     if not lora.modules:
         raise BadFileError(f"{source.name}: read as {fmt} but no key names a known layer "
                            f"(e.g. {', '.join(sorted(keys)[:3])}); is it a LoRA for another architecture?")
