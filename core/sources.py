@@ -184,9 +184,8 @@ class TorchFileSource(TensorSource):
                     obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
                 break
             except pickle.UnpicklingError as e:
-                if _damaged_pickle(str(e)):
-                    raise BadFileError(f"{path}: damaged torch checkpoint: not a valid pickle ({_last_line(e)}); "
-                                       f"{REFETCH}") from None
+                if _damaged_pickle(path, str(e)):
+                    raise BadFileError(f"{path}: damaged torch checkpoint: not a valid pickle; {REFETCH}") from None
                 raise UnsafePickleError(
                     f"{path}: refused: loading it would run pickled code ({str(e).splitlines()[0][:200]}). "
                     "Only plain tensor checkpoints are accepted; convert it to .safetensors in a trusted environment."
@@ -215,18 +214,32 @@ class TorchFileSource(TensorSource):
         return [self._path]
 
 
-_DAMAGED_PICKLE = ("Unsupported operand", "invalid load key", "pickle data was truncated", "Ran out of input")
+_DAMAGED_PICKLE = ("invalid load key", "pickle data was truncated", "Ran out of input")
 
 
-def _damaged_pickle(message: str) -> bool:
+def _damaged_pickle(path: Path, message: str) -> bool:
     """torch's weights-only unpickler met bytes that are no pickle at all (corrupt or truncated), rather
-    than a pickle asking to run code."""
-    return any(m in message for m in _DAMAGED_PICKLE)
+    than a pickle asking for code. An opcode it does not support is told apart by parsing the first
+    pickle with pickletools, which only reads opcodes and never executes anything."""
+    if any(m in message for m in _DAMAGED_PICKLE):
+        return True
+    if "Unsupported operand" not in message:
+        return False
+    import io
+    import pickletools
+    import zipfile
 
-
-def _last_line(e: Exception) -> str:
-    lines = str(e).splitlines()
-    return next((ln.strip() for ln in lines if any(m in ln for m in _DAMAGED_PICKLE)), lines[0] if lines else "")[:200]
+    try:
+        if zipfile.is_zipfile(path):  # torch.save's zip: the pickle is its data.pkl
+            with zipfile.ZipFile(path) as z:
+                stream = io.BytesIO(z.read(next(n for n in z.namelist() if n.endswith("data.pkl"))))
+        else:
+            stream = io.BytesIO(path.read_bytes()[: 1 << 20])  # the first pickle of a legacy file is small
+        for _ in pickletools.genops(stream):
+            pass
+    except Exception:  # noqa: BLE001  (any failure to parse or find it means: not a pickle)
+        return True
+    return False
 
 
 class PrefixView(TensorSource):
