@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import stat
 import warnings
 from abc import ABC, abstractmethod
@@ -184,12 +185,7 @@ class TorchFileSource(TensorSource):
                     obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
                 break
             except pickle.UnpicklingError as e:
-                if _damaged_pickle(path, str(e)):
-                    raise BadFileError(f"{path}: damaged torch checkpoint: not a valid pickle; {REFETCH}") from None
-                raise UnsafePickleError(
-                    f"{path}: refused: loading it would run pickled code ({str(e).splitlines()[0][:200]}). "
-                    "Only plain tensor checkpoints are accepted; convert it to .safetensors in a trusted environment."
-                ) from None
+                raise _pickle_refusal(path, e) from None
             except RuntimeError as e:
                 last = e
                 continue
@@ -197,7 +193,8 @@ class TorchFileSource(TensorSource):
                 last = e
                 break
         if obj is None:
-            raise BadFileError(f"{path}: cannot read as a torch checkpoint: {last}; {REFETCH}")
+            raise BadFileError(f"{path}: cannot read as a torch checkpoint: {str(last) or type(last).__name__ + ' (truncated?)'}; "
+                               f"{REFETCH}")
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
@@ -215,31 +212,63 @@ class TorchFileSource(TensorSource):
 
 
 _DAMAGED_PICKLE = ("invalid load key", "pickle data was truncated", "Ran out of input")
+# Globals a plain tensor checkpoint names; anything else in a refused pickle is code it asks to run.
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset",
+                   "builtins.bytearray")
 
 
-def _damaged_pickle(path: Path, message: str) -> bool:
-    """torch's weights-only unpickler met bytes that are no pickle at all (corrupt or truncated), rather
-    than a pickle asking for code. An opcode it does not support is told apart by parsing the first
-    pickle with pickletools, which only reads opcodes and never executes anything."""
-    if any(m in message for m in _DAMAGED_PICKLE):
-        return True
-    if "Unsupported operand" not in message:
-        return False
+def _pickle_globals(path: Path) -> list[str] | None:
+    """The globals (module.name) the checkpoint's pickle names, read with pickletools, which parses opcodes
+    and never executes anything; None when it is no pickle at all (corrupt or truncated)."""
     import io
     import pickletools
     import zipfile
 
+    names: list[str] = []
+    strings: list[str] = []
     try:
         if zipfile.is_zipfile(path):  # torch.save's zip: the pickle is its data.pkl
             with zipfile.ZipFile(path) as z:
                 stream = io.BytesIO(z.read(next(n for n in z.namelist() if n.endswith("data.pkl"))))
         else:
-            stream = io.BytesIO(path.read_bytes()[: 1 << 20])  # the first pickle of a legacy file is small
-        for _ in pickletools.genops(stream):
-            pass
+            with open(path, "rb") as f:  # a legacy file: its first pickles are small
+                stream = io.BytesIO(f.read(1 << 20))
+        for op, arg, _ in pickletools.genops(stream):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
     except Exception:  # noqa: BLE001  (any failure to parse or find it means: not a pickle)
-        return True
-    return False
+        return None
+    return names
+
+
+def _pickle_refusal(path: Path, error: Exception) -> BadFileError:
+    """Why torch's weights-only loader refused the file, said plainly: damaged bytes, pickle features it
+    lacks (a plain tensor checkpoint saved with pickle protocol 4+), or code the pickle asks to run."""
+    message = str(error)
+    names = None if any(m in message for m in _DAMAGED_PICKLE) else _pickle_globals(path)
+    if names is None:
+        return BadFileError(f"{path}: damaged torch checkpoint: not a valid pickle; {REFETCH}")
+    code = sorted({n for n in names if not n.startswith(_TENSOR_GLOBALS)})
+    if not code and "Unsupported operand" in message:
+        opcode = (message.split("Unsupported operand", 1)[1].split() or ["?"])[0]
+        return BadFileError(f"{path}: holds only tensors, but stored with pickle features torch's safe loader cannot "
+                            f"read (opcode {opcode}: pickle protocol 4 or later); nothing was run. Re-save it with "
+                            "torch.save's default protocol, or convert it to .safetensors")
+    named = re.findall(r"GLOBAL ([\w.]+)", message)  # the global torch's loader stopped at
+    code = sorted(set(code) | {n for n in named if not n.startswith(_TENSOR_GLOBALS)})
+    if not code and named:  # a torch name it does not allow: cut short by truncation, or a whole pickled module
+        return BadFileError(f"{path}: torch's safe loader refuses the global {named[0]} it names: the file is "
+                            f"damaged (truncated?) or holds objects other than tensors; {REFETCH}, or convert it "
+                            "to .safetensors in a trusted environment")
+    why = f"it calls {', '.join(code[:3])}" if code else re.sub(r"\x1b\[[0-9;]*m", "", message.splitlines()[0])[:200]
+    return UnsafePickleError(
+        f"{path}: refused: loading it would run pickled code ({why}). "
+        "Only plain tensor checkpoints are accepted; convert it to .safetensors in a trusted environment."
+    )
 
 
 class PrefixView(TensorSource):

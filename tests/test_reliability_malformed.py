@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import socket
 import struct
 from dataclasses import dataclass
@@ -392,6 +393,35 @@ def test_file_kind_is_sniffed_not_taken_from_the_suffix(files, tmp_path, capsys)
         assert run(capsys, "merge", files.base, files.tuned, "-o", ref)[0] == 0
         with safe_open(str(out), "pt") as a, safe_open(str(ref), "pt") as b:
             assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in b.keys())
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_refused_pickles_say_why(files, tmp_path, capsys):
+    """The safe loader's refusals are told apart by parsing the pickle (never running it): code it would
+    call (named), a tensor-only file saved with pickle protocol 4, a truncated legacy file."""
+    cases = {}
+    torch.save({"w": torch.ones(2)}, tmp_path / "protocol4.pt", pickle_protocol=4)
+    cases["protocol4.pt"] = ("holds only tensors", "would run")
+    torch.save({"w": _Payload()}, tmp_path / "payload4.pt", pickle_protocol=4)
+    cases["payload4.pt"] = ("it calls posix.system", None)
+    with open(tmp_path / "payload.ckpt", "wb") as f:
+        pickle.dump({"state_dict": {"w": _Payload()}}, f)
+    cases["payload.ckpt"] = ("it calls posix.system", None)
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    raw = (tmp_path / "legacy.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(raw[: len(raw) // 2])  # cut inside a global's name
+    cases["truncated.pt"] = ("damaged", "would run")
+    (tmp_path / "truncated_early.pt").write_bytes(raw[: len(raw) // 3])
+    cases["truncated_early.pt"] = ("EOFError", "would run")
+    for name, (said, unsaid) in cases.items():
+        rc, _, err = run(capsys, "merge", files.base, tmp_path / name, "-o", tmp_path / "m.safetensors")
+        assert_refused(rc, err, tmp_path / name)
+        assert said in err and (unsaid is None or unsaid not in err), err
+        assert "\x1b[" not in err  # torch's message carries terminal colour codes: never passed on
 
 
 def test_nan_alpha_is_named_as_such(files, tmp_path, capsys):
