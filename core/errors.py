@@ -21,3 +21,7 @@ class MismatchError(WeightsmithError):
 
 class OutputPathError(WeightsmithError):
     """An output name would leave the allowed folder, overwrite an input, or is otherwise unsafe."""
+
+
+class UnsupportedEncodingError(BadFileError):
+    """A weight file stores some tensors in a quantized encoding this pack cannot decode exactly."""

@@ -40,6 +40,7 @@ import torch
 from .arch import detect_arch
 from .devices import resolve_device
 from .dtypes import cast_for_output, dtype_name, itemsize
+from .encodings.report import decoded_reads
 from .errors import BadFileError, MismatchError, OutputPathError, WeightsmithError
 from .mix_report import GROUPS, ChunkStats, MixReport, Totals, candidate_letters
 from .pipeline import TASK_ELEMS, KeyPipeline, WorkerBuffers, default_workers
@@ -465,10 +466,12 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
     dtypes: dict[str, int] = {}
     for k in plan.keys:
         dtypes[dtype_name(k.dtype)] = dtypes.get(dtype_name(k.dtype), 0) + 1
+    sources = {"a": a, **dict(zip(letters, candidates))}
+    reads = [("a", k.key) for k in plan.keys] + [(x, key) for k in plan.mixed() for x, key in zip(letters, k.sources)]
     return MixReport(mode, [float(s) for s in scales], plan.names, None if dry_run else Path(out), dry_run,
                      str(device), rows, len(plan.mixed()), {r: v for r, v in copied.items() if v},
                      {k.key: k.detail for k in plan.keys if k.detail}, plan.extra, dtypes,
-                     time.perf_counter() - t0, nonfinite)
+                     time.perf_counter() - t0, nonfinite, decoded_reads(sources, reads))
 
 
 def lossless_mix(a, b=None, c=None, *, candidates: Sequence | None = None, alpha: float = 1.0, beta: float = 1.0,

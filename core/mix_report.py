@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .encodings.report import decoded_line
 from .report import bar_chart, format_table
 
 GROUPS = ("unet", "te", "vae")  # what `include` may name; 'other' (schedules, ids…) is always copied from a
@@ -65,6 +66,13 @@ class ChunkStats:
             self.nonfinite = True
 
 
+LOSSLESS_PLAIN = "every output element is one candidate's own stored value (converted to the output dtype)"
+LOSSLESS_DECODED = ("some inputs are quantized: distances are compared on decoded (dequantized) values, and every "
+                    "output element is exactly one candidate's decoded value (converted to the output dtype); the "
+                    "quantized payloads and their scales are not copied, so a quantized candidate's element is "
+                    "its fp8 value times its scale")
+
+
 @dataclass
 class MixReport:
     mode: str
@@ -81,6 +89,7 @@ class MixReport:
     out_dtypes: dict[str, int]
     seconds: float = 0.0
     nonfinite: dict[str, list[str]] = field(default_factory=dict)  # input -> mixed keys holding NaN/Inf
+    decoded: dict[str, dict] = field(default_factory=dict)  # input -> encoding -> quantized keys decoded
 
     def columns(self) -> list[str]:
         """The table's columns, leaving out statistics that were not computed (NaN in every row)."""
@@ -95,6 +104,8 @@ class MixReport:
             "keys_mixed": self.keys_mixed, "kept_from_a": self.copied, "kept_details": self.details,
             "extra_keys_ignored": self.extra, "output_dtypes": self.out_dtypes, "groups": self.rows,
             "nonfinite_inputs": self.nonfinite,
+            "decoded": self.decoded,
+            "lossless_means": LOSSLESS_DECODED if self.decoded else LOSSLESS_PLAIN,
             "seconds": round(self.seconds, 3),
         }
 
@@ -129,6 +140,9 @@ class MixReport:
             lines.append(f"  … and {len(self.details) - 8} more (see the JSON report)")
         for name, keys in self.extra.items():
             lines.append(f"{len(keys)} keys of {name} have no counterpart in a (ignored), e.g. {keys[0]}")
+        if self.decoded:
+            lines.append(decoded_line(self.decoded))
+            lines.append("note: " + LOSSLESS_DECODED)
         for name, keys in self.nonfinite.items():
             lines.append(f"warning: {len(keys)} tensors of {name} hold NaN/Inf, e.g. {keys[0]} (picks there "
                          "follow the NaN rule: min keeps b, max takes c)")

@@ -24,13 +24,20 @@ from pathlib import Path
 import torch
 
 from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
-from .errors import BadFileError, OutputPathError
+from .errors import BadFileError, OutputPathError, UnsupportedEncodingError
 from .paths import check_name_fits, create_temp_beside
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit the safetensors library applies
 REFETCH = "download the file again or re-export it"  # what to do about a damaged file
 MAX_DIM = 2**63  # torch sizes are int64: a larger dimension, or element count, cannot be held
 MAX_NDIM = 64  # torch's limit on dimensions
+# safetensors dtypes torch cannot hold that only quantized layouts use (named in the refusal)
+QUANTIZED_DTYPES = {
+    "F8_E8M0": "MXFP8/MXFP4 block scales (e.g. ComfyUI mixed-precision format mxfp8)",
+    "F4": "packed 4-bit floats (NVFP4/MXFP4, e.g. ComfyUI mixed-precision format nvfp4)",
+    "F6_E2M3": "packed 6-bit floats (MXFP6)",
+    "F6_E3M2": "packed 6-bit floats (MXFP6)",
+}
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,11 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             raise BadFileError(f"{where}: header entry is not an object; {REFETCH}")
         code = entry.get("dtype")
         if not isinstance(code, str) or code not in SAFETENSORS_TO_TORCH:
+            what = QUANTIZED_DTYPES.get(code) if isinstance(code, str) else None
+            if what is not None:  # a quantized layout's payload or block scale: say which format
+                raise UnsupportedEncodingError(
+                    f"{where}: dtype {code} holds {what}; this pack cannot decode that encoding exactly: use a bf16, "
+                    "fp8 or ComfyUI scaled-fp8 version of the model")
             raise BadFileError(f"{where}: unsupported dtype {code!r}; convert the file to one of "
                                f"{', '.join(SAFETENSORS_TO_TORCH)} with the tool that wrote it")
         shape = _shape(entry.get("shape"))

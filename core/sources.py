@@ -18,12 +18,16 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .dtypes import all_finite
+from .dtypes import all_finite, dtype_name
 from .errors import BadFileError, UnsafePickleError
 from .safetensors_io import REFETCH, SafetensorsHeader, TensorInfo, not_regular_kind, read_header
+
+if TYPE_CHECKING:
+    from .encodings.base import KeyEncoding
 
 SAFETENSORS_EXTS = (".safetensors", ".sft")
 TORCH_EXTS = (".ckpt", ".pt", ".pth", ".bin")
@@ -82,6 +86,27 @@ class TensorSource(ABC):
             if key not in self.nonfinite_keys:
                 self.nonfinite_keys.append(key)
         return t
+
+    def encoding(self, key: str) -> KeyEncoding | None:
+        """How `key` is stored when it is an encoded (quantized) weight that `get` decodes; None for a plain
+        stored tensor (`core.encodings.DecodedSource` answers for encoded files)."""
+        self.info(key)
+        return None
+
+    def encodings_summary(self) -> dict[str, int]:
+        """label -> number of keys: each encoding's label ("fp8 scaled (legacy) e4m3fn"), plain keys per
+        stored dtype ("plain bf16")."""
+        out: dict[str, int] = {}
+        for k in self.keys():
+            e = self.encoding(k)
+            label = e.label if e is not None else f"plain {dtype_name(self.info(k).dtype)}"
+            out[label] = out.get(label, 0) + 1
+        return out
+
+    def side_tensor(self, raw_key: str) -> torch.Tensor:
+        """A tensor a `KeyEncoding.side` names (an activation scale, a marker…), by its key in the raw file.
+        A plain source has no hidden tensors: its side tensors are its own keys."""
+        return self.get(raw_key)
 
     def set_nonfinite_policy(self, policy: str) -> TensorSource:
         if policy not in NONFINITE_POLICIES:
@@ -289,6 +314,13 @@ class PrefixView(TensorSource):
     def _load(self, key: str) -> torch.Tensor:
         return self.base._load(self._raw[key])
 
+    def encoding(self, key: str) -> KeyEncoding | None:
+        self.info(key)
+        return self.base.encoding(self._raw[key])
+
+    def side_tensor(self, raw_key: str) -> torch.Tensor:
+        return self.base.side_tensor(raw_key)
+
     def paths(self) -> list[Path]:
         return self.base.paths()
 
@@ -359,8 +391,13 @@ def set_default_nonfinite(policy: str) -> None:
 def open_model(path: str | os.PathLike, nonfinite: str | None = None) -> TensorSource:
     """Open a model or LoRA from a file, a sharded folder, or an index file; reads headers only.
     `nonfinite`: what a NaN/Inf tensor does when read — 'report' (collect in `nonfinite_keys`), 'error', 'ignore';
-    None: the process default ('report' unless `set_default_nonfinite` changed it)."""
-    return _open_model(path).set_nonfinite_policy(nonfinite or _default_nonfinite)
+    None: the process default ('report' unless `set_default_nonfinite` changed it).
+    Quantized files (scaled fp8, ComfyUI mixed precision, …) come back decoded (`core.encodings`): encoded
+    weights read as fp32 in their logical shape, scale tensors are not keys; an encoding that cannot be
+    decoded exactly is refused here, naming file, layer and format."""
+    from .encodings import decode_source
+
+    return decode_source(_open_model(path)).set_nonfinite_policy(nonfinite or _default_nonfinite)
 
 
 def sniff(path: Path) -> tuple[str, bytes]:
@@ -416,7 +453,9 @@ def as_source(obj: TensorSource | Mapping[str, torch.Tensor] | str | os.PathLike
     if isinstance(obj, TensorSource):
         return obj
     if isinstance(obj, Mapping):
-        return DictSource(obj)
+        from .encodings import decode_source
+
+        return decode_source(DictSource(obj))
     return open_model(obj)
 
 

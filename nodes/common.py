@@ -17,6 +17,7 @@ import folder_paths
 import numpy as np
 import torch
 
+from ..core.encodings.base import KeyEncoding
 from ..core.errors import BadFileError
 from ..core.paths import next_free_path
 from ..core.safetensors_io import TensorInfo
@@ -47,11 +48,37 @@ def progress(total: int, node_id: str | None = None):
     return update
 
 
+def _is_quantized(w: torch.Tensor) -> bool:
+    return getattr(w, "_layout_type", None) is not None and hasattr(w, "_qdata")
+
+
+def _dequantized(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """A ComfyUI QuantizedTensor parameter (mixed-precision layers) dequantized by its own layout in `dtype`
+    (its `dequantize()` would round to the model's compute dtype, bf16 on a GPU); None for plain tensors."""
+    if not _is_quantized(w):
+        return None
+    layout = w._layout_type
+    from comfy.quant_ops import LAYOUTS
+
+    return LAYOUTS[layout].dequantize(w._qdata, **{**w._layout_params, "orig_dtype": dtype})
+
+
+# Parameters of ComfyUI's fp8 Linear layers that are not weights: the convert function of the layer's
+# `.weight` already applies the weight scale, and activation scales are not weights at all.
+QUANT_PARAMS = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale")
+
+
 def effective_weight(entries: list, device: torch.device, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One model's effective weight for `key` from its `get_key_patches` entries (original tensor plus its
-    own patches), computed ComfyUI's way: the same recursion nested model patches go through."""
+    own patches), computed ComfyUI's way: the same recursion nested model patches go through. Quantized
+    weights come out dequantized in `dtype` (scaled fp8 by the layer's convert function, mixed-precision
+    QuantizedTensors by their layout)."""
     w, convert = entries[0]
-    t = convert(mm.cast_to_device(w, device, dtype, copy=True), inplace=True)
+    deq = _dequantized(w, dtype)
+    if deq is not None:
+        t = deq.to(device)
+    else:
+        t = convert(mm.cast_to_device(w, device, dtype, copy=True), inplace=True)
     if len(entries) > 1:
         t = comfy.lora.calculate_weight(entries[1:], t, key, intermediate_dtype=dtype)
     return t
@@ -60,7 +87,8 @@ def effective_weight(entries: list, device: torch.device, key: str, dtype: torch
 class PatcherSource(TensorSource):
     """The diffusion model of a ModelPatcher as a TensorSource: `get(key)` is the effective weight of that
     clone (its own LoRAs and merges applied) computed ComfyUI's way for one key, in fp32 on `device`.
-    Reading from `backup`-aware `get_key_patches` makes it immune to whatever is baked in the shared module."""
+    Reading from `backup`-aware `get_key_patches` makes it immune to whatever is baked in the shared module.
+    A quantized model's scale parameters are not keys: they are part of their weight's value."""
 
     def __init__(self, patcher, device: torch.device | None = None, name: str = "MODEL"):
         super().__init__()
@@ -68,14 +96,44 @@ class PatcherSource(TensorSource):
         self.patcher = patcher
         self.device = device or torch.device("cpu")
         self._kp = patcher.get_key_patches(DIFFUSION_PREFIX)
+        self._encodings: dict[str, KeyEncoding] = {}
         for k, entries in self._kp.items():
             w = entries[0][0]
-            if isinstance(w, torch.Tensor):
-                self._infos[k[len(DIFFUSION_PREFIX):]] = TensorInfo(tuple(w.shape), w.dtype)
+            if isinstance(w, torch.Tensor) and not _is_quant_param(k, self._kp):
+                name = k[len(DIFFUSION_PREFIX):]
+                enc = _model_encoding(k, w, self._kp)
+                if enc is not None:
+                    self._encodings[name] = enc
+                self._infos[name] = TensorInfo(tuple(w.shape), torch.float32 if _is_quantized(w) else w.dtype)
 
+    def encoding(self, key: str) -> KeyEncoding | None:
+        self.info(key)
+        return self._encodings.get(key)
+
+    @torch.no_grad()  # ComfyUI's parameters may require grad: no autograd graph for a read
     def _load(self, key: str) -> torch.Tensor:
         full = DIFFUSION_PREFIX + key
         return effective_weight(self._kp[full], self.device, full)
+
+
+def _model_encoding(key: str, w: torch.Tensor, keys) -> KeyEncoding | None:
+    """How a loaded model holds a weight ComfyUI dequantizes: a mixed-precision QuantizedTensor, or an fp8
+    weight with a `scale_weight` beside it (legacy scaled fp8). None for plain weights."""
+    shape = tuple(w.shape)
+    if _is_quantized(w):
+        fmt = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}.get(w._qdata.dtype, w._layout_type)
+        return KeyEncoding(f"comfy_quant:{fmt}", w._qdata.dtype, shape)
+    if key.endswith(".weight") and key[: -len(".weight")] + ".scale_weight" in keys:
+        return KeyEncoding("fp8_scaled", w.dtype, shape)
+    return None
+
+
+def _is_quant_param(key: str, keys) -> bool:
+    """A scale parameter of a quantized Linear (`x.scale_weight` next to `x.weight`)."""
+    for suffix in QUANT_PARAMS:
+        if key.endswith(suffix) and key[: -len(suffix)] + ".weight" in keys:
+            return True
+    return False
 
 
 def model_arch(patcher) -> str:

@@ -236,7 +236,10 @@ class WeightsmithApplyLoRA:
                          arch=lora.arch, source_format=lora.source_format, metadata=dict(lora.metadata))
         if strength == 0 or not unet_only.modules:
             return (model,)
-        sd = lora_state_dict(unet_only, "comfy")
+        try:
+            sd = lora_state_dict(unet_only, "comfy")
+        except MismatchError:  # adapters on split q/k/v slices: only the split naming carries them
+            sd = lora_state_dict(unet_only, "lycoris")
         patched, _ = comfy.sd.load_lora_for_models(model, None, sd, strength, 0)
         return (patched,)
 

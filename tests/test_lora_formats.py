@@ -243,15 +243,19 @@ def test_peft_bfl_reader():
 def test_unknown_keys_are_reported_never_dropped():
     lora = random_lora(FLUX, "flux", rank=2, seed=8, targets=["img_in.weight"])
     sd = lora_state_dict(lora, "kohya")
-    sd["lora_unet_double_blocks_0_img_attn_qkv.lokr_w1"] = torch.ones(2, 2)
     sd["lora_unet_not_a_layer.lora_up.weight"] = torch.ones(2, 2)
     sd["lora_unet_not_a_layer.lora_down.weight"] = torch.ones(2, 2)
-    sd["lora_unet_img_in.dora_scale"] = torch.ones(H)
+    sd["lora_unet_double_blocks_0_img_attn_qkv.oft_blocks"] = torch.ones(2, 2)
+    sd["lora_unet_txt_in.dora_scale"] = torch.ones(H)  # a magnitude with no adapter: ComfyUI uses it nowhere
     back = load_lora(sd)
     assert sorted(back.unknown_keys) == sorted([
-        "lora_unet_double_blocks_0_img_attn_qkv.lokr_w1", "lora_unet_not_a_layer.lora_up.weight",
-        "lora_unet_not_a_layer.lora_down.weight", "lora_unet_img_in.dora_scale"])
+        "lora_unet_not_a_layer.lora_up.weight", "lora_unet_not_a_layer.lora_down.weight",
+        "lora_unet_double_blocks_0_img_attn_qkv.oft_blocks", "lora_unet_txt_in.dora_scale"])
     assert list(back.modules) == ["diffusion_model.img_in"]
+    # half a LoKr (lokr_w1 without lokr_w2) is a damaged file, said with the module
+    sd["lora_unet_double_blocks_0_img_attn_qkv.lokr_w1"] = torch.ones(2, 2)
+    with pytest.raises(BadFileError, match="lora_unet_double_blocks_0_img_attn_qkv.*lokr_w2"):
+        load_lora(sd)
 
 
 def test_mixed_spellings_in_one_file_are_all_read():

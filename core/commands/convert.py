@@ -40,12 +40,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="keep", choices=OUTPUT_DTYPE_CHOICES, help="output dtype (default: keep)")
     p.add_argument("--report", type=Path, default=None, help="write the conversion report as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--to-type", default="keep", choices=("keep", "lora"),
+                   help="keep: every adapter type as it is (LoKr stays LoKr); lora: LoKr / LoHa / DoRA / full diffs "
+                        "become plain LoRA pairs of rank --rank (or the smallest meeting --error), optimally")
+    p.add_argument("--error", type=float, default=None,
+                   help="with --to-type lora: relative error target per layer instead of a fixed --rank")
+    p.add_argument("--base", type=Path, default=None,
+                   help="with --to-type lora: the base model, needed for DoRA modules (their change depends on it)")
     g = p.add_argument_group("re-project (opt-in, Flux -> Chroma through both base models, then re-extraction)")
     g.add_argument("--reproject", default=None, choices=REPROJECT_METHODS,
                    help="reshape each kept layer's change with the bases instead of the exact remap")
     g.add_argument("--flux-base", type=Path, help="the Flux model the LoRA was trained on")
     g.add_argument("--chroma-base", type=Path, help="the Chroma model to convert to")
-    g.add_argument("--rank", type=int, default=32, help="rank of the re-extracted LoRA (default 32)")
+    g.add_argument("--rank", type=int, default=32,
+                   help="rank of the re-extracted LoRA, and of --to-type lora (default 32)")
     g.add_argument("--strength", type=float, default=1.0, help="LoRA strength, applied once before the method")
     g.add_argument("--seed", type=int, default=0, help="seed of the comparative mask and the randomized SVD")
     g.add_argument("--alpha", type=float, default=0.5, help="comparative: weight exponent 1/alpha - 1")
@@ -90,6 +98,9 @@ def run_convert(args: argparse.Namespace) -> int:
             converted, report = convert_lora(lora, args.target_arch)
         except MismatchError as e:  # the core speaks of "the LoRA"; here the user needs to know which file
             raise MismatchError(f"{args.input}: {e}") from None
+    layers = []
+    if args.to_type == "lora":
+        converted, layers = _to_lowrank(converted, args)
     out = save_lora(converted, args.output, fmt=args.to, dtype=parse_dtype(args.dtype), protect=[args.input],
                     overwrite=args.overwrite)
     print(f"{args.input.name}: {lora.source_format} {lora.arch} LoRA, {len(lora.modules)} modules")
@@ -97,8 +108,32 @@ def run_convert(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({args.to}, {converted.arch}, {len(converted.modules)} modules)")
     if args.report:
         write_json(args.report, {"input": str(args.input), "output": str(out), "input_format": lora.source_format,
-                                 "output_format": args.to, **report.to_dict()})
+                                 "output_format": args.to, **report.to_dict(),
+                                 **({"to_lora_layers": layers} if args.to_type == "lora" else {})})
     return 0
+
+
+def _to_lowrank(lora: LoRA, args: argparse.Namespace) -> tuple[LoRA, list[dict]]:
+    from ..lora.adapters.to_lowrank import lora_to_lowrank
+    from ..lora.svd import RankPolicy
+
+    policy = RankPolicy("error", error=args.error) if args.error is not None else RankPolicy("fixed", rank=args.rank)
+    base = None
+    if args.base is not None:
+        from ..sources import diffusion_view
+
+        base = diffusion_view(open_model(args.base))
+    try:
+        out, layers = lora_to_lowrank(lora, policy, base=base)
+    except MismatchError as e:
+        raise MismatchError(f"{args.input}: {e}") from None
+    if layers:
+        rows = [{"module": r["module"], "type": r["type"], "rank": r["rank"], "error": f"{r['rel_error']:.4f}",
+                 "optimum": f"{r['optimal_rel_error']:.4f}" + ("" if r["optimal_is_exact"] else " (bound)"),
+                 "method": r["method"]} for r in layers]
+        print(format_table(rows, title=f"to plain LoRA: {len(layers)} layers (relative Frobenius error vs the "
+                                       "optimal rank-r error)"))
+    return out, layers
 
 
 # --- inspect ---------------------------------------------------------------------------------------
@@ -109,45 +144,61 @@ def module_rows(lora: LoRA) -> list[dict]:
     for name in sorted(lora.modules):
         m = lora.modules[name]
         kinds = [k for k, v in (("diff", m.diff), ("diff_b", m.diff_b), ("set", m.set_weight)) if v is not None]
-        rows.append({"module": name, "terms": len(m.terms), "rank": m.rank,
-                     "alpha": ",".join(f"{t.alpha:g}" for t in m.terms if t.alpha is not None) or "-",
-                     "slices": ",".join(f"{t.rows[0]}+{t.rows[1]}" for t in m.terms if t.rows) or "-",
+        parts = [*m.terms, *m.adapters]
+        rows.append({"module": name, "type": "+".join(m.types()), "terms": len(parts),
+                     "rank": ",".join(str(p.rank) for p in parts if p.rank is not None) or "-",
+                     "alpha": ",".join(f"{p.alpha:g}" for p in parts if p.alpha is not None) or "-",
+                     "scale": ",".join(f"{p.scale:.4g}" for p in parts) or "-",
+                     "slices": ",".join(f"{p.rows[0]}+{p.rows[1]}" for p in parts if p.rows) or "-",
                      "other": ",".join(kinds) or "-"})
     return rows
 
 
 def _inspect_model(path: Path) -> dict:
     from ..arch import detect_arch
+    from ..dtypes import itemsize
     from ..sources import classify_keys
 
     src = open_model(path)
     info = detect_arch(src)
     groups: dict[str, list[int]] = {}
+    encodings: dict[str, dict[str, int]] = {}  # part -> encoding label or "plain <dtype>" -> keys
+    dtypes: dict[str, int] = {}  # stored dtypes (an encoded weight counts its payload's)
     for key, group in classify_keys(src.keys()).items():
         i = src.info(key)
+        enc = src.encoding(key)
+        stored = enc.stored_dtype if enc is not None else i.dtype
         g = groups.setdefault(group, [0, 0, 0])
         g[0] += 1
         g[1] += i.numel
-        g[2] += i.nbytes
-    dtypes: dict[str, int] = {}
-    for key in src.keys():
-        d = dtype_name(src.info(key).dtype)
-        dtypes[d] = dtypes.get(d, 0) + 1
+        g[2] += i.numel * itemsize(stored)
+        label = enc.label if enc is not None else f"plain {dtype_name(i.dtype)}"
+        part = encodings.setdefault(group, {})
+        part[label] = part.get(label, 0) + 1
+        dtypes[dtype_name(stored)] = dtypes.get(dtype_name(stored), 0) + 1
     print(f"{path}: full model, {info}")
     if info.reason:
         print(f"  {info.reason}")
     rows = [{"part": g, "tensors": v[0], "parameters": v[1], "MB": round(v[2] / 2**20, 1)} for g, v in sorted(groups.items())]
     print(format_table(rows, ["part", "tensors", "parameters", "MB"]))
     print("dtypes: " + ", ".join(f"{d} ({n})" for d, n in sorted(dtypes.items())))
+    quantized = {p: {k: n for k, n in e.items() if not k.startswith("plain ")} for p, e in encodings.items()}
+    for part, encs in sorted(quantized.items()):
+        if encs:
+            print(f"encoding of {part}: " + ", ".join(f"{k} ({n} layers)" for k, n in encs.items())
+                  + " — read decoded (fp32) by every command")
     return {"kind": "model", "arch": info.arch, "naming": info.naming, "prefix": info.prefix, **info.details,
-            "parts": {r["part"]: r for r in rows}, "dtypes": dtypes}
+            "parts": {r["part"]: r for r in rows}, "dtypes": dtypes, "encodings": encodings}
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         check_new_output(args.json, "JSON summary", protect=[args.file])
     src = open_model(args.file)
-    if detect_format(src.keys()) == "unknown":
+    from ..arch import detect_arch
+
+    # a full checkpoint's `model.diffusion_model.` keys also look like ComfyUI LoRA keys: a model is a model
+    if detect_format(src.keys()) == "unknown" or detect_arch(src).arch != "unknown":
         data = _inspect_model(args.file)
     else:
         lora = load_lora(src)

@@ -13,7 +13,9 @@ once per weight, and later changes to that weight are folded into it (what Comfy
 a replacement overwrites what came before, later deltas add to it).
 
 A low-rank change and a full diff on the same weight are folded into one diff (a file cannot hold
-both for one weight: ComfyUI keeps only the last).
+both for one weight: ComfyUI keeps only the last). Modules holding LoKr / LoHa / DoRA adapters go
+through `compose_adapters` (kept exactly when one input alone touches them, else an exact full diff or,
+with a rank, the optimal re-compression of the layer's ΔW).
 
 Re-compress mode computes, per module, the optimal rank-r approximation of the composed ΔW from the
 stacked factors (`lowrank.recompress`: QR + SVD of an R×R core, no out×in matrix) and reports its
@@ -74,6 +76,7 @@ class _ModulePlan:
     diffs: list[tuple[torch.Tensor, float, int]] = field(default_factory=list)  # (diff, strength, input)
     bias_diffs: list[tuple[torch.Tensor, float, int]] = field(default_factory=list)
     replacement: tuple[torch.Tensor, int] | None = None  # (set_weight, input)
+    adapters: list = field(default_factory=list)  # (LoKr/LoHa/DoRA adapter, strength, input): compose_adapters
     notes: list[str] = field(default_factory=list)
     sources: list[int] = field(default_factory=list)
 
@@ -146,6 +149,7 @@ def _plan_module(name: str, contributions: list[tuple[int, ModuleDelta, float]],
                 plan.pieces.append(piece)
         if delta.diff is not None:
             plan.diffs.append((delta.diff, strength, idx))
+        plan.adapters.extend((a, strength, idx) for a in delta.adapters)
         if delta.diff_b is not None:
             plan.bias_diffs.append((delta.diff_b, strength, idx))
     _validate_shapes(plan, names)
@@ -300,6 +304,10 @@ def _dense_pieces(plan: _ModulePlan, shape: tuple[int, ...], device) -> torch.Te
 
 def _execute_module(plan: _ModulePlan, rank: int | None, energy: float | None, device, names: Sequence[str],
                     storage: torch.dtype | None = None) -> tuple[ModuleDelta, ModuleReport]:
+    if plan.adapters:
+        from .compose_adapters import execute_adapter_module
+
+        return execute_adapter_module(plan, rank, energy, names)
     rep = ModuleReport(module=plan.name, inputs=[names[i] for i in dict.fromkeys(plan.sources)], kind="",
                        rank_in=plan.rank_in, rank_out=0, note="; ".join(plan.notes))
     out = ModuleDelta()

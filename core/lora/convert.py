@@ -59,7 +59,8 @@ class ConversionReport:
 
 def _copy_module(m: ModuleDelta) -> ModuleDelta:
     # Tensors are shared, not copied: conversion never changes values, and LoRA tensors are read-only here.
-    return ModuleDelta(terms=list(m.terms), diff=m.diff, diff_b=m.diff_b, set_weight=m.set_weight)
+    return ModuleDelta(terms=list(m.terms), diff=m.diff, diff_b=m.diff_b, set_weight=m.set_weight,
+                       adapters=list(m.adapters))
 
 
 def _remap(lora: LoRA, target: str, drop_reason) -> tuple[LoRA, ConversionReport]:

@@ -217,7 +217,8 @@ def extract_lora(
     pair = pair_models(base, tuned)
     plans = plan_extraction(pair, opts)
     lora = LoRA(arch=lora_arch(pair.arch), source_format="extracted")
-    report = ExtractionReport("extraction", pair.arch, settings=opts.as_metadata() | {"device": str(device)})
+    report = ExtractionReport("extraction", pair.arch, settings=opts.as_metadata() | {"device": str(device)},
+                              decoded=pair.decoded())
     for i, plan in enumerate(plans):
         progress(i, len(plans))
         report.compared += 1

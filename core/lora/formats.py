@@ -22,10 +22,10 @@ from . import keymaps as km
 from .formats_base import FORMATS, Format, check_modules, register
 from .model import LoRA
 
-WRITABLE_FORMATS = ("comfy", "kohya", "diffusers", "onetrainer")
+WRITABLE_FORMATS = ("comfy", "kohya", "diffusers", "onetrainer", "lycoris")
 LORA_ARCHES = ("flux", "chroma", "sdxl", "sd15")
 # When two formats match equally many keys, the more specific one wins.
-_PRIORITY = ("xlabs", "bfl_control", "peft_bfl", "onetrainer", "kohya", "diffusers", "comfy")
+_PRIORITY = ("xlabs", "bfl_control", "peft_bfl", "onetrainer", "lycoris", "kohya", "diffusers", "comfy")
 
 __all__ = ["FORMATS", "Format", "LORA_ARCHES", "WRITABLE_FORMATS", "detect_format", "infer_arch", "load_lora",
            "lora_state_dict", "lora_summary", "normalize_arch", "register", "save_lora"]
@@ -74,6 +74,7 @@ def _merge_into(lora: LoRA, other: LoRA) -> None:
     for name, mod in other.modules.items():
         mine = lora.module(name)
         mine.terms.extend(mod.terms)
+        mine.adapters.extend(mod.adapters)
         for role in ("diff", "diff_b"):
             v = getattr(mod, role)
             if v is not None:
@@ -120,10 +121,26 @@ def load_lora(src: str | os.PathLike | TensorSource | Mapping[str, torch.Tensor]
         lora.unknown_keys = extra.unknown_keys
     check_modules(lora, source.name)
     if not lora.modules:
+        foreign = _foreign_adapter(lora.unknown_keys or keys)
+        if foreign:
+            raise BadFileError(f"{source.name}: holds {foreign[1]} adapter keys (e.g. {foreign[0]}), a type weightsmith "
+                               "does not read (it reads LoRA, LoKr, LoHa, DoRA and full diffs); ComfyUI may still load "
+                               "the file as it is")
         raise BadFileError(f"{source.name}: read as {fmt} but no key names a known layer "
                            f"(e.g. {', '.join(sorted(keys)[:3])}); is it a LoRA for another architecture?")
     lora.arch = _checked_arch(lora, hint, source.name)
     return lora
+
+
+def _foreign_adapter(keys: Iterable[str]) -> tuple[str, str] | None:
+    """(key, type) of the first key whose suffix is an adapter type we do not read."""
+    from .adapters import looks_like
+
+    for k in keys:
+        kind = looks_like(k)
+        if kind:
+            return k, kind
+    return None
 
 
 def _not_a_lora(source: TensorSource) -> str:
@@ -134,6 +151,10 @@ def _not_a_lora(source: TensorSource) -> str:
         return f"{source.name}: this is a full {info.arch} model, not a LoRA; give a LoRA file"
     if not len(source):
         return f"{source.name}: holds no tensors at all; give a LoRA file (an empty download?)"
+    foreign = _foreign_adapter(source.keys())
+    if foreign:
+        return (f"{source.name}: holds {foreign[1]} adapter keys (e.g. {foreign[0]}), a type weightsmith does not read "
+                "(it reads LoRA, LoKr, LoHa, DoRA and full diffs)")
     sample = ", ".join(sorted(source.keys())[:4])
     known = ", ".join(FORMATS)
     return (f"{source.name}: no known LoRA format ({known}) matches its keys (e.g. {sample}); give a LoRA file "
@@ -216,7 +237,14 @@ def save_lora(
     if not sd:
         raise MismatchError(f"{path}: the LoRA has no modules left to save (every module is empty or was dropped); "
                             "nothing was written: check the strengths and what a conversion dropped")
-    meta = {k: v for k, v in lora.metadata.items() if isinstance(k, str) and isinstance(v, str)}
+    from .peft_metadata import KEY as PEFT_KEY
+    from .peft_metadata import fresh_metadata
+
+    # An input's PEFT config describes its own ranks and scales: never carried over; a diffusers output gets
+    # one describing the file written (its scales are baked into lora_B).
+    meta = {k: v for k, v in lora.metadata.items() if isinstance(k, str) and isinstance(v, str) and k != PEFT_KEY}
+    if fmt == "diffusers" and (peft := fresh_metadata(sd)):
+        meta[PEFT_KEY] = peft
     meta.update({"weightsmith.format": fmt, "weightsmith.arch": lora.arch, "weightsmith.source_format": lora.source_format})
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     return write_safetensors(path, sd, meta, protect=protect, overwrite=overwrite)
@@ -225,6 +253,12 @@ def save_lora(
 def lora_summary(lora: LoRA) -> dict:
     """`LoRA.summary()` plus the factor dtypes and the names of keys not understood (for reports)."""
     s = lora.summary()
-    s["dtypes"] = sorted({str(t.up.dtype).replace("torch.", "") for m in lora.modules.values() for t in m.terms})
+    s["dtypes"] = sorted({str(t.up.dtype).replace("torch.", "") for m in lora.modules.values() for t in m.terms}
+                         | {str(a.dtype()).replace("torch.", "") for m in lora.modules.values() for a in m.adapters})
+    types: dict[str, int] = {}
+    for m in lora.modules.values():
+        for k in m.types():
+            types[k] = types.get(k, 0) + 1
+    s["types"] = ", ".join(f"{k} {n}" for k, n in types.items())
     s["unknown_key_names"] = list(lora.unknown_keys)
     return s

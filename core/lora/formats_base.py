@@ -22,6 +22,7 @@ from ..errors import BadFileError, MismatchError
 from ..safetensors_io import REFETCH
 from ..sources import TensorSource
 from . import keymaps
+from .adapters import ADAPTER_SUFFIXES, build_adapter
 from .factors import fuse_terms, pad_rows, slice_term, swap_halves
 from .model import LoRA, LoraTerm, ModuleDelta
 
@@ -71,6 +72,9 @@ PEFT_SUFFIXES: Suffixes = [
     (".lora_linear_layer.up.weight", "up"), (".lora_linear_layer.down.weight", "down"),
     (".diff", "diff"), (".diff_b", "diff_b"), (".set_weight", "set"), (".reshape_weight", "reshape"),
 ]
+# LoKr / LoHa / LoCon-Tucker / DoRA / norm-diff keys: the same suffixes under every naming
+KOHYA_SUFFIXES += ADAPTER_SUFFIXES
+PEFT_SUFFIXES += ADAPTER_SUFFIXES
 
 
 def group_keys(keys: list[str], suffixes: Suffixes) -> tuple[dict[str, dict[str, str]], list[str]]:
@@ -151,6 +155,7 @@ def assemble(
     groups: dict[str, dict[str, str]],
     resolve: Callable[[str], Target | None],
     lora: LoRA,
+    alpha_of: Callable[[str, int], float | None] | None = None,
 ) -> None:
     """Turn grouped keys into canonical module deltas (in place); unresolvable groups -> unknown_keys."""
     reshape = reshape_hints(lora.metadata, src.name)
@@ -161,15 +166,21 @@ def assemble(
             continue
         t = {role: src.get(key) for role, key in roles.items()}
         mod = lora.module(target.module)
-        if "up" in t:
+        if _adapter_roles(roles):
+            _assemble_adapter(src, prefix, roles, t, target, mod, lora)
+        elif "up" in t:
             up, down = t["up"], t["down"]
             _check_factors(src, roles, up, down)
             alpha = _as_float(t["alpha"], roles["alpha"], src) if "alpha" in t else None
+            if alpha is None and alpha_of is not None:  # PEFT: lora_alpha / r from the file's metadata
+                alpha = alpha_of(prefix, int(down.shape[0]))
             if target.swap:
                 up = swap_halves(up)
             mod.terms.append(LoraTerm(up=up, down=down, alpha=alpha, rows=_abs_rows(target, up.shape[0])))
         elif "alpha" in t and not ({"diff", "diff_b", "set"} & t.keys()):
             lora.unknown_keys.append(roles["alpha"])
+        if "dora" in t and not _adapter_roles(roles):  # a magnitude with no adapter: ComfyUI uses it nowhere
+            lora.unknown_keys.append(roles["dora"])
         for role in ("diff", "diff_b"):
             if role not in t:
                 continue
@@ -225,6 +236,34 @@ def check_modules(lora: LoRA, where: str) -> None:
                                    f"the weight's {rows} rows; {REFETCH}")
 
 
+def _adapter_roles(roles: dict[str, str]) -> bool:
+    """True when a file module is a LoKr / LoHa, or a LoRA pair with a DoRA magnitude or a Tucker core."""
+    return any(":" in r for r in roles) or ("dora" in roles and "up" in roles and "down" in roles)
+
+
+def _assemble_adapter(src: TensorSource, prefix: str, roles: dict[str, str], t: dict[str, torch.Tensor],
+                      target: Target, mod: ModuleDelta, lora: LoRA) -> None:
+    """One adapter for a file module. Like ComfyUI, which tries LoRA, LoHa, LoKr in turn and keeps the
+    last that matches, a module holding several kinds is that last kind; the others' keys are reported."""
+    kinds = {r.split(":")[0] for r in roles if ":" in r}
+    kind = "lokr" if "lokr" in kinds else "loha" if "loha" in kinds else "lora"
+    parts = {r.split(":")[1]: t[r] for r in roles if r.startswith(kind + ":")}
+    if kind == "lora":
+        if "up" not in t:  # a Tucker core without its pair
+            lora.unknown_keys.extend(roles[r] for r in roles if r.startswith("lora:"))
+            return
+        parts.update(up=t["up"], down=t["down"])
+    shadowed = [k for r, k in roles.items() if (":" in r and not r.startswith(kind + ":"))
+                or (kind != "lora" and r in ("up", "down"))]
+    lora.unknown_keys.extend(shadowed)
+    alpha = _as_float(t["alpha"], roles["alpha"], src) if "alpha" in t else None
+    adapter = build_adapter(prefix, kind, parts, alpha, t.get("dora"), src.name)
+    if target.swap:
+        adapter = adapter.swapped()
+    adapter.rows = _abs_rows(target, adapter.out_rows)
+    mod.adapters.append(adapter)
+
+
 def _abs_rows(target: Target, piece_rows: int) -> tuple[int, int] | None:
     if target.rows is None:
         return None
@@ -260,6 +299,7 @@ class WriteStyle:
     up: str  # key suffix of the up factor
     down: str
     alpha: str = "keep"  # keep: write alpha when set; always: write alpha (rank when unset); bake: fold into up
+    adapters: bool = True  # the naming can carry LoKr / LoHa / DoRA keys (diffusers/PEFT loaders cannot)
 
 
 def hidden_of(mod: ModuleDelta) -> int | None:
@@ -268,6 +308,8 @@ def hidden_of(mod: ModuleDelta) -> int | None:
         return int(t.down.shape[1])
     if mod.diff is not None and mod.diff.ndim > 1:
         return int(mod.diff.shape[1])
+    for a in mod.adapters:
+        return a.in_features
     return None
 
 
@@ -281,6 +323,9 @@ def module_rows(name: str, mod: ModuleDelta) -> int:
     for t in mod.terms:
         if t.rows is None:
             return int(t.up.shape[0])
+    for a in mod.adapters:
+        if a.rows is None:
+            return a.out_rows
     for v in (mod.diff, mod.diff_b, mod.set_weight):
         if v is not None:
             return int(v.shape[0])
@@ -308,9 +353,14 @@ def emit_module(
     total = module_rows(name, mod)
     sliced = any(n.rows is not None for n in names)
     h = total // keymaps.FUSED_ROWS.get(name.rsplit(".", 1)[-1], 1) if sliced else total
+    placed = _place_adapters(name, mod, names, total, h, style, fmt)
     for n in names:
         start, length = (0, total) if n.rows is None else (n.rows[0] * h, n.rows[1] * h)
         pieces = [p for p in (slice_term(t, start, length) for t in mod.terms) if p is not None]
+        adapter = placed.get(n.prefix)
+        if adapter is not None:
+            _check_alone(name, n, pieces, mod, start, length, fmt)
+            _emit_adapter(out, n, adapter, dtype)
         if pieces:
             up, down, alpha = fuse_terms(pieces, length)
             like = mod.terms[0].up
@@ -346,6 +396,57 @@ def emit_module(
             out[n.prefix + ".set_weight"] = _cast(mod.set_weight, dtype, mod.set_weight)
         if name in reshape and n is names[0]:
             out[n.prefix + ".reshape_weight"] = torch.tensor(reshape[name], dtype=torch.int64)
+
+
+def _place_adapters(name: str, mod: ModuleDelta, names: list[OutName], total: int, h: int, style: WriteStyle,
+                    fmt: str) -> dict[str, object]:
+    """{output prefix: adapter}: each adapter goes under the name whose rows are exactly its rows."""
+    if not mod.adapters:
+        return {}
+    kinds = ", ".join(dict.fromkeys(a.kind + (" with DoRA" if not a.is_linear else "") for a in mod.adapters))
+    if not style.adapters:
+        raise MismatchError(f"module {name}: the {fmt} format cannot carry a {kinds} adapter (diffusers/PEFT loaders "
+                            "read LoRA pairs only); save it as comfy, kohya or lycoris, which keep the type, or turn "
+                            "it into a plain LoRA (`weightsmith convert --to-type lora --rank R`)")
+    placed: dict[str, object] = {}
+    for a in mod.adapters:
+        rows = a.rows or (0, total)
+        hit = [n for n in names if ((0, total) if n.rows is None else (n.rows[0] * h, n.rows[1] * h)) == rows]
+        if not hit:
+            raise MismatchError(f"module {name}: its {a.kind} adapter covers rows {rows[0]}..{rows[0] + rows[1]} of the "
+                                f"weight, which the {fmt} format has no name for (it names "
+                                + ("the whole weight" if all(n.rows is None for n in names) else "other slices")
+                                + "); save it with the naming it was read in (lycoris / onetrainer split q/k/v), or "
+                                "turn it into a plain LoRA (`weightsmith convert --to-type lora --rank R`)")
+        if hit[0].prefix in placed:
+            raise MismatchError(f"module {name}: two adapters on the same weight ({placed[hit[0].prefix].kind} and "
+                                f"{a.kind}); one file holds one per weight (ComfyUI keeps the last): compose them "
+                                "(`weightsmith compose`) into one exact full diff, or to a plain LoRA with --rank")
+        placed[hit[0].prefix] = a
+    return placed
+
+
+def _check_alone(name: str, n: OutName, pieces: list, mod: ModuleDelta, start: int, length: int, fmt: str) -> None:
+    other = "a LoRA pair" if pieces else ("a full diff" if mod.diff is not None and bool(
+        mod.diff[start : start + length].abs().sum()) else None)
+    if other is None and mod.set_weight is not None:
+        other = "a replacement (set_weight)"
+    if other:
+        raise MismatchError(f"module {name}: {n.prefix} would hold both an adapter and {other}; one {fmt} file "
+                            "holds one patch per weight (ComfyUI keeps the last): compose the module "
+                            "(`weightsmith compose`) into one exact full diff, or to a plain LoRA with --rank")
+
+
+def _emit_adapter(out: dict[str, torch.Tensor], n: OutName, adapter, dtype: torch.dtype | None) -> None:
+    if n.swap:
+        adapter = adapter.swapped()
+    stored = adapter.tensors()
+    for suffix, t in adapter.file_tensors().items():
+        out[n.prefix + suffix] = _cast(t, dtype, stored[suffix])
+    if adapter.alpha is not None:
+        out[n.prefix + ".alpha"] = torch.tensor(float(adapter.alpha), dtype=torch.float32)
+    if adapter.dora_scale is not None:
+        out[n.prefix + ".dora_scale"] = _cast(adapter.dora_scale, dtype, adapter.dora_scale)
 
 
 def km_layout(lora: LoRA) -> str:

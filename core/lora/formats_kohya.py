@@ -5,6 +5,10 @@
 - kohya: `lora_unet_<BFL name underscored>` for Flux/Chroma; `lora_unet_<diffusers name underscored>` for SD
   UNets (LDM-underscored names are read too); `lora_te{,1,2}_<HF name underscored>`; alpha always written.
 - onetrainer: `lora_transformer_<diffusers Flux name underscored>` (split q/k/v), kohya names otherwise.
+- lycoris (SimpleTuner's LyCORIS files): `lycoris_<diffusers name underscored>` for Flux (split q/k/v) and SD
+  UNets, kohya names for text encoders.
+Every naming here carries every adapter type (LoKr, LoHa, DoRA, Tucker cores): ComfyUI reads the same
+suffixes under each prefix.
 """
 
 from __future__ import annotations
@@ -97,6 +101,15 @@ def _kohya_resolver(arch: str | None, layout: str):
                 ldm = km.sd_from_diffusers(name, layout)
                 return Target(km.DIFFUSION + ldm) if ldm else None
             return None
+        if prefix.startswith("lycoris_"):
+            name = km.dotted(prefix[len("lycoris_"):])
+            piece = km.flux_from_diffusers(name)
+            if piece is not None:
+                return Target(km.DIFFUSION + piece.bfl, piece.rows, piece.swap)
+            if km.SD_DIFFUSERS_RE.match(name):
+                ldm = km.sd_from_diffusers(name, layout)
+                return Target(km.DIFFUSION + ldm) if ldm else None
+            return None
         if prefix.startswith("lora_transformer_"):
             piece = km.flux_from_diffusers(km.dotted(prefix[len("lora_transformer_"):]))
             return Target(km.DIFFUSION + piece.bfl, piece.rows, piece.swap) if piece else None
@@ -113,6 +126,11 @@ def detect_kohya(keys: list[str]) -> int:
     return sum(k.startswith(("lora_unet_", "lora_te")) for k in keys)
 
 
+def detect_lycoris(keys: list[str]) -> int:
+    n = sum(k.startswith("lycoris_") for k in keys)
+    return n + sum(k.startswith("lora_te") for k in keys) if n else 0
+
+
 def detect_onetrainer(keys: list[str]) -> int:
     n = sum(k.startswith("lora_transformer_") for k in keys)
     return n + sum(k.startswith("lora_te") for k in keys) if n else 0
@@ -121,7 +139,7 @@ def detect_onetrainer(keys: list[str]) -> int:
 def _read_kohya_family(src: TensorSource, arch: str | None, fmt: str) -> LoRA:
     lora = new_lora(src, fmt)
     keys = src.keys()
-    layout = sd_layout_of(src, arch) if any(k.startswith("lora_unet_") for k in keys) else ""
+    layout = sd_layout_of(src, arch) if any(k.startswith(("lora_unet_", "lycoris_")) for k in keys) else ""
     groups, rest = group_keys(keys, KOHYA_SUFFIXES)
     lora.unknown_keys.extend(rest)
     assemble(src, groups, _kohya_resolver(arch, layout), lora)
@@ -134,6 +152,10 @@ def read_kohya(src: TensorSource, arch: str | None) -> LoRA:
 
 def read_onetrainer(src: TensorSource, arch: str | None) -> LoRA:
     return _read_kohya_family(src, arch, "onetrainer")
+
+
+def read_lycoris(src: TensorSource, arch: str | None) -> LoRA:
+    return _read_kohya_family(src, arch, "lycoris")
 
 
 def _te_kohya_name(module: str, arch: str) -> list[OutName]:
@@ -167,16 +189,21 @@ def write_kohya(lora: LoRA, dtype: torch.dtype | None) -> dict[str, torch.Tensor
     return write_with(lora, dtype, _kohya_namer(lora), KOHYA_STYLE, "kohya")
 
 
-def _onetrainer_namer(lora: LoRA):
+def _onetrainer_namer(lora: LoRA, prefix: str = "lora_transformer_"):
     kohya = _kohya_namer(lora)
 
     def names(module: str, arch: str) -> list[OutName]:
-        if module.startswith(km.TEXT) or arch in ("sd15", "sdxl"):
+        if module.startswith(km.TEXT):
             return kohya(module, arch)
+        if arch in ("sd15", "sdxl"):
+            if prefix == "lora_transformer_":
+                return kohya(module, arch)
+            d = km.sd_to_diffusers(module[len(km.DIFFUSION):], km.sd_layout(arch, lora.metadata))
+            return [OutName(prefix + km.underscored(d))] if d else []
         if km.is_chroma_only(module[len(km.DIFFUSION):]):
             return []  # no ComfyUI-loadable diffusers name for Chroma's guidance layer
         return [
-            OutName("lora_transformer_" + km.underscored(d), p.rows, p.swap, split=p.rows is not None or p.swap)
+            OutName(prefix + km.underscored(d), p.rows, p.swap, split=p.rows is not None or p.swap)
             for d, p in km.flux_to_diffusers(module[len(km.DIFFUSION):])
         ]
 
@@ -187,9 +214,15 @@ def write_onetrainer(lora: LoRA, dtype: torch.dtype | None) -> dict[str, torch.T
     return write_with(lora, dtype, _onetrainer_namer(lora), KOHYA_STYLE, "onetrainer")
 
 
+def write_lycoris(lora: LoRA, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return write_with(lora, dtype, _onetrainer_namer(lora, "lycoris_"), COMFY_STYLE, "lycoris")
+
+
 register(Format("comfy", "ComfyUI-native: diffusion_model.<module>.lora_up/lora_down/alpha, diff, diff_b, set_weight",
                 detect_comfy, read_comfy, write_comfy))
 register(Format("kohya", "kohya sd-scripts: lora_unet_* / lora_te*_*, lora_up/lora_down + alpha",
                 detect_kohya, read_kohya, write_kohya))
 register(Format("onetrainer", "OneTrainer: lora_transformer_<diffusers name> (split q/k/v), lora_te*_*, alpha",
                 detect_onetrainer, read_onetrainer, write_onetrainer))
+register(Format("lycoris", "SimpleTuner LyCORIS: lycoris_<diffusers name underscored> (split q/k/v), lora_te*_*; "
+                "LoKr/LoHa/LoRA/DoRA keys", detect_lycoris, read_lycoris, write_lycoris))

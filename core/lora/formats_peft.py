@@ -34,8 +34,10 @@ from .formats_base import (
     write_with,
 )
 from .model import LoRA
+from .peft_metadata import KEY as PEFT_KEY
+from .peft_metadata import alpha_resolver
 
-DIFFUSERS_STYLE = WriteStyle(up=".lora_B.weight", down=".lora_A.weight", alpha="bake")
+DIFFUSERS_STYLE = WriteStyle(up=".lora_B.weight", down=".lora_A.weight", alpha="bake", adapters=False)
 _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "final_layer.", "time_in.", "vector_in.",
               "guidance_in.", "distilled_guidance_layer.")
 _FLUX_DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
@@ -103,7 +105,8 @@ def read_diffusers(src: TensorSource, arch: str | None) -> LoRA:
     lora = new_lora(src, "diffusers")
     groups, rest = group_keys(src.keys(), PEFT_SUFFIXES + [(".lora_up.weight", "up"), (".lora_down.weight", "down")])
     lora.unknown_keys.extend(rest)
-    assemble(src, groups, _diffusers_resolver(src, arch), lora)
+    assemble(src, groups, _diffusers_resolver(src, arch), lora, alpha_resolver(src.metadata))
+    lora.metadata.pop(PEFT_KEY, None)  # applied: the scales now live in the terms' alphas
     return lora
 
 
@@ -218,7 +221,9 @@ def read_peft_bfl(src: TensorSource, arch: str | None) -> LoRA:
     groups, rest = group_keys(src.keys(), PEFT_SUFFIXES)
     lora.unknown_keys.extend(rest)
     n = len("base_model.model.")
-    assemble(src, groups, lambda p: _bfl_target(p[n:]) if p.startswith("base_model.model.") else None, lora)
+    assemble(src, groups, lambda p: _bfl_target(p[n:]) if p.startswith("base_model.model.") else None, lora,
+             alpha_resolver(src.metadata))
+    lora.metadata.pop(PEFT_KEY, None)
     return lora
 
 

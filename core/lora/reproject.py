@@ -134,7 +134,11 @@ def reproject_flux_to_chroma(
         shape = tuple(chroma.info(key).shape)
         if tuple(flux.info(key).shape) != shape:
             raise MismatchError(f"{key}: Flux base {tuple(flux.info(key).shape)} and Chroma base {shape} differ in shape")
-        delta = mod.dense_delta(shape, device=dev) * opts.strength
+        if mod.is_linear:
+            delta = mod.dense_delta(shape, device=dev) * opts.strength
+        else:  # DoRA: its change is defined against the Flux base it was trained on
+            w_flux = flux.get(key).to(dev, torch.float32)
+            delta = mod.apply(w_flux, opts.strength) - w_flux
         new = reproject_delta(delta, flux.get(key).to(dev, torch.float32), chroma.get(key).to(dev, torch.float32),
                               key, opts)
         result = ModuleDelta(diff_b=None if mod.diff_b is None else mod.diff_b.float() * opts.strength,
@@ -163,4 +167,5 @@ def reproject_flux_to_chroma(
 def _scaled(mod: ModuleDelta, strength: float) -> ModuleDelta:
     terms = [LoraTerm(t.up, t.down, t.alpha, t.strength * strength, t.rows) for t in mod.terms]
     return ModuleDelta(terms=terms, diff=None if mod.diff is None else mod.diff.float() * strength,
-                       diff_b=None if mod.diff_b is None else mod.diff_b.float() * strength, set_weight=mod.set_weight)
+                       diff_b=None if mod.diff_b is None else mod.diff_b.float() * strength, set_weight=mod.set_weight,
+                       adapters=[a.with_strength(strength) for a in mod.adapters])

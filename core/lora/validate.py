@@ -26,6 +26,7 @@ import torch
 
 from ..arch import detect_arch
 from ..dtypes import all_finite
+from ..encodings.report import decoded_line, decoded_reads
 from ..errors import BadFileError, MismatchError
 from ..progress import ProgressFn, no_progress
 from ..report import bar_chart, format_table
@@ -49,6 +50,11 @@ class ModelPair:
 
     def info(self, key: str) -> TensorInfo:
         return self.base.info(key)
+
+    def decoded(self) -> dict[str, dict]:
+        """"base"/"tuned" -> encoding -> the quantized keys of each that are read decoded."""
+        return decoded_reads({"base": self.base, "tuned": self.tuned},
+                             [("base", k) for k in self.keys] + [("tuned", k) for k in self.keys])
 
 
 def _examples(keys: list[str], n: int = 3) -> str:
@@ -156,6 +162,7 @@ class ReconstructionReport:
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
     message: str = ""
+    decoded: dict = field(default_factory=dict)  # "base"/"tuned" -> encoding -> quantized keys decoded
 
     @property
     def changed(self) -> list[ModuleReport]:
@@ -219,6 +226,7 @@ class ReconstructionReport:
         return {
             "summary": self.summary(), "settings": self.settings, "message": self.message,
             "warnings": self.warnings(),
+            "decoded": self.decoded,
             "blocks": self.blocks(),
             "modules": [dict(m.row(), shape=list(m.shape), optimal_exact=m.optimal_exact, note=m.note) for m in self.modules],
         }
@@ -248,7 +256,8 @@ class ReconstructionReport:
                 "of the model (re-download it, or take an earlier checkpoint of a diverged fine-tune)"]
 
     def text(self, per_module: bool = False) -> str:
-        parts = [self.headline(), *self.warnings(), "", format_table(self.blocks(), title="per block")]
+        decoded = [line] if (line := decoded_line(self.decoded)) else []
+        parts = [self.headline(), *self.warnings(), *decoded, "", format_table(self.blocks(), title="per block")]
         if per_module:
             parts += ["", format_table([m.row() for m in self.modules], title="per module")]
         return "\n".join(parts)
@@ -366,6 +375,10 @@ def _check_fits(md: ModuleDelta, key: str, shape: tuple[int, ...], where: str) -
                     or math.prod(t.down.shape[1:]) * shape[0] != size):
                 bad.append(f"factors up {tuple(t.up.shape)} down {tuple(t.down.shape)}"
                            + (f" on rows {start}..{start + length}" if t.rows else ""))
+        for a in md.adapters:
+            start, length = a.rows or (0, shape[0] if shape else 1)
+            if not shape or start + length > shape[0] or a.out_rows != length:
+                bad.append(f"a {a.kind} of {a.out_rows} rows" + (f" on rows {start}..{start + length}" if a.rows else ""))
     if bad:
         raise MismatchError(f"{where}: the change of {key!r} ({', '.join(bad)}) does not fit the model's tensor of shape "
                             f"{list(shape)}: the LoRA was made for another model; validate it against the models it "
@@ -379,6 +392,8 @@ def _applied_delta(md: ModuleDelta, key: str, base_w: torch.Tensor, strength: fl
         return None if md.diff_b is None else md.diff_b.to(dev, torch.float32).reshape(base_w.shape) * strength
     if md.set_weight is not None:
         return md.set_weight.to(dev, torch.float32).reshape(base_w.shape) - base_w
+    if md.adapters:  # LoKr / LoHa / DoRA: patched the way ComfyUI patches (DoRA needs the base weight)
+        return md.apply(base_w.float(), strength) - base_w.float()
     if not md.terms and md.diff is None:
         return None
     return md.dense_delta(tuple(base_w.shape), torch.float32, dev) * strength
@@ -406,7 +421,7 @@ def validate_lora(base, tuned, lora, device: str | torch.device = "cpu", strengt
         wkey = keymaps.weight_key(name)
         bkey = keymaps.bias_key(name)
         hit = False
-        if (md.terms or md.diff is not None or md.set_weight is not None) and wkey in keys:
+        if (md.terms or md.adapters or md.diff is not None or md.set_weight is not None) and wkey in keys:
             targets[wkey] = md
             hit = True
         if md.diff_b is not None and bkey in keys:
@@ -414,7 +429,7 @@ def validate_lora(base, tuned, lora, device: str | torch.device = "cpu", strengt
             hit = True
         if not hit:
             orphans.append(name)
-    report = ValidationReport("validation", pair.arch, orphans=orphans, other_components=other,
+    report = ValidationReport("validation", pair.arch, orphans=orphans, other_components=other, decoded=pair.decoded(),
                               settings={"strength": strength, "lora_format": lora.source_format,
                                         "lora_arch": lora.arch, "device": str(device)})
     for i, key in enumerate(pair.keys):

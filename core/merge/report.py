@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..encodings.report import decoded_line, decoded_reads
 from ..report import bar_chart, format_table, write_json
 
 if TYPE_CHECKING:
@@ -92,6 +93,12 @@ class MergeReport:
             rows.append(row)
         return rows
 
+    def decoded(self) -> dict[str, dict]:
+        """input label -> encoding -> count and keys of the quantized tensors this merge decoded."""
+        sources = {i.label: s for i, s in zip(self.plan.inputs, self.plan.sources)}
+        reads = ((self.plan.inputs[i].label, raw) for kp in self.plan.keys if kp.action != "drop" for i, raw in kp.reads)
+        return decoded_reads(sources, reads)
+
     def to_dict(self) -> dict:
         counts = Counter(k.action for k in self.key_stats)
         return {
@@ -105,6 +112,7 @@ class MergeReport:
             "plan": self.plan.summary(),
             "groups": self.groups(),
             "stats": self.stats,
+            "decoded": self.decoded(),
             "nonfinite_keys": [{"key": k.name, "inputs_with_nonfinite": k.nonfinite_inputs}
                                for k in self.key_stats if not k.finite],
             "keys_detail": [
@@ -126,6 +134,8 @@ class MergeReport:
             how = "every 16th row block of large tensors" if self.stats == "sample" else "every element"
             parts.append(format_table(rows, cols, title=f"per key group (change = ‖out − A‖ / ‖A‖ over merged keys; "
                                                         f"sums over {how})"))
+        if line := decoded_line(self.decoded()):
+            parts.append(line)
         bad = [k for k in self.key_stats if not k.finite]
         if bad:
             detail = ", ".join(f"{k.name} (inputs: {'+'.join(k.nonfinite_inputs) or 'none; the method'})" for k in bad[:8])
