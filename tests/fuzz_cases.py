@@ -26,7 +26,7 @@ import random
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,20 @@ class Seeds:
     model: Path  # a small Flux model, bf16
     lora: Path  # a comfy-format Flux LoRA for that model (rank 4)
     kohya_lora: Path  # the same LoRA in kohya names (alphas, lora_unet_*)
+    quantized: list[Path] = field(default_factory=list)  # the model as ComfyUI scaled fp8 / mixed precision
+    adapter_lora: Path | None = None  # the kohya LoRA with a LoKr and a LoHa module
+
+    def models(self) -> list[Path]:
+        return [self.model, *self.quantized]
+
+    def loras(self) -> list[Path]:
+        return [self.lora, self.kohya_lora, *([self.adapter_lora] if self.adapter_lora else [])]
+
+    def pick(self, rng: random.Random) -> tuple[str, Path]:
+        """A seed file and its role: the plain model and LoRAs most often, the others now and then."""
+        role = rng.choice(["model", "lora"])
+        files = self.models() if role == "model" else self.loras()
+        return role, files[0] if rng.random() < 0.5 else rng.choice(files)
 
 
 # ----------------------------------------------------------------------------------- raw safetensors
@@ -277,7 +291,7 @@ HEADER_MUTATIONS: list[HeaderMutation] = [_m_dtype, _m_shape, _m_reshape, _m_off
 def header_cases(rng: random.Random, folder: Path, seeds: Seeds, n: int) -> list[Case]:
     cases = []
     for i in range(n):
-        role, src = rng.choice([("model", seeds.model), ("lora", seeds.lora), ("lora", seeds.kohya_lora)])
+        role, src = seeds.pick(rng)
         header, data = parse(src)
         mutate = rng.choice(HEADER_MUTATIONS)
         what, raw = mutate(rng, header, data)
@@ -400,7 +414,7 @@ def _odd_model(rng: random.Random, sd: dict, meta: dict) -> str:
                        "bool", "f64", "f16_inf", "nan", "narrower", "extra_zero_tensor", "extra_scalar",
                        "extra_int", "all_zero_elements", "u8"])
     if what == "zero_elements":
-        sd[k] = t[:0].contiguous()
+        sd[k] = (t[:0] if t.ndim else t.reshape(1)[:0]).contiguous()
     elif what == "scalar":
         sd[k] = t.reshape(-1)[0].clone()
     elif what == "flat":
@@ -452,7 +466,7 @@ def _odd_model(rng: random.Random, sd: dict, meta: dict) -> str:
 def tensor_cases(rng: random.Random, folder: Path, seeds: Seeds, n: int) -> list[Case]:
     cases = []
     for i in range(n):
-        role, src = rng.choice([("model", seeds.model), ("lora", seeds.lora), ("lora", seeds.kohya_lora)])
+        role, src = seeds.pick(rng)
         sd, meta = _load(src)
         what = (_odd_model if role == "model" else _odd_lora)(rng, sd, meta)
         path = folder / f"t{i:04}.safetensors"
@@ -467,7 +481,7 @@ def tensor_cases(rng: random.Random, folder: Path, seeds: Seeds, n: int) -> list
 def byte_cases(rng: random.Random, folder: Path, seeds: Seeds, n: int) -> list[Case]:
     cases = []
     for i in range(n):
-        role, src = rng.choice([("model", seeds.model), ("lora", seeds.lora), ("lora", seeds.kohya_lora)])
+        role, src = seeds.pick(rng)
         raw = bytearray(src.read_bytes())
         (hlen,) = struct.unpack("<Q", raw[:8])
         how = rng.choice(["flip_header", "flip_header", "flip_length", "flip_data", "truncate", "truncate_header",
@@ -684,7 +698,34 @@ def make_seeds(folder: Path) -> Seeds:
     lora = random_lora(flux_shapes(FluxConfig(), "dev"), "flux", rank=4, seed=5, targets=flux_block_linears)
     save_lora(lora, folder / "seed_lora.safetensors", fmt="comfy")
     save_lora(lora, folder / "seed_kohya.safetensors", fmt="kohya")
-    return Seeds(model, folder / "seed_lora.safetensors", folder / "seed_kohya.safetensors")
+    seeds = Seeds(model, folder / "seed_lora.safetensors", folder / "seed_kohya.safetensors")
+    sd, _ = _load(model)
+    from weightsmith.encodings import testfiles
+
+    for name, enc in (("scaled_fp8", testfiles.scaled_fp8(sd)), ("mixed", testfiles.mixed_precision(sd))):
+        path = folder / f"seed_{name}.safetensors"
+        save_file(enc.tensors, str(path), metadata=enc.metadata or None)
+        seeds.quantized.append(path)
+    seeds.adapter_lora = _adapter_lora(seeds.kohya_lora, folder / "seed_adapters.safetensors")
+    return seeds
+
+
+def _adapter_lora(kohya: Path, path: Path) -> Path:
+    """The kohya LoRA with two modules replaced by a LoKr (64x64 = kron(8x8, 8x8)) and a LoHa (256x64)."""
+    sd, meta = _load(kohya)
+    gen = torch.Generator().manual_seed(3)
+    lokr, loha = "lora_unet_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_0_img_mlp_0"
+    for prefix in (lokr, loha):
+        for k in [k for k in sd if k.startswith(prefix + ".")]:
+            del sd[k]
+    sd.update({f"{lokr}.lokr_w1": torch.randn(8, 8, generator=gen) * 0.1,
+               f"{lokr}.lokr_w2": torch.randn(8, 8, generator=gen) * 0.1, f"{lokr}.alpha": torch.tensor(4.0),
+               f"{loha}.hada_w1_a": torch.randn(256, 4, generator=gen) * 0.1,
+               f"{loha}.hada_w1_b": torch.randn(4, 64, generator=gen) * 0.1,
+               f"{loha}.hada_w2_a": torch.randn(256, 4, generator=gen) * 0.1,
+               f"{loha}.hada_w2_b": torch.randn(4, 64, generator=gen) * 0.1, f"{loha}.alpha": torch.tensor(4.0)})
+    save_file(sd, str(path), metadata=meta or None)
+    return path
 
 
 def make_cases(folder: Path, seeds: Seeds, seed: int, counts: dict[str, int]) -> list[Case]:
