@@ -234,6 +234,35 @@ def test_malformed_lora_is_refused_by_every_command(files, tmp_path, capsys, cas
     _refused_everywhere(capsys, files, tmp_path, bad, LORA_COMMANDS)
 
 
+@pytest.mark.parametrize("case", ["loha_wrong_shape", "lokr_int_factor", "lokr_empty_factor"])
+def test_malformed_lokr_and_loha_are_refused(files, tmp_path, capsys, case):
+    """Adapter factors are checked when read: dtype, size, and that they multiply (on the meta device: shapes
+    only, no math), instead of failing deep in compose/rerank."""
+    from fuzz_cases import _adapter_lora
+
+    path = _adapter_lora(_kohya(files, tmp_path), tmp_path / "adapters.safetensors")
+    with safe_open(str(path), "pt") as f:
+        sd, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    loha, lokr = "lora_unet_double_blocks_0_img_mlp_0", "lora_unet_double_blocks_0_img_attn_proj"
+    if case == "loha_wrong_shape":
+        sd[f"{loha}.hada_w2_a"] = torch.ones(2, 3, 4)
+    elif case == "lokr_int_factor":
+        sd[f"{lokr}.lokr_w1"] = torch.ones(8, 8, dtype=torch.int32)
+    else:
+        sd[f"{lokr}.lokr_w2"] = torch.zeros(0, 8)
+    bad = tmp_path / f"{case}.safetensors"
+    save_file(sd, str(bad), metadata=meta)
+    _refused_everywhere(capsys, files, tmp_path, bad, LORA_COMMANDS)
+
+
+def _kohya(files: Files, tmp_path: Path) -> Path:
+    from weightsmith.lora.formats import load_lora
+
+    path = tmp_path / "kohya.safetensors"
+    save_lora(load_lora(files.lora), path, fmt="kohya")
+    return path
+
+
 def test_fp8_factors_and_all_zero_rows_are_handled(files, tmp_path, capsys):
     """Odd but legal LoRAs work: fp8 factors (stacked as bf16, which holds them exactly), rows of zeros."""
     sd, meta = lora_tensors(files)
