@@ -255,6 +255,18 @@ def test_malformed_lokr_and_loha_are_refused(files, tmp_path, capsys, case):
     _refused_everywhere(capsys, files, tmp_path, bad, LORA_COMMANDS)
 
 
+def test_lora_with_lokr_and_loha_modules_validates(files, tmp_path, capsys):
+    """A valid LoRA holding LoKr/LoHa modules used to be refused by validate ("rank must be ≥ 1 (got 0)")."""
+    from fuzz_cases import _adapter_lora
+
+    path = _adapter_lora(_kohya(files, tmp_path), tmp_path / "adapters.safetensors")
+    rc, out, err = run(capsys, "validate", files.base, files.tuned, path, "--report", tmp_path / "v.json", "--modules")
+    assert rc == 0, err
+    rows = {m["key"]: m for m in json.loads((tmp_path / "v.json").read_text())["modules"]}
+    assert rows["double_blocks.0.img_attn.proj.weight"]["status"] == "adapter"
+    assert rows["double_blocks.0.img_mlp.0.weight"]["status"] == "adapter"
+
+
 def _kohya(files: Files, tmp_path: Path) -> Path:
     from weightsmith.lora.formats import load_lora
 

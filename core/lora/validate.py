@@ -125,7 +125,7 @@ class ModuleReport:
         }
 
 
-COVERED = ("lowrank", "diff", "set")
+COVERED = ("lowrank", "diff", "set", "adapter")
 
 
 def block_of(key: str) -> str:
@@ -476,6 +476,10 @@ def validate_lora(base, tuned, lora, device: str | torch.device = "cpu", strengt
             status = "set" if md.set_weight is not None and not key.endswith(".bias") else "diff"
             report.modules.append(ModuleReport(key, info.shape, kind, status, norm, err, 0.0, True, None,
                                                max(0.0, 1 - err * err), "diff"))
+            continue
+        if md.adapters:  # LoKr / LoHa / DoRA: no one rank whose optimal error would compare (was "rank 0" refused)
+            report.modules.append(ModuleReport(key, info.shape, kind, "adapter", norm, err, None, True, None,
+                                               max(0.0, 1 - err * err), "+".join(md.types())))
             continue
         rank = md.rank
         opt, exact = optimal_at_rank(delta, rank)
