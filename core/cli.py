@@ -10,6 +10,8 @@ import sys
 
 from . import commands
 from .errors import WeightsmithError
+from .outputs import output_set
+from .signals import InputChanged, Terminated, cli_signals
 from .sources import set_default_nonfinite
 
 
@@ -40,13 +42,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     set_default_nonfinite(args.nonfinite)
     try:
-        return int(args.func(args) or 0)
+        # every output of the command (model, --report, --chart) is placed together at the end, or none
+        with cli_signals(), output_set():
+            return int(args.func(args) or 0)
     except WeightsmithError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except InputChanged as e:
+        print(f"error: {e.path}: another program opened this input for writing while it was being read (a "
+              "download or copy over it, a truncation); stopped before it could change under the run, nothing "
+              "was written: wait until that program has finished, check the file, and run again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: no output was written", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"\nterminated by {e}: no output was written", file=sys.stderr)
+        return 128 + e.signum
     except MemoryError:
         print("error: out of memory; close other programs, or use smaller inputs or a machine with more memory",
               file=sys.stderr)

@@ -8,6 +8,7 @@ free name, ComfyUI-style (`prefix_00001_.safetensors`).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -92,7 +93,8 @@ def check_name_fits(path: str | os.PathLike, what: str = "output") -> Path:
 
 def _temp_name(name: str, token: str, limit: int) -> str:
     """`.NAME.TOKEN.tmp`, with NAME cut (at a character boundary) so that the whole fits `limit` bytes:
-    an output name the file system allows must never fail because of its temp name."""
+    an output name the file system allows must never fail because of its temp name. A cut NAME is a
+    prefix of the output name, which is how `remove_stale_temps` still attributes it."""
     room = limit - len(f"..{token}.tmp")
     stem = name
     while len(os.fsencode(stem)) > room:
@@ -100,12 +102,64 @@ def _temp_name(name: str, token: str, limit: int) -> str:
     return f".{stem}.{token}.tmp"
 
 
+def hidden_name_beside(target: Path) -> Path:
+    """A fresh hidden name beside `target`: `.NAME.<pid>-<random>.tmp`. The pid lets a later run tell the
+    temp file of a killed process (SIGKILL cannot be caught) from one still being written. NAME is
+    shortened where the whole would exceed the file system's name limit."""
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    return target.parent / _temp_name(target.name, token, name_max(target.parent))
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def _process_runs(pid: int) -> bool:
+    if os.name == "nt":  # os.kill there terminates the process: never probe, assume it runs
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it runs
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, name: str) -> list[Path]:
+    """Remove hidden temp files for output `name` in `folder` left by processes that no longer run (a
+    SIGKILL'd or crashed run: no code of ours could clean up after it). Temp files of running processes
+    are kept; so are names without a pid (older versions), which nothing can attribute."""
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_NAME.match(entry)
+        if m is None or not name.startswith(m.group("name")):
+            continue
+        pid = int(m.group("pid"))
+        if pid == os.getpid() or _process_runs(pid):
+            continue
+        try:
+            os.unlink(folder / entry)
+            removed.append(folder / entry)
+        except OSError:
+            continue
+    if removed:
+        logging.getLogger("weightsmith").warning(
+            "removed %d temp file(s) beside %s left by a run that was killed: %s", len(removed), folder / name,
+            ", ".join(p.name for p in removed))
+    return removed
+
+
 def create_temp_beside(folder: Path, name: str) -> tuple[int, Path]:
     """A new hidden temp file beside the target, created with the umask's permissions like any other
-    file (tempfile.mkstemp would make it 0600, and the rename would keep that)."""
-    limit = name_max(folder)
+    file (tempfile.mkstemp would make it 0600, and the rename would keep that). Stale temp files of the
+    same output left by killed runs are removed first."""
+    remove_stale_temps(folder, name)
     for _ in range(100):
-        tmp = folder / _temp_name(name, secrets.token_hex(4), limit)
+        tmp = hidden_name_beside(folder / name)  # fits the file system's name limit
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
         except FileExistsError:
@@ -115,31 +169,31 @@ def create_temp_beside(folder: Path, name: str) -> tuple[int, Path]:
 
 def write_new_file(path: str | os.PathLike, data: bytes) -> Path:
     """Write a small file (a JSON report, a chart) atomically and never over an existing file: a report
-    path that names an input model must not destroy it."""
+    path that names an input model must not destroy it. Inside `outputs.output_set()` it is placed
+    together with the run's other outputs."""
+    from .outputs import place_or_defer
+
     path = check_name_fits(path, "the")
     if path.exists():
         raise OutputPathError(f"refusing to overwrite existing file {path}; choose another name or remove it")
     if not path.parent.is_dir():
         raise OutputPathError(f"folder {path.parent} does not exist; create it or choose another path for {path.name}")
-    fd, tmp = create_temp_beside(path.parent, path.name)
+    try:
+        fd, tmp = create_temp_beside(path.parent, path.name)
+    except OSError as e:
+        raise OutputPathError(f"could not create a file in {path.parent} for {path.name}: {e}; check the folder's "
+                              "permissions and free space") from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        try:
-            os.link(tmp, path)  # atomic and never clobbers
-        except FileExistsError:
-            raise OutputPathError(f"refusing to overwrite existing file {path}; choose another name or remove it") from None
     except OSError as e:
-        if isinstance(e, OutputPathError):
-            raise
+        os.unlink(tmp)
         raise OutputPathError(f"could not write {path}: {e}; free disk space and retry") from e
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    place_or_defer(tmp, path)
     return path
-
 
 
 def check_new_output(
@@ -171,4 +225,13 @@ def check_new_output(
                               "or remove it")
     if not target.parent.is_dir():
         raise OutputPathError(f"folder {path.parent} does not exist; create it or choose another path for the {what}")
+    check_writable_folder(target.parent, f"the {what}")
     return path
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Refuse a folder this process cannot create files in (read-only, or a read-only file system) before
+    any work is done, instead of after a long run whose other outputs would then be thrown away."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputPathError(f"folder {folder} is not writable (read-only, or no permission); choose another "
+                              f"folder for {what} or make it writable")

@@ -11,6 +11,7 @@ path.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import stat
 import struct
 import threading
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,8 @@ import torch
 
 from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
 from .errors import BadFileError, OutputPathError, UnsupportedEncodingError
-from .paths import check_name_fits, create_temp_beside
+from .outputs import place_or_defer
+from .paths import check_name_fits, check_writable_folder, create_temp_beside
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit the safetensors library applies
 REFETCH = "download the file again or re-export it"  # what to do about a damaged file
@@ -40,7 +43,7 @@ QUANTIZED_DTYPES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per tensor, and headers can list 10^5 tensors
 class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -63,12 +66,27 @@ class SafetensorsHeader:
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
+    out = dict(pairs)  # in C; only a header that has duplicates pays for finding them
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate key {k!r}")
+            seen.add(k)
     return out
+
+
+@contextmanager
+def _gc_paused():
+    """A header of 10^5 tensors is 10^5 small dicts and lists: the cyclic collector, triggered by the
+    allocations, would walk them all again and again (half the parse time). They hold no cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _regular_file_size(path: Path) -> int:
@@ -115,20 +133,27 @@ def _shape(value: object) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-def _check_layout(path: Path, offsets: dict[str, tuple[int, int]], data_len: int) -> None:
+def _check_layout(path: Path, offsets: dict[str, tuple[int, int]], data_start: int, size: int) -> None:
     """The tensors tile the data section exactly, as the safetensors library requires before it reads any
     tensor: sorted by offset, each starts where the previous ends, and the last ends at the end of the file.
-    Checked here so that every command (inspect and verify included) judges a file alike."""
-    end, prev = 0, None
-    for key, (start, stop) in sorted(offsets.items(), key=lambda kv: kv[1]):
+    Checked here so that every command (inspect and verify included) judges a file alike. `offsets` are
+    absolute; messages give them relative to the data section, as the header does."""
+    end = data_start
+    for start, stop in sorted(offsets.values()):  # plain tuples: 10^5 of them sort fast; names only for an error
         if start != end:
+            key = next(k for k, v in offsets.items() if v == (start, stop))
+            prev = next((k for k, v in offsets.items() if v[1] == end and v[0] < end), None)
             what = (f"overlaps tensor {prev!r}" if start < end else
-                    f"starts at byte {start}, leaving bytes {end}..{start} that belong to no tensor")
+                    f"starts at byte {start - data_start}, leaving bytes {end - data_start}..{start - data_start} "
+                    "that belong to no tensor")
+            if start < end and prev is None:
+                what = "overlaps another tensor"
             raise BadFileError(f"{path}: tensor {key!r} {what}: the header is corrupt; {REFETCH}")
-        end, prev = stop, key
-    if end != data_len:
-        raise BadFileError(f"{path}: {data_len - end} bytes follow the last tensor (the tensors end at byte {end} "
-                           f"of {data_len}): the file is corrupt or not safetensors; {REFETCH}")
+        end = stop
+    if end != size:
+        raise BadFileError(f"{path}: {size - end} bytes follow the last tensor (the tensors end at byte "
+                           f"{end - data_start} of {size - data_start}): the file is corrupt or not safetensors; "
+                           f"{REFETCH}")
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
@@ -147,7 +172,13 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
                 f"{REFETCH}"
             )
         raw = f.read(n)
+    with _gc_paused():
+        return _parse_header(path, raw, size, n)
+
+
+def _parse_header(path: Path, raw: bytes, size: int, n: int) -> SafetensorsHeader:
     header = _parse_json(raw, path)
+    del raw
     if not isinstance(header, dict):
         raise BadFileError(f"{path}: safetensors header is not a JSON object; {REFETCH}")
     data_start = 8 + n
@@ -159,22 +190,25 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise BadFileError(f"{path}: __metadata__ must map strings to strings; {REFETCH}")
     tensors: dict[str, TensorInfo] = {}
     offsets: dict[str, tuple[int, int]] = {}
+
+    def where() -> str:  # formatted only for an error: 10^5 keys would pay for it otherwise
+        return f"{path}: tensor {key!r}"
+
     for key, entry in header.items():
-        where = f"{path}: tensor {key!r}"
         if not isinstance(entry, dict):
-            raise BadFileError(f"{where}: header entry is not an object; {REFETCH}")
+            raise BadFileError(f"{where()}: header entry is not an object; {REFETCH}")
         code = entry.get("dtype")
         if not isinstance(code, str) or code not in SAFETENSORS_TO_TORCH:
             what = QUANTIZED_DTYPES.get(code) if isinstance(code, str) else None
             if what is not None:  # a quantized layout's payload or block scale: say which format
                 raise UnsupportedEncodingError(
-                    f"{where}: dtype {code} holds {what}; this pack cannot decode that encoding exactly: use a bf16, "
+                    f"{where()}: dtype {code} holds {what}; this pack cannot decode that encoding exactly: use a bf16, "
                     "fp8 or ComfyUI scaled-fp8 version of the model")
-            raise BadFileError(f"{where}: unsupported dtype {code!r}; convert the file to one of "
+            raise BadFileError(f"{where()}: unsupported dtype {code!r}; convert the file to one of "
                                f"{', '.join(SAFETENSORS_TO_TORCH)} with the tool that wrote it")
         shape = _shape(entry.get("shape"))
         if shape is None:
-            raise BadFileError(f"{where}: invalid shape {entry.get('shape')!r}; {REFETCH}")
+            raise BadFileError(f"{where()}: invalid shape {entry.get('shape')!r}; {REFETCH}")
         offs = entry.get("data_offsets")
         if (
             not isinstance(offs, list)
@@ -182,22 +216,21 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             or not all(type(o) is int and o >= 0 for o in offs)
             or offs[0] > offs[1]
         ):
-            raise BadFileError(f"{where}: invalid data_offsets {offs!r}; {REFETCH}")
+            raise BadFileError(f"{where()}: invalid data_offsets {offs!r}; {REFETCH}")
         info = TensorInfo(shape, SAFETENSORS_TO_TORCH[code])
         if offs[1] > data_len:
             raise BadFileError(
-                f"{where}: data ends at byte {offs[1]} but the file holds {data_len} data bytes: the file is truncated; "
+                f"{where()}: data ends at byte {offs[1]} but the file holds {data_len} data bytes: the file is truncated; "
                 f"{REFETCH}"
             )
         if offs[1] - offs[0] != info.nbytes:
             raise BadFileError(
-                f"{where}: shape {list(shape)} of {code} needs {info.nbytes} bytes but the header gives "
+                f"{where()}: shape {list(shape)} of {code} needs {info.nbytes} bytes but the header gives "
                 f"{offs[1] - offs[0]}: the header is corrupt; {REFETCH}"
             )
         tensors[key] = info
-        offsets[key] = (offs[0], offs[1])
-    _check_layout(path, offsets, data_len)
-    offsets = {k: (data_start + a, data_start + b) for k, (a, b) in offsets.items()}
+        offsets[key] = (data_start + offs[0], data_start + offs[1])
+    _check_layout(path, offsets, data_start, size)
     return SafetensorsHeader(path, tensors, offsets, dict(metadata))
 
 
@@ -248,7 +281,10 @@ class StreamingWriter:
         self._protect = [Path(p) for p in protect]
         self._check_target()
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-        header: dict[str, object] = {"__metadata__": meta} if meta else {}
+        # The header is built as text piece by piece (byte for byte what json.dumps of the nested dicts
+        # gives): a dict per tensor would cost ~1 KB each at 10^5 tensors.
+        pieces = [json.dumps({"__metadata__": meta}, separators=(",", ":"))[1:-1]] if meta else []
+        quote = json.encoder.encode_basestring_ascii
         self.infos: dict[str, TensorInfo] = {}
         self._offsets: dict[str, int] = {}
         pos = 0
@@ -256,11 +292,14 @@ class StreamingWriter:
             if dtype not in TORCH_TO_SAFETENSORS:
                 raise BadFileError(f"{self.path}: cannot store tensor {key!r} of dtype {dtype} in safetensors")
             info = TensorInfo(tuple(int(s) for s in shape), dtype)
-            header[key] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(info.shape), "data_offsets": [pos, pos + info.nbytes]}
+            end = pos + info.nbytes
+            pieces.append(f'{quote(key)}:{{"dtype":"{TORCH_TO_SAFETENSORS[dtype]}","shape":['
+                          f'{",".join(map(str, info.shape))}],"data_offsets":[{pos},{end}]}}')
             self.infos[key] = info
             self._offsets[key] = pos
-            pos += info.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+            pos = end
+        raw = ("{" + ",".join(pieces) + "}").encode("utf-8")
+        del pieces
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors itself writes it
         self._header = struct.pack("<Q", len(raw)) + raw
         self._data_start = len(self._header)
@@ -284,6 +323,7 @@ class StreamingWriter:
             raise OutputPathError(f"refusing to overwrite existing file {self.path}; choose another name or remove it")
         if not target.parent.is_dir():
             raise OutputPathError(f"output folder {target.parent} does not exist; create it or choose another output path")
+        check_writable_folder(target.parent, self.path.name)
 
     def __enter__(self) -> StreamingWriter:
         try:
@@ -370,18 +410,8 @@ class StreamingWriter:
         os.close(self._fd)
         self._fd = None
         self._check_target()  # the target may have appeared while we worked
-        if self.overwrite:
-            os.replace(self._tmp, self.path)
-        else:
-            try:
-                os.link(self._tmp, self.path)  # atomic and never clobbers
-            except FileExistsError:
-                raise OutputPathError(f"refusing to overwrite existing file {self.path}; choose another name or remove it") from None
-            except OSError:
-                os.replace(self._tmp, self.path)
-            else:
-                self._tmp.unlink()
-        self._tmp = None
+        tmp, self._tmp = self._tmp, None
+        place_or_defer(tmp, self.path, self.overwrite, self._check_target)  # with the run's other outputs
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:

@@ -9,12 +9,16 @@ split points never matter. `diffusion_view()` strips the checkpoint prefix (`mod
 
 from __future__ import annotations
 
+import functools
 import json
+import mmap as _mmap
 import os
 import pickle
 import re
 import stat
+import time
 import warnings
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,9 +26,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .dtypes import all_finite, dtype_name
+from .dtypes import all_finite, dtype_name, itemsize
 from .errors import BadFileError, UnsafePickleError
 from .safetensors_io import REFETCH, SafetensorsHeader, TensorInfo, not_regular_kind, read_header
+from .signals import hold_read_lease, release_lease
 
 if TYPE_CHECKING:
     from .encodings.base import KeyEncoding
@@ -37,6 +42,7 @@ DIFFUSION_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model
 
 
 NONFINITE_POLICIES = ("report", "error", "ignore")
+CHANGE_CHECK_SECONDS = 0.005  # how often an input without a lease is checked for having changed
 
 
 class TensorSource(ABC):
@@ -148,50 +154,136 @@ class DictSource(TensorSource):
         return self._tensors[key]
 
 
+@functools.lru_cache(maxsize=4096)
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+class _InputGuard:
+    """An input file held open while it is read: a read lease where the CLI can take one (another program
+    opening it for writing stops the run cleanly, see signals.py), else a size check before each read, so
+    a file that shrank is an error naming it rather than a SIGBUS from its memory map."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        # O_NONBLOCK: a FIFO given as a model must not hang here (regular files read as usual)
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
+        st = os.fstat(self.fd)
+        self.size, self.mtime = st.st_size, st.st_mtime_ns
+        self.leased = hold_read_lease(self.fd, path)
+        self._checked = 0.0
+        self._finalizer = weakref.finalize(self, _close_guarded, self.fd)
+
+    def check(self, key: str) -> None:
+        """Before reading `key`: the file is still the one whose header was read (one fstat, at most every
+        few milliseconds so 10^5 tiny tensors do not pay one each; none under a lease, which stops the run
+        before any change). Best effort: a truncation between this check and the read still faults."""
+        if self.leased:
+            return
+        now = time.monotonic()
+        if now - self._checked < CHANGE_CHECK_SECONDS:
+            return
+        self._checked = now
+        st = os.fstat(self.fd)
+        if st.st_size != self.size or st.st_mtime_ns != self.mtime:
+            raise BadFileError(f"{self.path}: the file changed while it was being read (tensor {key!r}; size "
+                               f"{self.size} -> {st.st_size} bytes): another program truncated or rewrote it; nothing "
+                               "was written: wait until it has finished, check the file, and run again")
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _close_guarded(fd: int) -> None:
+    release_lease(fd)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 class SafetensorsSource(TensorSource):
-    """One or more safetensors files (shards); the header is validated before anything is read."""
+    """One or more safetensors files (shards); the header is validated before anything is read. Tensors
+    are views of the file's memory map (nothing is copied; a key costs one strided view, not a library
+    call, and a few dict entries of memory: headers can list 10^5 tensors)."""
 
     def __init__(self, files: list[Path], name: str | None = None):
         super().__init__()
         self.name = name or str(files[0])
         self._files = files
-        self._key_file: dict[str, int] = {}
-        self._handles: dict[int, object] = {}
+        self._start: dict[str, int] = {}  # key -> first byte in its file
+        self._key_file: dict[str, int] = {}  # key -> index of its file, for shards only (else all 0)
+        self._guards: dict[int, _InputGuard | None] = {}
+        self._maps: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # (file, dtype) -> the file as that dtype
         for i, f in enumerate(files):
+            # held from before the header is read: a lease (or the size check) covers the whole run
+            self._guards[i] = _InputGuard(f) if f.is_file() else None
             h: SafetensorsHeader = read_header(f)
             for k, info in h.tensors.items():
                 if k in self._infos:
-                    raise BadFileError(f"{f}: tensor {k!r} also appears in {files[self._key_file[k]]}; shards overlap: "
+                    raise BadFileError(f"{f}: tensor {k!r} also appears in {files[self._file_of(k)]}; shards overlap: "
                                        "remove the stray shard from the folder")
                 self._infos[k] = info
-                self._key_file[k] = i
+                self._start[k] = h.offsets[k][0]
+                if i:
+                    self._key_file[k] = i
             if i == 0:
                 self.metadata = dict(h.metadata)
+            del h
 
-    def _handle(self, i: int):
-        h = self._handles.get(i)
-        if h is None:
-            from safetensors import safe_open
+    def _file_of(self, key: str) -> int:
+        return self._key_file.get(key, 0)
 
-            try:
-                h = safe_open(str(self._files[i]), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types
-                raise BadFileError(f"{self._files[i]}: cannot open: {e}; {REFETCH}") from e
-            self._handles[i] = h
-        return h
+    def _map(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        """File `i` memory-mapped, as a flat tensor of `dtype` (uint8 for unaligned reads)."""
+        m = self._maps.get((i, dtype))
+        if m is None:
+            raw = self._maps.get((i, torch.uint8))
+            if raw is None:
+                guard = self._guards.get(i)
+                if guard is None:  # closed before, read again
+                    guard = self._guards[i] = _InputGuard(self._files[i])
+                try:
+                    # ACCESS_COPY: a private, writable map (pages stay shared with the page cache unless
+                    # written), which torch wraps without a read-only warning; sources never write to it
+                    mm = _mmap.mmap(guard.fd, 0, access=_mmap.ACCESS_COPY)
+                except (OSError, ValueError) as e:
+                    raise BadFileError(f"{self._files[i]}: cannot open: {e}; {REFETCH}") from e
+                raw = self._maps[(i, torch.uint8)] = torch.frombuffer(mm, dtype=torch.uint8)
+            size = itemsize(dtype)
+            m = self._maps[(i, dtype)] = raw[:raw.numel() // size * size].view(dtype)
+        return m
 
     def _load(self, key: str) -> torch.Tensor:
-        i = self._key_file[key]
-        try:
-            return self._handle(i).get_tensor(key)
-        except Exception as e:
-            raise BadFileError(f"{self._files[i]}: cannot read tensor {key!r}: {e}; {REFETCH}") from e
+        i = self._key_file.get(key, 0) if self._key_file else 0
+        start = self._start[key]
+        info = self._infos[key]
+        guard = self._guards.get(i)
+        if guard is not None:
+            guard.check(key)
+        size = itemsize(info.dtype)
+        if start % size:  # a writer that did not align its tensors: copy the bytes rather than view them
+            raw = self._map(i, torch.uint8)[start:start + info.nbytes]
+            return raw.clone().view(info.dtype).view(info.shape)
+        m = self._map(i, info.dtype)
+        if start + info.nbytes > m.numel() * size:
+            raise BadFileError(f"{self._files[i]}: tensor {key!r} ends at byte {start + info.nbytes} but the file "
+                               f"now holds {m.numel() * size}: it was truncated; {REFETCH}")
+        return torch.as_strided(m, info.shape, _contiguous_strides(info.shape), start // size)
 
     def paths(self) -> list[Path]:
         return list(self._files)
 
     def close(self) -> None:
-        self._handles.clear()
+        self._maps.clear()  # the maps go when the last tensor viewing them does
+        for g in self._guards.values():
+            if g is not None:
+                g.close()
+        self._guards.clear()
 
 
 class TorchFileSource(TensorSource):
@@ -201,6 +293,7 @@ class TorchFileSource(TensorSource):
         super().__init__()
         self.name = str(path)
         self._path = path
+        self._guard = _InputGuard(path)  # torch.load(mmap=True) maps the file too
         obj = None
         last: Exception | None = None
         for mmap in (True, False):  # mmap needs the zip format; legacy files fall back to a plain load
@@ -230,10 +323,14 @@ class TorchFileSource(TensorSource):
         self._infos = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in self._tensors.items()}
 
     def _load(self, key: str) -> torch.Tensor:
+        self._guard.check(key)
         return self._tensors[key]
 
     def paths(self) -> list[Path]:
         return [self._path]
+
+    def close(self) -> None:
+        self._guard.close()
 
 
 _DAMAGED_PICKLE = ("invalid load key", "pickle data was truncated", "Ran out of input")
@@ -370,7 +467,7 @@ def _index_source(index: Path, name: str | None = None) -> SafetensorsSource:
     source = SafetensorsSource(paths, name=name or str(index))
     by_name = dict(zip(files, paths))
     for key, f in wm.items():
-        if key not in source or source._files[source._key_file[key]] != by_name[f]:
+        if key not in source or source._files[source._file_of(key)] != by_name[f]:
             raise BadFileError(f"{index}: the index puts tensor {key!r} in {f}, but "
                                + ("that shard does not hold it" if key not in source else "another shard holds it")
                                + "; the index and the shards do not match: download them again together")
@@ -401,11 +498,14 @@ def open_model(path: str | os.PathLike, nonfinite: str | None = None) -> TensorS
 
 
 def sniff(path: Path) -> tuple[str, bytes]:
-    """(what a file holds, its first bytes): 'safetensors' (a little-endian header length within the file,
-    then '{'), 'zip' (torch.save's format), 'pickle' (the legacy torch.save format: pickle protocol 2+),
-    or 'unknown'. Suffixes lie (a safetensors file renamed .bin); the content decides what reads it."""
+    """(what a file holds, its first bytes): 'gguf' (its magic), 'safetensors' (a little-endian header length
+    within the file, then '{'), 'zip' (torch.save's format), 'pickle' (the legacy torch.save format: pickle
+    protocol 2+), or 'unknown'. Suffixes lie (a safetensors file renamed .bin); the content decides what
+    reads it."""
     with open(path, "rb") as f:
         head = f.read(9)
+    if head[:4] == b"GGUF":
+        return "gguf", head
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
         return "safetensors", head
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
@@ -438,6 +538,10 @@ def _open_model(path: str | os.PathLike) -> TensorSource:
     if name.endswith(SAFETENSORS_EXTS):
         return SafetensorsSource([p])
     kind, head = sniff(p)
+    if kind == "gguf" or name.endswith(".gguf"):  # before the safetensors test: a GGUF is never "not a model"
+        from .encodings.gguf import GGUFSource
+
+        return GGUFSource(p)
     if kind == "safetensors":  # also under a torch suffix: read as what it is, never unpickled
         return SafetensorsSource([p])
     if kind == "unknown":

@@ -185,11 +185,23 @@ def input_path(folder: str, name: str) -> Path:
 MODEL_FILE_FOLDERS = ("diffusion_models", "checkpoints")
 
 
+def _gguf_files(folder: str) -> list[str]:
+    """.gguf files under a model folder: ComfyUI lists them only when ComfyUI-GGUF is installed."""
+    names = set()
+    for root in folder_paths.get_folder_paths(folder):
+        files, _ = folder_paths.recursive_search(root, excluded_dir_names=[".git"])
+        names.update(f for f in files if f.lower().endswith(".gguf"))
+    return sorted(names)
+
+
 def model_file_choices() -> list[str]:
-    """Combo values for a model file input: 'diffusion_models/<name>' and 'checkpoints/<name>'."""
+    """Combo values for a model file input: 'diffusion_models/<name>' (GGUF files included) and
+    'checkpoints/<name>'."""
     names = []
     for folder in MODEL_FILE_FOLDERS:
-        names += [f"{folder}/{n}" for n in folder_paths.get_filename_list(folder)]
+        listed = folder_paths.get_filename_list(folder)
+        extra = [n for n in _gguf_files(folder) if n not in listed] if folder == "diffusion_models" else []
+        names += [f"{folder}/{n}" for n in [*listed, *extra]]
     return names
 
 

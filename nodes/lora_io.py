@@ -10,10 +10,29 @@ from ..core.dtypes import OUTPUT_DTYPE_CHOICES, parse_dtype
 from ..core.errors import MismatchError
 from ..core.lora import keymaps
 from ..core.lora.convert import convert_lora, flux_to_chroma
-from ..core.lora.formats import LORA_ARCHES, WRITABLE_FORMATS, load_lora, lora_state_dict, lora_summary, save_lora
+from ..core.lora.fit import check_lora_fits
+from ..core.lora.formats import (
+    LORA_ARCHES,
+    WRITABLE_FORMATS,
+    load_lora,
+    lora_state_dict,
+    lora_summary,
+    reformat_lora,
+    save_lora,
+)
 from ..core.lora.model import LoRA
 from ..core.lora.reproject import REPROJECT_METHODS, ReprojectOptions, reproject_flux_to_chroma
-from .common import CATEGORY, LORA_TYPE, compute_device, input_path, model_arch, output_path, progress, ui_report
+from .common import (
+    CATEGORY,
+    LORA_TYPE,
+    PatcherSource,
+    compute_device,
+    input_path,
+    model_arch,
+    output_path,
+    progress,
+    ui_report,
+)
 
 ARCH_CHOICES = ["auto", *LORA_ARCHES]
 SUBCATEGORY = f"{CATEGORY}/LoRA"
@@ -62,7 +81,8 @@ class WeightsmithLoadLoRA:
 class WeightsmithSaveLoRA:
     DESCRIPTION = ("Save a LoRA into the loras folder as .safetensors in the chosen format (ComfyUI, kohya, diffusers, "
                    "OneTrainer). The change each layer receives is preserved exactly; fused q/k/v are split or joined "
-                   "as the format needs. Never overwrites: a counter is appended.")
+                   "as the format needs; a module the format cannot hold is refused by name, never dropped. Never "
+                   "overwrites: a counter is appended.")
     CATEGORY = SUBCATEGORY
     FUNCTION = "save"
     OUTPUT_NODE = True
@@ -90,15 +110,19 @@ class WeightsmithSaveLoRA:
         if fmt == "same as input":
             fmt = lora.source_format if lora.source_format in WRITABLE_FORMATS else "comfy"
         path = output_path("loras", filename_prefix)
-        save_lora(lora, path, fmt=fmt, dtype=parse_dtype(dtype))
+        save_lora(lora, path, fmt=fmt, dtype=parse_dtype(dtype))  # every module, or an error naming them
         text = f"saved {path.name} ({fmt}, {lora.arch}, {len(lora.modules)} modules)"
-        return {"ui": ui_report(text, {"path": str(path), "format": fmt, "arch": lora.arch}), "result": (str(path),)}
+        if fmt == "onetrainer" and lora.arch in ("sd15", "sdxl"):
+            text += "\nOneTrainer names SD UNet and CLIP layers as kohya does (lora_unet_*, lora_te*_*)"
+        data = {"path": str(path), "format": fmt, "arch": lora.arch, "modules": len(lora.modules)}
+        return {"ui": ui_report(text, data), "result": (str(path),)}
 
 
 class WeightsmithConvertLoRA:
     DESCRIPTION = ("Convert a LoRA to another key format and/or architecture (Flux <-> Chroma), exactly: the change "
-                   "of every kept layer is identical. Layers the target architecture lacks are dropped and listed. "
-                   "The format matters when saving ('same as input') or for other nodes that read it.")
+                   "of every kept layer is identical. Layers the target architecture lacks are dropped and listed; a "
+                   "module the target format cannot hold is refused by name. The format matters when saving ('same "
+                   "as input') or for other nodes that read it.")
     CATEGORY = SUBCATEGORY
     FUNCTION = "convert"
     OUTPUT_NODE = True
@@ -119,10 +143,9 @@ class WeightsmithConvertLoRA:
 
     def convert(self, lora, target_format, target_arch):
         out, report = convert_lora(lora, None if target_arch == "keep" else target_arch)
-        # Going through the target format proves it can express every module (and gives its exact factors).
-        converted = load_lora(lora_state_dict(out, target_format), arch=out.arch)
-        converted.metadata = {**out.metadata, **converted.metadata}
-        converted.unknown_keys = list(out.unknown_keys)
+        # Going through the target format proves it holds every module (and gives its exact factors); a module
+        # it cannot hold, or one its names would not bring back, is refused by name, never dropped.
+        converted = reformat_lora(out, target_format)
         text = f"{lora.source_format} -> {target_format}\n" + report.text()
         return {"ui": ui_report(text, report.to_dict()), "result": (converted, text)}
 
@@ -204,7 +227,8 @@ class WeightsmithReprojectFluxToChroma:
 class WeightsmithApplyLoRA:
     DESCRIPTION = ("Apply a LORA to a MODEL through ComfyUI's own LoRA loader (comfy.sd.load_lora_for_models), so it "
                    "behaves exactly like LoraLoaderModelOnly, whatever format the LoRA came in (XLabs and PEFT-on-BFL "
-                   "files included, which ComfyUI alone does not load). Text-encoder layers are not applied.")
+                   "files included, which ComfyUI alone does not load). Text-encoder layers are not applied. A LoRA "
+                   "whose layer shapes do not match the model (made for another size) is refused, naming them.")
     CATEGORY = SUBCATEGORY
     FUNCTION = "apply"
     OUTPUT_NODE = False
@@ -236,6 +260,9 @@ class WeightsmithApplyLoRA:
                          arch=lora.arch, source_format=lora.source_format, metadata=dict(lora.metadata))
         if strength == 0 or not unet_only.modules:
             return (model,)
+        # ComfyUI only logs a layer whose shape does not match and patches nothing there: refuse first
+        weights = PatcherSource(model)
+        check_lora_fits(unet_only, {k: weights.info(k).shape for k in weights.keys()}, f"this {arch} model")
         try:
             sd = lora_state_dict(unet_only, "comfy")
         except MismatchError:  # adapters on split q/k/v slices: only the split naming carries them

@@ -6,6 +6,7 @@ import torch
 from comfy.weight_adapter import WeightAdapterBase
 
 from ..core.dtypes import OUTPUT_DTYPE_CHOICES
+from ..core.encodings.gguf_write import GGUF_OUTPUT_TYPES
 from ..core.merge.execute import execute_merge
 from ..core.merge.methods import METHODS, derive_seed, format_params
 from ..core.merge.plan import MISSING_POLICIES, OTHERS_POLICIES, MergePlan, plan_merge
@@ -235,9 +236,12 @@ class WeightsmithMergeFiles:
                                                        "tooltip": "Keys outside the diffusion model (text encoders, "
                                                                   "VAE of full checkpoints): copy from model_a, "
                                                                   "merge like the rest, or drop."}),
-                "dtype": (OUTPUT_DTYPE_CHOICES, {"default": "keep",
-                                                 "tooltip": "Output dtype; keep = model_a's dtype per tensor. The "
-                                                            "math is fp32 either way."}),
+                "dtype": (OUTPUT_DTYPE_CHOICES + list(GGUF_OUTPUT_TYPES),
+                          {"default": "keep",
+                           "tooltip": "Output dtype; keep = model_a's dtype per tensor. The math is fp32 either "
+                                      "way. gguf-… writes a .gguf of the diffusion model for ComfyUI-GGUF's Unet "
+                                      "loader (Q8_0/Q5/Q4 quantized by the gguf package; set other_keys to drop "
+                                      "for full checkpoints)."}),
                 "dry_run": ("BOOLEAN", {"default": False, "tooltip": "Compute the merge and report; write no file."}),
                 "output_folder": (OUTPUT_FOLDERS, {"default": "output",
                                                    "tooltip": "Where the file goes: ComfyUI's output folder, "
@@ -261,7 +265,8 @@ class WeightsmithMergeFiles:
                           other_keys)
         largest = max((kp.numel for kp in plan.keys), default=0)
         device = compute_device(largest * 4 * (len(chosen) + 3))
-        out = None if dry_run else output_path(output_folder, filename_prefix)
+        out = None if dry_run else output_path(output_folder, filename_prefix,
+                                               ".gguf" if dtype in GGUF_OUTPUT_TYPES else ".safetensors")
         rep = execute_merge(plan, out, None if dtype == "keep" else dtype, device, progress(len(plan.keys), unique_id))
         text = rep.table()
         return {"ui": ui_report(text, rep.to_dict()),

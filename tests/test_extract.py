@@ -228,18 +228,16 @@ def test_report_json_table_chart(flux_pair):
 
 
 def test_validate_agrees_with_extraction_through_files(flux_pair, tmp_path):
-    from weightsmith.commands.extract import unwritable_parts
     from weightsmith.lora.extract import leave_out
-    from weightsmith.lora.formats import save_lora
+    from weightsmith.lora.formats import save_lora, unwritable_modules
 
     base, tuned = flux_pair
     for fmt in ("comfy", "kohya"):
         lora, report = extract_lora(base, tuned, rank=8)
-        unnamed, bias_only = unwritable_parts(lora, fmt)
+        unnamed = sorted(unwritable_modules(lora, fmt))
         # kohya has no key for Flux's q/k norm gains; comfy names everything
-        assert sorted(unnamed) == ([] if fmt == "comfy" else sorted(n for n in lora.modules if n.endswith(".scale")))
-        assert bias_only == []
-        leave_out(lora, report, unnamed, f"{fmt} cannot name it")
+        assert unnamed == ([] if fmt == "comfy" else sorted(n for n in lora.modules if n.endswith(".scale")))
+        leave_out(lora, report, unnamed, f"{fmt} cannot name it")  # the explicit, listed drop
         path = tmp_path / f"lora_{fmt}.safetensors"
         save_lora(lora, path, fmt=fmt)
         assert load_lora(path).arch == "flux"
@@ -271,7 +269,7 @@ def test_cli_extract_and_validate(flux_pair, tmp_path, capsys):
     write_safetensors(a, base)
     write_safetensors(b, tuned)
     out, rep, png = tmp_path / "lora.safetensors", tmp_path / "r.json", tmp_path / "c.png"
-    rc = cli_main(["extract", str(a), str(b), "-o", str(out), "--rank", "8", "--format", "kohya",
+    rc = cli_main(["extract", str(a), str(b), "-o", str(out), "--rank", "8", "--format", "kohya", "--no-diff",
                    "--report", str(rep), "--chart", str(png)])
     assert rc == 0 and out.exists() and png.stat().st_size > 0
     data = json.loads(rep.read_text())
@@ -303,23 +301,27 @@ def test_reported_optimum_is_a_true_bound_on_large_bf16_deltas():
     assert m.norm == pytest.approx(float(delta.norm()), rel=1e-6)
 
 
-def test_cli_diffusers_format_leaves_out_only_unnameable_bias_changes(flux_pair, tmp_path, capsys):
+def test_cli_diffusers_format_refuses_unnameable_bias_changes_until_told(flux_pair, tmp_path, capsys):
+    """diffusers splits q/k/v (qkv, linear1) and swaps the adaLN halves: a bias change there has no name. The
+    extraction is refused naming them, nothing written; `--no-diff` (the user's explicit choice) writes."""
     base, tuned = flux_pair
     a, b = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
     write_safetensors(a, base)
     write_safetensors(b, tuned)
     out, rep = tmp_path / "lora.safetensors", tmp_path / "r.json"
     assert cli_main(["extract", str(a), str(b), "-o", str(out), "--rank", "8", "--format", "diffusers",
+                     "--report", str(rep)]) == 2
+    err = capsys.readouterr().err
+    for module in ("double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "single_blocks.0.linear1",
+                   "final_layer.adaLN_modulation.1"):
+        assert f"diffusion_model.{module} (a bias change" in err
+    assert "--no-diff" in err and "comfy" in err
+    assert not out.exists() and not rep.exists()
+    assert cli_main(["extract", str(a), str(b), "-o", str(out), "--rank", "8", "--format", "diffusers", "--no-diff",
                      "--report", str(rep)]) == 0
-    assert "bias changes of modules" in capsys.readouterr().out
     extracted = json.loads(rep.read_text())
-    dropped = {m["key"] for m in extracted["modules"] if m["status"] == "dropped"}
-    # split q/k/v (qkv, linear1) and the swapped adaLN halves have no diffusers name for a bias change
-    assert dropped == {"double_blocks.0.img_attn.qkv.bias", "double_blocks.0.txt_attn.qkv.bias",
-                       "single_blocks.0.linear1.bias", "final_layer.adaLN_modulation.1.bias"}
     v = validate_lora(a, b, out)
     by_key = {m.key: m for m in v.modules}
-    assert {k for k, m in by_key.items() if m.status == "missing"} == dropped
     for m in extracted["modules"]:
-        if m["status"] != "dropped":
+        if m["status"] == "lowrank":
             assert by_key[m["key"]].error == pytest.approx(m["error"], rel=1e-4, abs=1e-6), m["key"]

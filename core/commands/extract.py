@@ -7,10 +7,9 @@ import argparse
 from pathlib import Path
 
 from ..devices import resolve_device
-from ..errors import MismatchError, OutputPathError
-from ..lora.extract import DEFAULT_MIN_DELTA, extract_lora, leave_out
-from ..lora.formats import WRITABLE_FORMATS, lora_state_dict, save_lora
-from ..lora.model import LoRA, ModuleDelta
+from ..errors import OutputPathError
+from ..lora.extract import DEFAULT_MIN_DELTA, extract_lora
+from ..lora.formats import WRITABLE_FORMATS, check_writable, save_lora
 from ..lora.svd import METHODS, RANK_MODES
 from ..lora.validate import ReconstructionReport, validate_lora
 from ..paths import check_name_fits, check_new_output
@@ -80,29 +79,6 @@ def _emit(report: ReconstructionReport, args: argparse.Namespace) -> None:
         print(f"chart: {args.chart}")
 
 
-def _writable(lora: LoRA, name: str, md: ModuleDelta, fmt: str) -> bool:
-    try:
-        lora_state_dict(LoRA(modules={name: md}, arch=lora.arch, metadata=lora.metadata), fmt)
-    except MismatchError:
-        return False
-    return True
-
-
-def unwritable_parts(lora: LoRA, fmt: str) -> tuple[list[str], list[str]]:
-    """(modules `fmt` cannot write at all, modules it can write only without their bias change): kohya has
-    no key for Flux's norm `.scale` diffs; diffusers/OneTrainer split qkv/linear1, where a bias diff has
-    no name."""
-    whole, bias = [], []
-    for name, md in lora.modules.items():
-        if _writable(lora, name, md, fmt):
-            continue
-        if md.diff_b is not None and _writable(lora, name, ModuleDelta(terms=md.terms, diff=md.diff), fmt):
-            bias.append(name)
-        else:
-            whole.append(name)
-    return whole, bias
-
-
 def _check_outputs(args: argparse.Namespace, inputs: list, output: Path | None = None) -> None:
     """Refuse bad --report / --chart paths and a missing GPU before any tensor is read (the final writes
     refuse them again, atomically)."""
@@ -128,15 +104,8 @@ def run_extract(args: argparse.Namespace) -> int:
         device=args.device, progress=TerminalProgress("extract"), clamp_quantile=args.clamp_quantile,
         dtype=args.dtype, method=args.method, seed=args.seed,
     )
-    if args.format != "comfy":
-        whole, bias = unwritable_parts(lora, args.format)
-        reason = f"the {args.format} format has no name for it"
-        leave_out(lora, report, whole, reason)
-        leave_out(lora, report, bias, reason, bias_only=True)
-        for what, names in (("modules", whole), ("bias changes of modules", bias)):
-            if names:
-                print(f"note: left out {len(names)} {what} the {args.format} format cannot name "
-                      f"({', '.join(names[:3])}{', …' if len(names) > 3 else ''}); --format comfy keeps them")
+    # the message Save LoRA gives for the same LoRA; before the report, so a refusal leaves no file at all
+    check_writable(lora, args.format)
     _emit(report, args)
     if not lora.modules:
         print("no LoRA written: it would be empty")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..dtypes import OUTPUT_DTYPE_CHOICES
+from ..encodings.gguf_write import GGUF_OUTPUT_TYPES
 from ..errors import WeightsmithError
 from ..merge.execute import execute_merge
 from ..merge.methods import describe_methods
@@ -32,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Merge 2..N models streaming: peak memory follows the largest tensor, not the model.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", type=Path, help="input models A B [C …] (file, shard folder or index.json)")
-    p.add_argument("-o", "--output", type=Path, help="output .safetensors file")
+    p.add_argument("-o", "--output", type=Path, help="output .safetensors file (.gguf with --dtype gguf-…)")
     p.add_argument("--method", default="weighted_sum", help="merge method (see --list-methods); default weighted_sum")
     p.add_argument("--weights", default=None, help="one weight per model, e.g. 0.7,0.3 (default: the method's)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
@@ -43,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keys only some models have: take (from the first that has it), drop, or error")
     p.add_argument("--others", default="copy", choices=OTHERS_POLICIES,
                    help="keys outside the diffusion model (text encoders, VAE): copy from A, merge, or drop")
-    p.add_argument("--dtype", default="keep", choices=OUTPUT_DTYPE_CHOICES, help="output dtype (default: keep A's)")
+    p.add_argument("--dtype", default="keep", choices=OUTPUT_DTYPE_CHOICES + list(GGUF_OUTPUT_TYPES),
+                   help="output dtype (default: keep A's); gguf-… writes a ComfyUI-GGUF file of the diffusion model")
     p.add_argument("--device", default="cpu", help="compute device: cpu or cuda (math is fp32 either way)")
     p.add_argument("--report", type=Path, help="write the merge report as JSON here")
     p.add_argument("--chart", type=Path, help="write the per-group chart as PNG here")
@@ -69,8 +71,13 @@ def run(args: argparse.Namespace) -> int:
         raise WeightsmithError("give at least two models to merge")
     if args.output is None and not (args.dry_run or args.plan_only):
         raise WeightsmithError("give an output file with -o OUT.safetensors (or use --dry-run / --plan-only)")
-    if args.output is not None and args.output.suffix.lower() not in (".safetensors", ".sft"):
-        raise WeightsmithError(f"output {args.output} must end in .safetensors")
+    gguf_out = args.dtype in GGUF_OUTPUT_TYPES
+    if args.output is not None and gguf_out and args.output.suffix.lower() != ".gguf":
+        raise WeightsmithError(f"output {args.output} must end in .gguf with --dtype {args.dtype}")
+    if args.output is not None and not gguf_out and args.output.suffix.lower() not in (".safetensors", ".sft"):
+        hint = " (for a GGUF file give --dtype gguf-q8_0, gguf-q5_1, gguf-q4_1, gguf-f16 …)" \
+            if args.output.suffix.lower() == ".gguf" else ""
+        raise WeightsmithError(f"output {args.output} must end in .safetensors{hint}")
     # --report/--chart are outputs too: a bad path (an input, an existing file) fails now, not after the merge
     if args.report:
         check_new_output(args.report, "report", protect=args.models, others=[args.output, args.chart])

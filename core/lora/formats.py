@@ -16,10 +16,10 @@ import torch
 
 from ..errors import BadFileError, MismatchError
 from ..safetensors_io import write_safetensors
-from ..sources import TensorSource, as_source, open_model
+from ..sources import DictSource, TensorSource, as_source, open_model
 from . import formats_kohya, formats_peft  # noqa: F401  (they register the formats)
 from . import keymaps as km
-from .formats_base import FORMATS, Format, check_modules, register
+from .formats_base import FORMATS, Format, UnwritableError, check_modules, register, unwritable_error, unwritable_in
 from .model import LoRA
 
 WRITABLE_FORMATS = ("comfy", "kohya", "diffusers", "onetrainer", "lycoris")
@@ -27,8 +27,9 @@ LORA_ARCHES = ("flux", "chroma", "sdxl", "sd15")
 # When two formats match equally many keys, the more specific one wins.
 _PRIORITY = ("xlabs", "bfl_control", "peft_bfl", "onetrainer", "lycoris", "kohya", "diffusers", "comfy")
 
-__all__ = ["FORMATS", "Format", "LORA_ARCHES", "WRITABLE_FORMATS", "detect_format", "infer_arch", "load_lora",
-           "lora_state_dict", "lora_summary", "normalize_arch", "register", "save_lora"]
+__all__ = ["FORMATS", "Format", "LORA_ARCHES", "UnwritableError", "WRITABLE_FORMATS", "check_writable", "detect_format",
+           "infer_arch", "load_lora", "lora_state_dict", "lora_summary", "normalize_arch", "read_back", "reformat_lora",
+           "register", "save_lora", "unwritable_modules"]
 
 
 def detect_format(keys: Iterable[str]) -> str:
@@ -102,7 +103,7 @@ def load_lora(src: str | os.PathLike | TensorSource | Mapping[str, torch.Tensor]
     if fmt == "unknown":
         raise BadFileError(_not_a_lora(source))
     recorded = source.metadata.get("weightsmith.format")
-    if recorded in FORMATS and recorded != fmt and FORMATS[recorded].detect(keys) >= FORMATS[fmt].detect(keys):
+    if recorded in FORMATS and recorded != fmt and _recorded_score(recorded, keys) >= FORMATS[fmt].detect(keys):
         fmt = recorded  # same names in two formats (OneTrainer SD = kohya): the writer's word decides
     lora = FORMATS[fmt].read(source, hint)
     # A file may mix spellings (kohya UNet + diffusers text encoder, …): offer the rest to the other readers.
@@ -130,6 +131,11 @@ def load_lora(src: str | os.PathLike | TensorSource | Mapping[str, torch.Tensor]
                            f"(e.g. {', '.join(sorted(keys)[:3])}); is it a LoRA for another architecture?")
     lora.arch = _checked_arch(lora, hint, source.name)
     return lora
+
+
+def _recorded_score(fmt: str, keys: list[str]) -> int:
+    spec = FORMATS[fmt]
+    return (spec.detect_recorded or spec.detect)(keys)
 
 
 def _foreign_adapter(keys: Iterable[str]) -> tuple[str, str] | None:
@@ -214,13 +220,69 @@ def _checked_arch(lora: LoRA, hint: str | None, where: str) -> str:
     return hint  # within a family the caller knows best (SD1.5 vs SDXL from names alone can be ambiguous)
 
 
+def _writable(fmt: str) -> Format:
+    f = FORMATS.get(fmt)
+    if f is None or f.write is None or f.namer is None:
+        raise MismatchError(f"cannot write LoRA format {fmt!r}; writable formats: {', '.join(WRITABLE_FORMATS)}")
+    return f
+
+
 def lora_state_dict(lora: LoRA, fmt: str = "comfy", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The LoRA as a state dict in `fmt` (comfy | kohya | diffusers | onetrainer); ΔW exactly preserved.
-    `dtype` casts factors and diffs (alphas stay fp32 scalars); None keeps each tensor's dtype."""
-    f = FORMATS.get(fmt)
-    if f is None or f.write is None:
-        raise MismatchError(f"cannot write LoRA format {fmt!r}; writable formats: {', '.join(WRITABLE_FORMATS)}")
-    return f.write(lora, dtype)
+    `dtype` casts factors and diffs (alphas stay fp32 scalars); None keeps each tensor's dtype. A module
+    the format cannot hold whole raises UnwritableError naming every such module; nothing is dropped."""
+    return _writable(fmt).write(lora, dtype)
+
+
+def unwritable_modules(lora: LoRA, fmt: str) -> dict[str, str]:
+    """{module: why} for the modules `fmt` cannot hold whole, from the names alone (no tensor is touched)."""
+    _writable(fmt)
+    return unwritable_in(lora, fmt)
+
+
+def check_writable(lora: LoRA, fmt: str) -> None:
+    """Raise UnwritableError (the message every writer gives) when `fmt` cannot hold some module of `lora`."""
+    if problems := unwritable_modules(lora, fmt):
+        raise unwritable_error(lora, fmt, problems)
+
+
+def _parts(mod) -> tuple[str, ...]:
+    return tuple(role for role, v in (("factors", mod.terms), ("adapters", mod.adapters), ("diff", mod.diff),
+                                      ("bias change", mod.diff_b), ("replacement", mod.set_weight))
+                 if v is not None and not (isinstance(v, list) and not v))
+
+
+def read_back(lora: LoRA, fmt: str, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> LoRA:
+    """`sd` (what the `fmt` writer made of `lora`) read by the `fmt` reader, as a file with `metadata` would
+    be; MismatchError naming every module (or part of one) that would not come back, so nothing is lost
+    between a writer and its reader."""
+    hint = lora.arch if lora.arch in LORA_ARCHES else None
+    src = DictSource(sd, name=f"<{fmt} state dict>", metadata=dict(metadata)).set_nonfinite_policy("ignore")
+    back = FORMATS[fmt].read(src, hint)  # names only: the values are the writer's, not scanned again
+    lost = []
+    for name in sorted(lora.modules):
+        want = _parts(lora.modules[name])
+        got = _parts(back.modules[name]) if name in back.modules else ()
+        if want and got != want:
+            lost.append(f"{name} ({', '.join(p for p in want if p not in got) or 'read as ' + '+'.join(got)})")
+    extra = sorted(set(back.modules) - set(lora.modules)) + list(back.unknown_keys)
+    if lost or extra:
+        shown = ", ".join((lost + extra)[:8]) + (f", … ({len(lost) + len(extra)} in all)" if len(lost) + len(extra) > 8 else "")
+        raise MismatchError(f"the {fmt} names of this {lora.arch} LoRA do not read back as the same modules: {shown}; "
+                            "nothing was written: use the comfy format, which names every module as ComfyUI does")
+    back.arch, back.source_format = lora.arch, fmt
+    return back
+
+
+def reformat_lora(lora: LoRA, fmt: str) -> LoRA:
+    """The LoRA as its `fmt` file reads back (factors as that format stores them: split q/k/v, baked alphas),
+    with the same modules, metadata and list of keys not understood; refused (UnwritableError / MismatchError,
+    naming the modules) when `fmt` cannot hold every module."""
+    meta = {**lora.metadata, "weightsmith.format": fmt, "weightsmith.arch": lora.arch}
+    back = read_back(lora, fmt, lora_state_dict(lora, fmt), meta)
+    back.metadata = {**lora.metadata, **back.metadata}
+    back.unknown_keys = list(lora.unknown_keys)
+    return back
 
 
 def save_lora(
@@ -232,7 +294,9 @@ def save_lora(
     protect: Iterable[str | os.PathLike] = (),
     overwrite: bool = False,
 ) -> Path:
-    """Write the LoRA atomically as .safetensors in `fmt`; the metadata records architecture and format."""
+    """Write the LoRA atomically as .safetensors in `fmt`; the metadata records architecture and format.
+    Every module is written and reads back from the file's names (checked before anything is written), or
+    nothing is written and the error names the modules."""
     sd = lora_state_dict(lora, fmt, dtype)
     if not sd:
         raise MismatchError(f"{path}: the LoRA has no modules left to save (every module is empty or was dropped); "
@@ -247,6 +311,7 @@ def save_lora(
         meta[PEFT_KEY] = peft
     meta.update({"weightsmith.format": fmt, "weightsmith.arch": lora.arch, "weightsmith.source_format": lora.source_format})
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    read_back(lora, fmt, sd, meta)
     return write_safetensors(path, sd, meta, protect=protect, overwrite=overwrite)
 
 

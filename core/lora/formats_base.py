@@ -46,6 +46,12 @@ class Format:
     read: Callable[[TensorSource, str | None], LoRA]
     write: Callable[[LoRA, torch.dtype | None], dict[str, torch.Tensor]] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    # writable formats: how the writer names a LoRA's modules (`namer(lora)(module, arch)`), so what it cannot
+    # hold is known before any tensor is touched (`unwritable_modules`)
+    namer: Callable[[LoRA], Callable[[str, str], list[OutName]]] | None = None
+    # how strongly keys match when a file's metadata says this format wrote it (default: `detect`); OneTrainer
+    # names SD UNets as kohya does, so only the recorded word can tell its SD files apart
+    detect_recorded: Callable[[list[str]], int] | None = None
 
 
 FORMATS: dict[str, Format] = {}
@@ -379,11 +385,6 @@ def emit_module(
             v = getattr(mod, role)
             if v is None:
                 continue
-            if role == "diff_b" and n.split:
-                raise MismatchError(
-                    f"module {name}: the {fmt} format cannot carry a bias change on {n.prefix} (ComfyUI maps that "
-                    "name to a slice of a fused weight); save as comfy or kohya instead"
-                )
             piece = v[start : start + length]
             if not piece.abs().sum() and n.rows is not None:
                 continue  # a slice the diff does not touch
@@ -391,8 +392,6 @@ def emit_module(
                 piece = swap_halves(piece)
             out[n.prefix + suffix] = _cast(piece, dtype, v)
         if mod.set_weight is not None:
-            if n.rows is not None:
-                raise MismatchError(f"module {name}: the {fmt} format cannot replace a slice of a fused weight")
             out[n.prefix + ".set_weight"] = _cast(mod.set_weight, dtype, mod.set_weight)
         if name in reshape and n is names[0]:
             out[n.prefix + ".reshape_weight"] = torch.tensor(reshape[name], dtype=torch.int64)
@@ -453,6 +452,76 @@ def km_layout(lora: LoRA) -> str:
     return keymaps.sd_layout(lora.arch, lora.metadata)
 
 
+def unwritable_reason(mod: ModuleDelta, names: list[OutName], fmt: str) -> str | None:
+    """Why a format named `names` cannot hold module `mod` whole (None: it can)."""
+    if not names:
+        return f"no {fmt} name"
+    if mod.diff_b is not None and any(n.split for n in names):
+        return "a bias change on a fused weight this format splits"
+    if mod.set_weight is not None and any(n.rows is not None for n in names):
+        return "a replacement of a fused weight this format splits"
+    return None
+
+
+def unwritable_in(lora: LoRA, fmt: str) -> dict[str, str]:
+    """{module: why} for every module of `lora` the writable format `fmt` cannot hold; {} when it holds all."""
+    namer = FORMATS[fmt].namer(lora)
+    out = {}
+    for name in sorted(lora.modules):
+        mod = lora.modules[name]
+        if not mod.is_empty() and (why := unwritable_reason(mod, namer(name, lora.arch), fmt)):
+            out[name] = why
+    return out
+
+
+def _adapter_problem(name: str, mod: ModuleDelta, names: list[OutName], style: WriteStyle, fmt: str) -> str | None:
+    """Why the format cannot place `mod`'s LoKr/LoHa/DoRA adapters (None: it can, or there are none)."""
+    if not mod.adapters:
+        return None
+    total = module_rows(name, mod)
+    h = total // keymaps.FUSED_ROWS.get(name.rsplit(".", 1)[-1], 1) if any(n.rows is not None for n in names) else total
+    try:
+        _place_adapters(name, mod, names, total, h, style, fmt)
+    except MismatchError as e:
+        return str(e).removeprefix(f"module {name}: ")
+    return None
+
+
+def _diff_only(mod: ModuleDelta, why: str) -> bool:
+    """Whether leaving out full diffs of 1-D weights and bias changes (extraction's store_diff off) removes
+    the problem: a bias change, or a module that is only a full diff."""
+    return why.startswith("a bias change") or (not mod.terms and not mod.adapters and mod.set_weight is None
+                                                and mod.diff is not None and mod.diff.ndim < 2)
+
+
+class UnwritableError(MismatchError):
+    """A LoRA format cannot hold some modules of a LoRA: nothing is written, the modules are named."""
+
+    def __init__(self, message: str, modules: dict[str, str]):
+        super().__init__(message)
+        self.modules = modules
+
+
+def unwritable_error(lora: LoRA, fmt: str, problems: dict[str, str]) -> UnwritableError:
+    """One message for every writer and entry point: which modules, why, and how to proceed."""
+    shown = ", ".join(f"{n} ({why})" for n, why in list(problems.items())[:8])
+    more = f", … ({len(problems)} in all)" if len(problems) > 8 else ""
+    holders = [f for f, spec in FORMATS.items() if spec.namer is not None and f != fmt and not unwritable_in(lora, f)]
+    holders = holders or ["comfy"]
+    named = ", ".join(holders[:-1]) + " or " + holders[-1] if len(holders) > 1 else holders[0]
+    advice = f"use the {named} format, which holds every module"
+    if all(_diff_only(lora.modules[n], why) for n, why in problems.items()):
+        advice += (", or leave these changes out: they are full changes of 1-D weights and bias changes, which an "
+                   "extraction stores with store_diff on (turn store_diff off in Extract LoRA, or give "
+                   "`weightsmith extract --no-diff`)")
+    layout = (f" (SD names follow the {km_layout(lora)} UNet layout; a LoRA for another layout records it in the "
+              f"metadata key {keymaps.SD_LAYOUT_META})" if lora.arch in ("sd15", "sdxl") and any(
+                  why.startswith("no ") for why in problems.values()) else "")
+    return UnwritableError(
+        f"the {fmt} format cannot hold {len(problems)} module(s) of this {lora.arch} LoRA: {shown}{more}{layout}; "
+        f"nothing was written: {advice}", problems)
+
+
 def write_with(
     lora: LoRA,
     dtype: torch.dtype | None,
@@ -460,27 +529,24 @@ def write_with(
     style: WriteStyle,
     fmt: str,
 ) -> dict[str, torch.Tensor]:
-    """Every module through `namer(module, arch)`; modules the format cannot name raise, listed."""
+    """Every module through `namer(module, arch)`; if the format cannot hold some module whole, nothing is
+    emitted and UnwritableError names them all."""
     out: dict[str, torch.Tensor] = {}
     reshape = reshape_hints(lora.metadata, "the LoRA")
-    missing: list[str] = []
+    plan, problems = [], {}
     for name in sorted(lora.modules):
         mod = lora.modules[name]
         if mod.is_empty():
             continue
         names = namer(name, lora.arch)
-        if not names:
-            missing.append(name)
-            continue
+        why = unwritable_reason(mod, names, fmt) or _adapter_problem(name, mod, names, style, fmt)
+        if why:
+            problems[name] = why
+        plan.append((name, mod, names))
+    if problems:
+        raise unwritable_error(lora, fmt, problems)
+    for name, mod, names in plan:
         emit_module(out, name, mod, names, style, dtype, fmt, reshape)
-    if missing:
-        shown = ", ".join(missing[:8]) + (f", … ({len(missing)} in all)" if len(missing) > 8 else "")
-        raise MismatchError(
-            f"the {fmt} format has no name for {len(missing)} module(s) of this {lora.arch} LoRA: {shown}; "
-            "save it in the comfy format, which names every module"
-            + (f" (SD names follow the {km_layout(lora)} UNet layout; a LoRA for another layout records it "
-               f"in the metadata key {keymaps.SD_LAYOUT_META})" if lora.arch in ("sd15", "sdxl") else "")
-        )
     return out
 
 

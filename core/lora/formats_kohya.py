@@ -82,8 +82,12 @@ def read_comfy(src: TensorSource, arch: str | None) -> LoRA:
     return lora
 
 
+def _comfy_namer(lora: LoRA):
+    return lambda name, arch: [OutName(name)]
+
+
 def write_comfy(lora: LoRA, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return write_with(lora, dtype, lambda name, arch: [OutName(name)], COMFY_STYLE, "comfy")
+    return write_with(lora, dtype, _comfy_namer(lora), COMFY_STYLE, "comfy")
 
 
 # --- kohya / OneTrainer ----------------------------------------------------------------------------
@@ -134,6 +138,11 @@ def detect_lycoris(keys: list[str]) -> int:
 def detect_onetrainer(keys: list[str]) -> int:
     n = sum(k.startswith("lora_transformer_") for k in keys)
     return n + sum(k.startswith("lora_te") for k in keys) if n else 0
+
+
+def detect_onetrainer_recorded(keys: list[str]) -> int:
+    """A file whose metadata says OneTrainer wrote it: its SD UNet keys carry kohya's `lora_unet_` names."""
+    return sum(k.startswith(("lora_transformer_", "lora_unet_", "lora_te")) for k in keys)
 
 
 def _read_kohya_family(src: TensorSource, arch: str | None, fmt: str) -> LoRA:
@@ -219,10 +228,12 @@ def write_lycoris(lora: LoRA, dtype: torch.dtype | None) -> dict[str, torch.Tens
 
 
 register(Format("comfy", "ComfyUI-native: diffusion_model.<module>.lora_up/lora_down/alpha, diff, diff_b, set_weight",
-                detect_comfy, read_comfy, write_comfy))
+                detect_comfy, read_comfy, write_comfy, namer=_comfy_namer))
 register(Format("kohya", "kohya sd-scripts: lora_unet_* / lora_te*_*, lora_up/lora_down + alpha",
-                detect_kohya, read_kohya, write_kohya))
-register(Format("onetrainer", "OneTrainer: lora_transformer_<diffusers name> (split q/k/v), lora_te*_*, alpha",
-                detect_onetrainer, read_onetrainer, write_onetrainer))
+                detect_kohya, read_kohya, write_kohya, namer=_kohya_namer))
+register(Format("onetrainer", "OneTrainer: lora_transformer_<diffusers name> (split q/k/v), lora_te*_*, alpha; "
+                "SD UNets under kohya's lora_unet_* names", detect_onetrainer, read_onetrainer, write_onetrainer,
+                namer=_onetrainer_namer, detect_recorded=detect_onetrainer_recorded))
 register(Format("lycoris", "SimpleTuner LyCORIS: lycoris_<diffusers name underscored> (split q/k/v), lora_te*_*; "
-                "LoKr/LoHa/LoRA/DoRA keys", detect_lycoris, read_lycoris, write_lycoris))
+                "LoKr/LoHa/LoRA/DoRA keys", detect_lycoris, read_lycoris, write_lycoris,
+                namer=lambda lora: _onetrainer_namer(lora, "lycoris_")))

@@ -228,7 +228,7 @@ def read_peft_bfl(src: TensorSource, arch: str | None) -> LoRA:
 
 
 register(Format("diffusers", "diffusers/PEFT/ai-toolkit: transformer.<diffusers name>.lora_A/lora_B (split q/k/v); "
-                "SD: unet.<diffusers name>", detect_diffusers, read_diffusers, write_diffusers))
+                "SD: unet.<diffusers name>", detect_diffusers, read_diffusers, write_diffusers, namer=_diffusers_namer))
 register(Format("xlabs", "XLabs: double_blocks.N.processor.qkv_lora1.down.weight … (read only)",
                 detect_xlabs, read_xlabs))
 register(Format("bfl_control", "BFL control LoRA: bare BFL names, lora_A/lora_B, lora_B.bias, norm scales (read only)",

@@ -22,6 +22,7 @@ import torch
 
 from ..devices import resolve_device
 from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name, parse_dtype
+from ..encodings.gguf_write import GGUFStreamWriter, gguf_output_type
 from ..errors import BadFileError, WeightsmithError
 from ..pipeline import TASK_ELEMS, KeyPipeline, WorkerBuffers, default_workers, row_ranges
 from ..progress import ProgressFn, no_progress
@@ -127,6 +128,12 @@ class _MergeContext:
         be thread-safe)."""
         return [self.plan.sources[i].get(raw) for i, raw in kp.reads]
 
+    def decoded_and_large(self, kp: KeyPlan) -> bool:
+        """Whether a key's inputs come decoded (quantized files: fresh fp32 memory, not mapped pages) and
+        are large enough that only one such key should be in flight at a time."""
+        return kp.numel * 4 * len(kp.reads) > ALONE_BYTES and any(
+            getattr(self.plan.sources[i], "encoding", lambda _: None)(raw) is not None for i, raw in kp.reads)
+
     def method_args(self, kp: KeyPlan) -> tuple:
         method = METHODS[kp.method]
         params = dict(kp.params)
@@ -204,6 +211,8 @@ class _MergeContext:
                     and _all_finite(t):
                 raise _overflow_error(kp, self.plan, want)
             t = cast
+        if self.writer is not None and t.is_floating_point() and not _written_finite(t):
+            raise _nonfinite_error(kp, self.plan, [self.plan.inputs[kp.reads[0][0]].label])
         if self.writer is not None:
             self.writer.write(kp.out_key, t)
 
@@ -224,6 +233,28 @@ def _check_inputs_finite(plan: MergePlan, kp: KeyPlan, policies: list[str]) -> l
                                    f"of the merge with a rule such as '{re.escape(kp.name)}=take:A' or "
                                    f"'{re.escape(kp.name)}=drop'")
     return bad
+
+
+def _written_finite(t: torch.Tensor) -> bool:
+    return _sum_is_finite(t.to(torch.float16) if t.dtype in FP8_DTYPES else t) or _all_finite(t)
+
+
+def _nonfinite_error(kp: KeyPlan, plan: MergePlan, bad_inputs: list[str]) -> WeightsmithError:
+    """An output key would hold NaN/Inf: a broken model, so the merge stops whatever the input policy."""
+    files = ", ".join(f"{plan.inputs[i].label} {plan.inputs[i].name}" for i, _ in kp.reads)
+    key = re.escape(kp.name)
+    if not bad_inputs:
+        return WeightsmithError(f"{kp.out_key!r} (merged from {files}): the {kp.method} merge made NaN from finite "
+                                f"inputs (weights {', '.join(f'{w:g}' for w in kp.weights) or 'default'}); check the "
+                                "weights and the method's parameters. Nothing was written")
+    culprits = ", ".join(f"{plan.inputs[i].label} {plan.inputs[i].name}" for i, _ in kp.reads
+                         if plan.inputs[i].label in bad_inputs)
+    good = [inp.label for inp in plan.inputs if inp.label not in bad_inputs]
+    rules = (f"'{key}=take:{good[0]}' or " if good else "") + f"'{key}=drop'"
+    how = "taken from" if kp.action == "take" else "merged from"
+    return BadFileError(f"{kp.out_key!r} ({how} {files}) would hold NaN or Inf values: {culprits} holds them in this "
+                        "tensor (the file is corrupt or the model diverged). A model with NaN/Inf weights is broken, so "
+                        f"nothing was written: download that file again, or leave the key out with a rule such as {rules}")
 
 
 def _overflow_error(kp: KeyPlan, plan: MergePlan, dtype: torch.dtype) -> WeightsmithError:
@@ -261,7 +292,8 @@ def execute_merge(
     if stats not in STATS_MODES:
         raise WeightsmithError(f"stats mode {stats!r}: choose one of {', '.join(STATS_MODES)}")
     sample_every = {"full": 1, "sample": STATS_SAMPLE_EVERY, "off": 0}[stats]
-    out_dtype = parse_dtype(dtype)
+    gguf_type = gguf_output_type(dtype)  # a GGUF output: keys computed in fp32, quantized by its writer
+    out_dtype = torch.float32 if gguf_type else parse_dtype(dtype)
     dev = resolve_device(device or "cpu")
     chunk = chunk_elems or (CUDA_CHUNK_ELEMS if dev.type == "cuda" else CPU_CHUNK_ELEMS)
     progress = progress or no_progress
@@ -271,13 +303,15 @@ def execute_merge(
     writer = None
     if out_path is not None:
         layout = {kp.out_key: (kp.shape, output_dtype(kp, out_dtype)) for kp in plan.output_keys()}
-        writer = StreamingWriter(out_path, layout, plan.metadata, protect=plan.protect_paths(), overwrite=overwrite)
+        make = partial(GGUFStreamWriter, qtype=gguf_type) if gguf_type else StreamingWriter
+        writer = make(out_path, layout, plan.metadata, protect=plan.protect_paths(), overwrite=overwrite)
     # Inputs are not scanned for NaN/Inf up front (a full extra pass over every tensor): a non-finite
     # input shows in the merged output, which is checked for free, and only then are its inputs scanned.
     policies = [getattr(s, "nonfinite", "report") for s in plan.sources]
     ctx = _MergeContext(plan, dev, out_dtype, chunk, sample_every, writer)
     t0 = time.perf_counter()
     progress(0, total)
+    progress_step = max(1, total // 1000)  # 10^5 tiny keys need not make 10^5 progress (and UI) updates
 
     def finisher(kp: KeyPlan, ks: KeyStats):
         def finish(results: list) -> None:
@@ -299,10 +333,14 @@ def execute_merge(
                     bad_inputs = _check_inputs_finite(plan, kp, policies)
                     if not bad_inputs and not any(r.nan for r in results):
                         raise _overflow_error(kp, plan, output_dtype(kp, out_dtype))
+                    if writer is not None:  # never write NaN/Inf, whatever the input policy; a dry run reports them
+                        raise _nonfinite_error(kp, plan, bad_inputs)
                     ks.finite = False
                     ks.nonfinite_inputs = bad_inputs
             key_stats.append(ks)
-            progress(len(key_stats), total)
+            done = len(key_stats)
+            if done == total or done % progress_step == 0:
+                progress(done, total)
         return finish
 
     for s in plan.sources:
@@ -314,10 +352,17 @@ def execute_merge(
                 writer.__enter__()
             try:
                 with KeyPipeline(workers, single_threaded_torch=dev.type == "cpu") as pipe:
+                    labels: dict[tuple[int, ...], list[str]] = {}  # one list per combination of inputs read
                     for kp in key_plans:
-                        ks = KeyStats(kp.name, kp.group, kp.action, kp.method, kp.numel,
-                                      reads=[plan.inputs[i].label for i, _ in kp.reads], decided_by=kp.decided_by)
+                        which = tuple(i for i, _ in kp.reads)
+                        reads = labels.get(which)
+                        if reads is None:
+                            reads = labels[which] = [plan.inputs[i].label for i in which]
+                        ks = KeyStats(kp.name, kp.group, kp.action, kp.method, kp.numel, reads=reads,
+                                      decided_by=kp.decided_by)
                         finish = finisher(kp, ks)
+                        if kp.action in ("take", "merge") and ctx.decoded_and_large(kp):
+                            pipe.drain()
                         if kp.action == "take":
                             pipe.add([partial(ctx.take_task, kp, ctx.inputs(kp)[0])], finish)
                         elif kp.action != "merge":
@@ -328,6 +373,7 @@ def execute_merge(
                             step = max(1, chunk // cols)
                             pipe.add([partial(ctx.rows_task, kp, full, r0, r1, step)
                                       for r0, r1 in row_ranges(kp.shape[0], cols, step, max(chunk, TASK_ELEMS))], finish)
+                            del full  # decoded inputs are freed with the key's last task, not at the next key
                         elif kp.numel * 4 * len(kp.reads) > ALONE_BYTES:
                             finish([pipe.run_alone(partial(ctx.whole_task, kp, ctx.inputs(kp)))])
                         else:
@@ -345,7 +391,7 @@ def execute_merge(
     return MergeReport(
         plan=plan,
         out_path=Path(out_path) if out_path is not None else None,
-        dtype="keep" if out_dtype is None else str(out_dtype).replace("torch.", ""),
+        dtype=dtype if gguf_type else "keep" if out_dtype is None else str(out_dtype).replace("torch.", ""),
         device=str(dev),
         seconds=seconds,
         bytes_written=writer.total_bytes if writer is not None else 0,

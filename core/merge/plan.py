@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -28,10 +30,11 @@ from .methods import METHODS, MergeMethod, format_params, get_method
 from .rules import Rule, input_label, parse_input_ref, parse_params, parse_rules, parse_weights, preset_rules, resolve
 
 MISSING_POLICIES = ("take", "drop", "error")
+_NO_PARAMS = MappingProxyType({})
 OTHERS_POLICIES = ("copy", "merge", "drop")
 
 
-@dataclass
+@dataclass(slots=True)  # one per key, and a model can hold 10^5 keys
 class KeyPlan:
     name: str  # matching name (prefix stripped for diffusion-model keys)
     out_key: str  # key written to the output
@@ -297,12 +300,13 @@ def _files(inputs: list[InputInfo], which) -> str:
 def _plan_key(name, part, present, has, n, srcs, inputs, m, global_params, w, explicit_weights, rule_list, rule_hits,
               missing_policy, others) -> KeyPlan:
     infos = {i: srcs[i].info(present[i]) for i in has}
-    group = report_group(name, part)
+    group = sys.intern(report_group(name, part))  # one string per group, not per key
 
     def plan(action, reads, decided, method=None, params=None, weights=()):
         first = infos[reads[0]] if reads else infos[has[0]]
+        # params are shared between keys (never changed in place: execute copies them per key)
         return KeyPlan(name, "", action, tuple((i, present[i]) for i in reads), first.shape, first.dtype, method,
-                       dict(params or {}), tuple(weights), decided, group, part)
+                       params or _NO_PARAMS, tuple(weights), decided, group, part)
 
     if part != "unet" and others == "copy":
         return plan("take", [has[0]], "others: copied from A")

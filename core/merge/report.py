@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .plan import MergePlan
 
 
-@dataclass
+@dataclass(slots=True)  # one per key, and a model can hold 10^5 keys
 class KeyStats:
     name: str
     group: str
@@ -51,6 +51,7 @@ class MergeReport:
     bytes_written: int
     key_stats: list[KeyStats]
     stats: str = "sample"
+    _groups: list[dict] | None = field(default=None, repr=False, compare=False)  # table, chart and JSON share it
 
     @property
     def labels(self) -> list[str]:
@@ -60,7 +61,12 @@ class MergeReport:
         return [k.name for k in self.key_stats if not k.finite]
 
     def groups(self) -> list[dict]:
-        """One row per key group, in file order."""
+        """One row per key group, in file order (computed once: a pass over every key)."""
+        if self._groups is None:
+            self._groups = self._compute_groups()
+        return self._groups
+
+    def _compute_groups(self) -> list[dict]:
         order: dict[str, list[KeyStats]] = {}
         for k in self.key_stats:
             order.setdefault(k.group, []).append(k)

@@ -19,6 +19,7 @@ after the user's own, so the user's rules override them.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -205,7 +206,8 @@ def parse_params(text: str, what: str = "parameters") -> dict:
 
 
 def parse_weights(text: str | list | tuple | None, what: str = "weights") -> list[float] | None:
-    """'0.7,0.3' (or a list) -> [0.7, 0.3]; empty -> None (method default)."""
+    """'0.7,0.3' (or a list) -> [0.7, 0.3]; empty -> None (method default). NaN/inf and all-zero weights are
+    refused here, before any file is read: they would write NaN or all-zero tensors."""
     if text is None:
         return None
     if isinstance(text, (list, tuple)):
@@ -215,9 +217,17 @@ def parse_weights(text: str | list | tuple | None, what: str = "weights") -> lis
     if not items:
         return None
     try:
-        return [float(x) for x in items]
-    except ValueError:
+        weights = [float(x) for x in items]
+    except (TypeError, ValueError):
         raise WeightsmithError(f"{what} {text!r}: give numbers separated by commas, e.g. 0.7,0.3") from None
+    shown = ",".join(f"{w:g}" for w in weights)
+    if bad := [w for w in weights if not math.isfinite(w)]:
+        raise WeightsmithError(f"{what} {shown}: {bad[0]:g} is not a finite number, so every merged tensor would be "
+                               "NaN or inf; give finite weights, e.g. 0.7,0.3")
+    if not any(weights):
+        raise WeightsmithError(f"{what} {shown}: every weight is 0, so the merged tensors would be all zeros (or 0/0); "
+                               "give at least one weight that is not 0, e.g. 0.5,0.5")
+    return weights
 
 
 def _parse_action(action: str, text: str) -> dict:
