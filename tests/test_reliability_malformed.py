@@ -502,8 +502,28 @@ def test_temp_names_stay_hidden_unique_and_within_name_max(tmp_path):
         fd, tmp = create_temp_beside(tmp_path, name)
         os.close(fd)
         assert tmp.name.startswith(".") and tmp.name.endswith(".tmp") and len(os.fsencode(tmp.name)) <= 255
+        assert f".{os.getpid()}-" in tmp.name  # the pid survives the cut: stale-temp cleanup needs it
         made.add(tmp.name)
     assert len(made) == 5
+
+
+@pytest.mark.skipif(os.name == "nt", reason="processes are never probed on Windows: every temp is kept")
+def test_cut_temp_name_of_a_killed_run_is_still_removed_as_stale(tmp_path):
+    """A long output name's temp file is cut to fit NAME_MAX; the next run must still attribute it to
+    the output (its cut NAME is a prefix) and remove it when its process is gone."""
+    import subprocess
+    import sys
+
+    name = "é" * 120 + ".safetensors"  # 252 bytes
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    fd, mine = create_temp_beside(tmp_path, name)
+    os.close(fd)
+    stale = tmp_path / mine.name.replace(f".{os.getpid()}-", f".{gone.pid}-")
+    mine.rename(stale)
+    fd, fresh = create_temp_beside(tmp_path, name)
+    os.close(fd)
+    assert not stale.exists() and fresh.exists()
 
 
 def test_internal_error_is_one_line_and_debug_shows_the_traceback(files, capsys, monkeypatch):
