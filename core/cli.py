@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -22,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--nonfinite", choices=["report", "error"], default="report",
         help="what a NaN/Inf weight in an input does: report it (default) or refuse the input, naming file and key",
+    )
+    parser.add_argument(
+        "--debug", action="store_true",
+        help="show the Python traceback of an unexpected error (also with WEIGHTSMITH_DEBUG=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
@@ -54,6 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as e:
         print(f"\nterminated by {e}: no output was written", file=sys.stderr)
         return 128 + e.signum
+    except MemoryError:
+        print("error: out of memory; close other programs, or use smaller inputs or a machine with more memory",
+              file=sys.stderr)
+        return 2
+    except OSError as e:  # the system refused a read or a write: permissions, an I/O error, a vanished file
+        print(f"error: {e}; check the path, its permissions and the disk", file=sys.stderr)
+        return 2
+    except Exception as e:
+        # Every bad input is meant to be refused above, naming file and key; what arrives here is a bug. The
+        # user gets one line instead of a traceback, and the way to see it for a bug report.
+        if args.debug or os.environ.get("WEIGHTSMITH_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"error: internal error in `weightsmith {args.command}` ({type(e).__name__}: {str(e)[:300]}); "
+              "the command stopped. This is a bug: rerun with `weightsmith --debug …` and report the traceback",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -128,10 +128,43 @@ def next_free_path(root: str | os.PathLike, prefix: str, ext: str = ".safetensor
     return folder / f"{stem}_{counter:05}_{ext}"
 
 
+def name_max(folder: Path) -> int:
+    """The longest file name (in bytes) the folder's file system allows (255 on ext4, NTFS, APFS)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or a folder that does not exist yet
+        return 255
+
+
+def check_name_fits(path: str | os.PathLike, what: str = "output") -> Path:
+    """Refuse an output name longer than the file system allows, before anything is opened (the OS
+    would fail with ENAMETOOLONG deep in a write)."""
+    path = Path(path)
+    limit = name_max(path.parent if path.parent.is_dir() else Path("."))
+    size = len(os.fsencode(path.name))
+    if size > limit:
+        raise OutputPathError(f"{what} file name {path.name[:40]!r}… is {size} bytes long, more than the {limit} "
+                              "bytes the file system allows; shorten it")
+    return path
+
+
+def _temp_name(name: str, token: str, limit: int) -> str:
+    """`.NAME.TOKEN.tmp`, with NAME cut (at a character boundary) so that the whole fits `limit` bytes:
+    an output name the file system allows must never fail because of its temp name. A cut NAME is a
+    prefix of the output name, which is how `remove_stale_temps` still attributes it."""
+    room = limit - len(f"..{token}.tmp")
+    stem = name
+    while len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
+    return f".{stem}.{token}.tmp"
+
+
 def hidden_name_beside(target: Path) -> Path:
     """A fresh hidden name beside `target`: `.NAME.<pid>-<random>.tmp`. The pid lets a later run tell the
-    temp file of a killed process (SIGKILL cannot be caught) from one still being written."""
-    return target.parent / f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    temp file of a killed process (SIGKILL cannot be caught) from one still being written. NAME is
+    shortened where the whole would exceed the file system's name limit."""
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    return target.parent / _temp_name(target.name, token, name_max(target.parent))
 
 
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
@@ -183,7 +216,7 @@ def create_temp_beside(folder: Path, name: str) -> tuple[int, Path]:
     same output left by killed runs are removed first."""
     remove_stale_temps(folder, name)
     for _ in range(100):
-        tmp = hidden_name_beside(folder / name)
+        tmp = hidden_name_beside(folder / name)  # fits the file system's name limit
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
         except FileExistsError:
@@ -197,7 +230,7 @@ def write_new_file(path: str | os.PathLike, data: bytes) -> Path:
     together with the run's other outputs."""
     from .outputs import place_or_defer
 
-    path = Path(path)
+    path = check_name_fits(path, "the")
     if path.exists():
         raise OutputPathError(f"refusing to overwrite existing file {path}; choose another name or remove it")
     if not path.parent.is_dir():
@@ -230,7 +263,7 @@ def check_new_output(
     fails at once instead of after a long merge: it must not be an input (`protect`), already exist,
     or be another output of the same command (`others`, e.g. `-o`), and its folder must exist.
     The final write (`write_new_file`) still refuses to overwrite; this only makes the refusal early."""
-    path = Path(path)
+    path = check_name_fits(path, f"the {what}")
     target = path.resolve()
     for p in protect:
         p = Path(p)

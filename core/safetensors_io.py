@@ -15,6 +15,7 @@ import gc
 import json
 import math
 import os
+import stat
 import struct
 import threading
 from collections.abc import Iterable, Mapping
@@ -27,10 +28,12 @@ import torch
 from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
 from .errors import BadFileError, OutputPathError, UnsupportedEncodingError
 from .outputs import place_or_defer
-from .paths import check_writable_folder, create_temp_beside, refuse_input_target
+from .paths import check_name_fits, check_writable_folder, create_temp_beside, refuse_input_target
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit the safetensors library applies
 REFETCH = "download the file again or re-export it"  # what to do about a damaged file
+MAX_DIM = 2**63  # torch sizes are int64: a larger dimension, or element count, cannot be held
+MAX_NDIM = 64  # torch's limit on dimensions
 # safetensors dtypes torch cannot hold that only quantized layouts use (named in the refusal)
 QUANTIZED_DTYPES = {
     "F8_E8M0": "MXFP8/MXFP4 block scales (e.g. ComfyUI mixed-precision format mxfp8)",
@@ -86,15 +89,79 @@ def _gc_paused():
             gc.enable()
 
 
-def read_header(path: str | os.PathLike) -> SafetensorsHeader:
-    """Parse and validate a safetensors header without reading any tensor data."""
-    path = Path(path)
+def _regular_file_size(path: Path) -> int:
+    """The size of `path`, refusing what is not a regular file: a FIFO or a socket would block the read
+    forever, a device would be read without end."""
     if path.is_dir():
         raise BadFileError(f"{path}: is a directory, expected a .safetensors file; give the path of the file itself")
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         raise BadFileError(f"{path}: no such file; check the path") from None
+    except OSError as e:
+        raise BadFileError(f"{path}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadFileError(f"{path}: is {not_regular_kind(st.st_mode)}, not a regular file; give the path of a model file")
+    return st.st_size
+
+
+def not_regular_kind(mode: int) -> str:
+    """'a FIFO (named pipe)', 'a socket', … for the message refusing it."""
+    for test, what in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _parse_json(raw: bytes, path: Path) -> object:
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except RecursionError:  # a header of nested brackets; no real header nests more than 3 deep
+        raise BadFileError(f"{path}: corrupt safetensors header (JSON nested too deeply to be a tensor "
+                           f"table); {REFETCH}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadFileError(f"{path}: corrupt safetensors header ({e}); {REFETCH}") from None
+
+
+def _shape(value: object) -> tuple[int, ...] | None:
+    """A well-formed shape: a list of non-negative ints (not bools) torch can hold, or None."""
+    if not isinstance(value, list) or not all(type(s) is int and 0 <= s < MAX_DIM for s in value):
+        return None
+    if len(value) > MAX_NDIM or math.prod(s for s in value if s) >= MAX_DIM:
+        return None
+    return tuple(value)
+
+
+def _check_layout(path: Path, offsets: dict[str, tuple[int, int]], data_start: int, size: int) -> None:
+    """The tensors tile the data section exactly, as the safetensors library requires before it reads any
+    tensor: sorted by offset, each starts where the previous ends, and the last ends at the end of the file.
+    Checked here so that every command (inspect and verify included) judges a file alike. `offsets` are
+    absolute; messages give them relative to the data section, as the header does."""
+    end = data_start
+    for start, stop in sorted(offsets.values()):  # plain tuples: 10^5 of them sort fast; names only for an error
+        if start != end:
+            key = next(k for k, v in offsets.items() if v == (start, stop))
+            prev = next((k for k, v in offsets.items() if v[1] == end and v[0] < end), None)
+            what = (f"overlaps tensor {prev!r}" if start < end else
+                    f"starts at byte {start - data_start}, leaving bytes {end - data_start}..{start - data_start} "
+                    "that belong to no tensor")
+            if start < end and prev is None:
+                what = "overlaps another tensor"
+            raise BadFileError(f"{path}: tensor {key!r} {what}: the header is corrupt; {REFETCH}")
+        end = stop
+    if end != size:
+        raise BadFileError(f"{path}: {size - end} bytes follow the last tensor (the tensors end at byte "
+                           f"{end - data_start} of {size - data_start}): the file is corrupt or not safetensors; "
+                           f"{REFETCH}")
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and validate a safetensors header without reading any tensor data: everything the
+    safetensors library checks before reading a tensor (dtypes, shapes, sizes, a data section the tensors
+    tile exactly, string metadata) is checked here, with a message naming file and key."""
+    path = Path(path)
+    size = _regular_file_size(path)
     if size < 8:
         raise BadFileError(f"{path}: file is {size} bytes, too short to be safetensors (truncated or empty download?); {REFETCH}")
     with open(path, "rb") as f:
@@ -110,16 +177,15 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
 
 
 def _parse_header(path: Path, raw: bytes, size: int, n: int) -> SafetensorsHeader:
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise BadFileError(f"{path}: corrupt safetensors header ({e}); {REFETCH}") from None
+    header = _parse_json(raw, path)
     del raw
     if not isinstance(header, dict):
         raise BadFileError(f"{path}: safetensors header is not a JSON object; {REFETCH}")
     data_start = 8 + n
     data_len = size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # absent, or null as the safetensors library accepts it
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise BadFileError(f"{path}: __metadata__ must map strings to strings; {REFETCH}")
     tensors: dict[str, TensorInfo] = {}
@@ -132,26 +198,26 @@ def _parse_header(path: Path, raw: bytes, size: int, n: int) -> SafetensorsHeade
         if not isinstance(entry, dict):
             raise BadFileError(f"{where()}: header entry is not an object; {REFETCH}")
         code = entry.get("dtype")
-        if code not in SAFETENSORS_TO_TORCH:
-            what = QUANTIZED_DTYPES.get(code)
+        if not isinstance(code, str) or code not in SAFETENSORS_TO_TORCH:
+            what = QUANTIZED_DTYPES.get(code) if isinstance(code, str) else None
             if what is not None:  # a quantized layout's payload or block scale: say which format
                 raise UnsupportedEncodingError(
                     f"{where()}: dtype {code} holds {what}; this pack cannot decode that encoding exactly: use a bf16, "
                     "fp8 or ComfyUI scaled-fp8 version of the model")
             raise BadFileError(f"{where()}: unsupported dtype {code!r}; convert the file to one of "
                                f"{', '.join(SAFETENSORS_TO_TORCH)} with the tool that wrote it")
-        shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise BadFileError(f"{where()}: invalid shape {shape!r}; {REFETCH}")
+        shape = _shape(entry.get("shape"))
+        if shape is None:
+            raise BadFileError(f"{where()}: invalid shape {entry.get('shape')!r}; {REFETCH}")
         offs = entry.get("data_offsets")
         if (
             not isinstance(offs, list)
             or len(offs) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offs)
+            or not all(type(o) is int and o >= 0 for o in offs)
             or offs[0] > offs[1]
         ):
             raise BadFileError(f"{where()}: invalid data_offsets {offs!r}; {REFETCH}")
-        info = TensorInfo(tuple(shape), SAFETENSORS_TO_TORCH[code])
+        info = TensorInfo(shape, SAFETENSORS_TO_TORCH[code])
         if offs[1] > data_len:
             raise BadFileError(
                 f"{where()}: data ends at byte {offs[1]} but the file holds {data_len} data bytes: the file is truncated; "
@@ -159,11 +225,12 @@ def _parse_header(path: Path, raw: bytes, size: int, n: int) -> SafetensorsHeade
             )
         if offs[1] - offs[0] != info.nbytes:
             raise BadFileError(
-                f"{where()}: shape {shape} of {code} needs {info.nbytes} bytes but the header gives {offs[1] - offs[0]}: "
-                f"the header is corrupt; {REFETCH}"
+                f"{where()}: shape {list(shape)} of {code} needs {info.nbytes} bytes but the header gives "
+                f"{offs[1] - offs[0]}: the header is corrupt; {REFETCH}"
             )
         tensors[key] = info
         offsets[key] = (data_start + offs[0], data_start + offs[1])
+    _check_layout(path, offsets, data_start, size)
     return SafetensorsHeader(path, tensors, offsets, dict(metadata))
 
 
@@ -244,6 +311,7 @@ class StreamingWriter:
         self._tmp: Path | None = None
 
     def _check_target(self) -> None:
+        check_name_fits(self.path)
         target = self.path.resolve()
         refuse_input_target(self.path, self._protect)  # also every file and the folder of a sharded input
         if target.exists() and not self.overwrite:

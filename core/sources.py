@@ -13,6 +13,7 @@ import functools
 import json
 import mmap as _mmap
 import os
+import stat
 import time
 import weakref
 from abc import ABC, abstractmethod
@@ -25,7 +26,7 @@ import torch
 
 from .dtypes import all_finite, dtype_name, itemsize
 from .errors import BadFileError
-from .safetensors_io import REFETCH, SafetensorsHeader, TensorInfo, read_header
+from .safetensors_io import REFETCH, SafetensorsHeader, TensorInfo, not_regular_kind, read_header
 from .signals import hold_read_lease, release_lease
 from .torchfile import check_tensor, load_checkpoint, unwrap_state_dict
 
@@ -361,21 +362,53 @@ class PrefixView(KeyMapView):
         self.prefix = prefix
 
 
-def _shards_of_index(index: Path) -> list[Path]:
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's `weight_map` (tensor key -> shard file name), checked: a JSON object of strings to
+    non-empty strings, naming at least one tensor."""
+    bad = f"{index}: not a valid safetensors index"
     try:
-        data = json.loads(index.read_text())
-        files = sorted(set(data["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise BadFileError(f"{index}: not a valid safetensors index ({e}); {REFETCH}") from None
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise BadFileError(f"{bad} (JSON nested too deeply); {REFETCH}") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise BadFileError(f"{bad} ({e}); {REFETCH}") from None
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict):
+        raise BadFileError(f"{bad}: it needs a \"weight_map\" object mapping tensor names to shard files, found "
+                           f"{type(wm).__name__ if wm is not None else 'none'}; {REFETCH}")
+    if not wm:
+        raise BadFileError(f"{index}: the index lists no tensors (empty \"weight_map\"); {REFETCH}")
+    for key, f in wm.items():
+        if not isinstance(f, str) or not f.strip() or f.strip() in (".", ".."):
+            raise BadFileError(f"{bad}: tensor {key!r} maps to {f!r}, not a shard file name; {REFETCH}")
+    return wm
+
+
+def _index_source(index: Path, name: str | None = None, folder: Path | None = None) -> SafetensorsSource:
+    """The shards an index names, each tensor of its `weight_map` checked to be in the shard it names."""
+    wm = _weight_map(index)
+    files = sorted(set(wm.values()))
+    folder = index.parent.resolve()
     paths = []
     for f in files:
         p = (index.parent / f).resolve()
-        if index.parent.resolve() not in p.parents:
-            raise BadFileError(f"{index}: shard {f!r} lies outside the index's folder")
-        if not p.is_file():
+        if folder not in p.parents:
+            raise BadFileError(f"{index}: shard {f!r} lies outside the index's folder; keep the shards beside the index")
+        if p == index.resolve():
+            raise BadFileError(f"{index}: the index names itself as a shard; {REFETCH}")
+        if not p.exists():
             raise BadFileError(f"{index}: shard {f} is missing; download every shard the index lists")
+        if not p.is_file():
+            raise BadFileError(f"{index}: shard {f} is not a regular file; download every shard the index lists")
         paths.append(p)
-    return paths
+    source = SafetensorsSource(paths, name=name or str(index), index=index, folder=folder or index.parent)
+    by_name = dict(zip(files, paths))
+    for key, f in wm.items():
+        if key not in source or source._files[source._file_of(key)] != by_name[f]:
+            raise BadFileError(f"{index}: the index puts tensor {key!r} in {f}, but "
+                               + ("that shard does not hold it" if key not in source else "another shard holds it")
+                               + "; the index and the shards do not match: download them again together")
+    return source
 
 
 _default_nonfinite = "report"
@@ -401,6 +434,24 @@ def open_model(path: str | os.PathLike, nonfinite: str | None = None) -> TensorS
     return decode_source(_open_model(path)).set_nonfinite_policy(nonfinite or _default_nonfinite)
 
 
+def sniff(path: Path) -> tuple[str, bytes]:
+    """(what a file holds, its first bytes): 'gguf' (its magic), 'safetensors' (a little-endian header length
+    within the file, then '{'), 'zip' (torch.save's format), 'pickle' (the legacy torch.save format: pickle
+    protocol 2+), or 'unknown'. Suffixes lie (a safetensors file renamed .bin); the content decides what
+    reads it."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"GGUF":
+        return "gguf", head
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return "safetensors", head
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip", head
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle", head
+    return "unknown", head
+
+
 def _open_model(path: str | os.PathLike) -> TensorSource:
     p = Path(path)
     if not p.exists():
@@ -409,26 +460,33 @@ def _open_model(path: str | os.PathLike) -> TensorSource:
         indexes = sorted(p.glob("*.safetensors.index.json"))
         if len(indexes) > 1:
             raise BadFileError(f"{p}: several index files ({', '.join(i.name for i in indexes)}); name one")
-        files = _shards_of_index(indexes[0]) if indexes else sorted(p.glob("*.safetensors"))
+        if indexes:
+            return _index_source(indexes[0], name=str(p), folder=p)
+        files = sorted(p.glob("*.safetensors"))
         if not files:
             raise BadFileError(f"{p}: folder holds no .safetensors files; give a model file or a folder of .safetensors shards")
-        return SafetensorsSource(files, name=str(p), index=indexes[0] if indexes else None, folder=p)
+        return SafetensorsSource(files, name=str(p), folder=p)
+    mode = p.stat().st_mode
+    if not stat.S_ISREG(mode):  # a FIFO or socket would block the first read forever
+        raise BadFileError(f"{p}: is {not_regular_kind(mode)}, not a regular file; give the path of a model file")
     name = p.name.lower()
     if name.endswith(".index.json"):
-        return SafetensorsSource(_shards_of_index(p), name=str(p), index=p, folder=p.parent)
+        return _index_source(p)
     if name.endswith(SAFETENSORS_EXTS):
         return SafetensorsSource([p])
-    if name.endswith(TORCH_EXTS):
-        return TorchFileSource(p)
-    # Unknown extension: sniff. GGUF starts with its magic; safetensors with a small length and '{'.
-    with open(p, "rb") as f:
-        head = f.read(9)
-    if name.endswith(".gguf") or head[:4] == b"GGUF":
+    kind, head = sniff(p)
+    if kind == "gguf" or name.endswith(".gguf"):  # before the safetensors test: a GGUF is never "not a model"
         from .encodings.gguf import GGUFSource
 
         return GGUFSource(p)
-    if len(head) == 9 and head[8:9] == b"{":
+    if kind == "safetensors":  # also under a torch suffix: read as what it is, never unpickled
         return SafetensorsSource([p])
+    if kind == "unknown":
+        size = p.stat().st_size
+        raise BadFileError(
+            f"{p}: not a model file: " + ("it is empty" if not size else
+            f"its first bytes ({head[:8].hex(' ')}) are neither safetensors nor a torch checkpoint "
+            "(zip or pickle)") + f"; {REFETCH}")
     return TorchFileSource(p)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import pickle
 import pickletools
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -231,6 +232,64 @@ def check_zip_storages(path: Path) -> bool:
     return True
 
 
+_DAMAGED_PICKLE = ("invalid load key", "pickle data was truncated", "Ran out of input")
+# Globals a plain tensor checkpoint names; anything else in a refused pickle is code it asks to run.
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset",
+                   "builtins.bytearray")
+
+
+def _pickle_globals(path: Path) -> list[str] | None:
+    """The globals (module.name) the checkpoint's pickle names, read with pickletools, which parses opcodes
+    and never executes anything; None when it is no pickle at all (corrupt or truncated)."""
+    import io
+
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        if zipfile.is_zipfile(path):  # torch.save's zip: the pickle is its data.pkl
+            with zipfile.ZipFile(path) as z:
+                stream = io.BytesIO(z.read(next(n for n in z.namelist() if n.endswith("data.pkl"))))
+        else:
+            with open(path, "rb") as f:  # a legacy file: its first pickles are small
+                stream = io.BytesIO(f.read(1 << 20))
+        for op, arg, _ in pickletools.genops(stream):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001  (any failure to parse or find it means: not a pickle)
+        return None
+    return names
+
+
+def _pickle_refusal(path: Path, error: Exception) -> BadFileError:
+    """Why torch's weights-only loader refused the file, said plainly: damaged bytes, pickle features it
+    lacks (a plain tensor checkpoint saved with pickle protocol 4+), or code the pickle asks to run."""
+    message = str(error)
+    names = None if any(m in message for m in _DAMAGED_PICKLE) else _pickle_globals(path)
+    if names is None:
+        return BadFileError(f"{path}: damaged torch checkpoint: not a valid pickle; {REFETCH}")
+    code = sorted({n for n in names if not n.startswith(_TENSOR_GLOBALS)})
+    if not code and "Unsupported operand" in message:
+        opcode = (message.split("Unsupported operand", 1)[1].split() or ["?"])[0]
+        return BadFileError(f"{path}: holds only tensors, but stored with pickle features torch's safe loader cannot "
+                            f"read (opcode {opcode}: pickle protocol 4 or later); nothing was run. Re-save it with "
+                            "torch.save's default protocol, or convert it to .safetensors")
+    named = re.findall(r"GLOBAL ([\w.]+)", message)  # the global torch's loader stopped at
+    code = sorted(set(code) | {n for n in named if not n.startswith(_TENSOR_GLOBALS)})
+    if not code and named:  # a torch name it does not allow: cut short by truncation, or a whole pickled module
+        return BadFileError(f"{path}: torch's safe loader refuses the global {named[0]} it names: the file is "
+                            f"damaged (truncated?) or holds objects other than tensors; {REFETCH}, or convert it "
+                            "to .safetensors in a trusted environment")
+    why = f"it calls {', '.join(code[:3])}" if code else re.sub(r"\x1b\[[0-9;]*m", "", message.splitlines()[0])[:200]
+    return UnsafePickleError(
+        f"{path}: refused: loading it would run pickled code ({why}). "
+        "Only plain tensor checkpoints are accepted; convert it to .safetensors in a trusted environment."
+    )
+
+
 def load_checkpoint(path: Path) -> object:
     """`torch.load(weights_only=True)`, memory-mapped when every storage was checked against its record."""
     mmaps = (True, False) if check_zip_storages(path) else (False,)
@@ -241,17 +300,15 @@ def load_checkpoint(path: Path) -> object:
                 warnings.filterwarnings("ignore", category=UserWarning)
                 return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
-            raise UnsafePickleError(
-                f"{path}: refused: loading it would run pickled code ({str(e).splitlines()[0][:200]}). "
-                "Only plain tensor checkpoints are accepted; convert it to .safetensors in a trusted environment."
-            ) from None
+            raise _pickle_refusal(path, e) from None
         except RuntimeError as e:
             last = e
             continue
         except Exception as e:
             last = e
             break
-    raise BadFileError(f"{path}: cannot read as a torch checkpoint: {str(last)[:300]}; {REFETCH}")
+    why = str(last)[:300] or type(last).__name__ + " (truncated?)"
+    raise BadFileError(f"{path}: cannot read as a torch checkpoint: {why}; {REFETCH}")
 
 
 # --- tensors: what a weight file may hold -------------------------------------------------------------

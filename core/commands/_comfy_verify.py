@@ -120,18 +120,25 @@ def _shape_problems(patches: dict, model_shapes: dict[str, tuple[int, ...]]) -> 
         if shape is None or not weights or not isinstance(weights[0], torch.Tensor) or type(patch).__name__ != "LoRAAdapter":
             continue
         up, down = weights[0], weights[1]
-        rows = offset[2] if offset else shape[0]
-        if up.shape[0] != rows or down.shape[1] != shape[1]:
+        rows = offset[2] if offset else shape[0] if shape else 1
+        if len(shape) < 2 or up.shape[0] != rows or down.shape[1] != shape[1]:
             bad.append(f"{key}: ΔW {up.shape[0]}x{down.shape[1]} does not fit weight {tuple(shape)}"
                        + (f" rows {offset[1]}..{offset[1] + offset[2]}" if offset else ""))
     return bad
 
 
-def verify(lora_sd: dict[str, torch.Tensor], arch: str, model_shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
+def verify(lora_sd: dict[str, torch.Tensor], arch: str, model_shapes: dict[str, tuple[int, ...]] | None = None,
+           lora_name: str = "the LoRA", model_name: str = "the model") -> dict:
     """{'not_loaded': [...], 'loaded': n, 'shape_errors': [...]} as ComfyUI's LoraLoader would see it."""
     comfy = import_comfy()
     shapes = model_shapes or _arch_shapes(arch)
-    model = meta_model(comfy, shapes, arch)
+    try:
+        model = meta_model(comfy, shapes, arch)
+    except WeightsmithError as e:
+        raise BadFileError(f"{model_name}: {e}; give the {arch} model file the LoRA is for") from None
+    except Exception as e:  # ComfyUI's detection assumes a well-formed model: odd shapes fail anywhere in it
+        raise BadFileError(f"{model_name}: ComfyUI cannot build a {arch} model from this file's layout "
+                           f"({type(e).__name__}: {e}); give the {arch} model file the LoRA is for") from None
     key_map = comfy.lora.model_lora_keys_unet(model, {})
     key_map = comfy.lora.model_lora_keys_clip(_Keys(_te_keys(arch)), key_map)
     cap = _Capture()
@@ -143,6 +150,9 @@ def verify(lora_sd: dict[str, torch.Tensor], arch: str, model_shapes: dict[str, 
     try:
         converted = comfy.lora_convert.convert_lora(dict(lora_sd))
         patches = comfy.lora.load_lora(converted, key_map)
+    except Exception as e:  # what ComfyUI itself would do with this file: fail while loading it
+        raise BadFileError(f"{lora_name}: ComfyUI's LoRA loader fails on this file ({type(e).__name__}: {e}), so "
+                           "ComfyUI cannot apply it; re-export the LoRA, or convert it with `weightsmith convert`") from None
     finally:
         root.removeHandler(cap)
         for h in others:

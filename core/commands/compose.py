@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..dtypes import dtype_name, parse_dtype
+from ..dtypes import FP8_DTYPES, dtype_name, parse_dtype
 from ..errors import MismatchError
 from ..paths import check_new_output, check_output_suffix, refuse_input_target
 from ..progress import TerminalProgress
@@ -76,12 +76,14 @@ def parse_inputs(positional: list[str], inputs: list[str], strengths: list[float
 
 
 def _factor_dtype(loras) -> torch.dtype:
-    """The widest dtype the inputs store their factors in (what `--dtype auto` writes)."""
+    """The widest dtype the inputs store their factors in (what `--dtype auto` writes). fp8 factors count
+    as bf16, which holds every fp8 value exactly (torch has no promotion rules for fp8, nor fp8 math)."""
     dtype = None
     for lora in loras:
         for m in lora.modules.values():
             for t in m.terms:
-                dtype = t.up.dtype if dtype is None else torch.promote_types(dtype, t.up.dtype)
+                d = torch.bfloat16 if t.up.dtype in FP8_DTYPES else t.up.dtype
+                dtype = d if dtype is None else torch.promote_types(dtype, d)
     return dtype or torch.float32
 
 

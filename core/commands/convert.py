@@ -256,9 +256,13 @@ def run_verify(args: argparse.Namespace) -> int:
 
         model = diffusion_view(open_model(args.model))
         shapes = {k: model.info(k).shape for k in model.keys()}
+        if not shapes:
+            raise BadFileError(f"{args.model}: holds no tensors; give the model file the LoRA is for")
     if detect_format(sd) == "unknown":
-        raise BadFileError(f"{args.lora}: not a LoRA in any known format")
-    result = verify(sd, args.arch, shapes)
+        raise BadFileError(f"{args.lora}: not a LoRA in any known format; give a LoRA file "
+                           "(`weightsmith inspect` shows what a file holds)")
+    load_lora(src)  # a malformed LoRA (factors that do not pair, odd alphas) is refused by our reader, named
+    result = verify(sd, args.arch, shapes, lora_name=str(args.lora), model_name=str(args.model))
     missing, bad = result["not_loaded"], result["shape_errors"]
     print(f"{args.lora}: ComfyUI maps {result['loaded']} patches for {args.arch}; "
           f"{len(missing)} keys not loaded, {len(bad)} shape mismatches")

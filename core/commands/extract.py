@@ -12,7 +12,7 @@ from ..lora.extract import DEFAULT_MIN_DELTA, extract_lora
 from ..lora.formats import WRITABLE_FORMATS, check_writable, save_lora
 from ..lora.svd import METHODS, RANK_MODES
 from ..lora.validate import MISSING_POLICIES, ReconstructionReport, validate_lora
-from ..paths import check_new_output, check_output_suffix, refuse_input_target
+from ..paths import check_name_fits, check_new_output, check_output_suffix, refuse_input_target
 from ..progress import TerminalProgress
 from ..report import save_png, write_json
 from ..sources import as_source
@@ -94,6 +94,7 @@ def _check_outputs(args: argparse.Namespace, inputs: list, output: Path | None =
 
 def run_extract(args: argparse.Namespace) -> int:
     check_output_suffix(args.output)
+    check_name_fits(args.output)
     if args.output.exists():  # checked before the work; the writer refuses it again, atomically
         raise OutputPathError(f"{args.output}: exists; choose another name or remove it")
     if not args.output.parent.is_dir():

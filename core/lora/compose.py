@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..devices import one_cpu_thread
-from ..dtypes import all_finite
+from ..dtypes import FP8_DTYPES, all_finite
 from ..errors import BadFileError, MismatchError
 from ..pipeline import default_workers
 from ..progress import ProgressFn, no_progress
@@ -101,8 +101,9 @@ def _check_arches(loras: Sequence[LoRA], names: Sequence[str]) -> str:
 
 
 def _piece(module: str, term: LoraTerm, strength: float, source: int, name: str) -> Piece:
-    up2 = term.up.reshape(term.up.shape[0], -1)
-    down2 = term.down.reshape(term.down.shape[0], -1)
+    # fp8 factors are stacked as bf16, which holds them exactly: torch has no fp8 arithmetic or promotion
+    up2, down2 = (t.to(torch.bfloat16) if t.dtype in FP8_DTYPES else t
+                  for t in (term.up.reshape(term.up.shape[0], -1), term.down.reshape(term.down.shape[0], -1)))
     if up2.shape[1] != down2.shape[0]:
         raise MismatchError(
             f"{name}: module {module!r} has a LoRA term with up {tuple(term.up.shape)} and down "

@@ -19,7 +19,7 @@ from ..safetensors_io import write_safetensors
 from ..sources import DictSource, TensorSource, as_source, open_model
 from . import formats_kohya, formats_peft  # noqa: F401  (they register the formats)
 from . import keymaps as km
-from .formats_base import FORMATS, Format, UnwritableError, register, unwritable_error, unwritable_in
+from .formats_base import FORMATS, Format, UnwritableError, check_modules, register, unwritable_error, unwritable_in
 from .model import LoRA
 
 WRITABLE_FORMATS = ("comfy", "kohya", "diffusers", "onetrainer", "lycoris")
@@ -124,6 +124,7 @@ def load_lora(src: str | os.PathLike | TensorSource | Mapping[str, torch.Tensor]
             continue
         _merge_into(lora, extra)
         lora.unknown_keys = extra.unknown_keys
+    check_modules(lora, source.name)
     if not lora.modules:
         foreign = _foreign_adapter(lora.unknown_keys or keys)
         if foreign:

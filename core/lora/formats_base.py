@@ -12,12 +12,14 @@ the terms falling in each slice are fused into one (up, down, alpha) pair, exact
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import BadFileError, MismatchError
+from ..safetensors_io import REFETCH
 from ..sources import TensorSource
 from . import keymaps
 from .adapters import ADAPTER_SUFFIXES, build_adapter
@@ -103,8 +105,55 @@ def group_keys(keys: list[str], suffixes: Suffixes) -> tuple[dict[str, dict[str,
 
 def _as_float(t: torch.Tensor, key: str, src: TensorSource) -> float:
     if t.numel() != 1:
-        raise BadFileError(f"{src.name}: {key!r} should be a scalar alpha, has shape {tuple(t.shape)}")
-    return float(t.float().item())
+        raise BadFileError(f"{src.name}: {key!r} should be a scalar alpha, has shape {tuple(t.shape)}; {REFETCH}")
+    value = float(t.float().item())
+    if not math.isfinite(value):  # every value of the module's change would be NaN/Inf
+        raise BadFileError(f"{src.name}: alpha {key!r} is {value}, not a finite number, so the module's whole change "
+                           f"would be {value}: the file is damaged; {REFETCH}")
+    return value
+
+
+def _check_factors(src: TensorSource, roles: dict[str, str], up: torch.Tensor, down: torch.Tensor) -> None:
+    """An up/down pair every consumer can multiply: floating point, non-empty, up's columns = down's rows."""
+    for role, t in (("up", up), ("down", down)):
+        if not t.is_floating_point():
+            raise BadFileError(f"{src.name}: LoRA factor {roles[role]!r} holds {str(t.dtype).replace('torch.', '')} "
+                               f"values; LoRA factors are floating point: the file is damaged or not a LoRA; {REFETCH}")
+    if up.ndim < 2 or down.ndim < 2 or up.shape[1] != down.shape[0]:
+        raise BadFileError(
+            f"{src.name}: {roles['up']!r} {tuple(up.shape)} and {roles['down']!r} {tuple(down.shape)} "
+            f"are not a LoRA pair (up's columns must equal down's rows); {REFETCH}"
+        )
+    if not up.numel() or not down.numel():
+        raise BadFileError(f"{src.name}: {roles['up']!r} {tuple(up.shape)} and {roles['down']!r} {tuple(down.shape)} "
+                           f"hold no values (rank {down.shape[0]}): an empty LoRA pair; {REFETCH}")
+
+
+def _reshape_shape(t: torch.Tensor, key: str, src: TensorSource) -> list[int]:
+    """A `.reshape_weight` tensor: the weight shape a control LoRA widens a layer to (a few positive ints)."""
+    values = t.flatten().tolist() if t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) else []
+    if not 1 <= len(values) <= 8 or not all(0 < v < 2**31 for v in values):
+        raise BadFileError(f"{src.name}: {key!r} should hold a weight shape (a few positive integers), not "
+                           f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)}; {REFETCH}")
+    return [int(v) for v in values]
+
+
+def reshape_hints(metadata: dict[str, str], where: str) -> dict[str, list[int]]:
+    """The `weightsmith.reshape` metadata ({module: [out, in]}), checked: it comes from the file."""
+    text = metadata.get(RESHAPE_META)
+    if text is None:
+        return {}
+    try:
+        hints = json.loads(text)
+    except (ValueError, RecursionError):
+        hints = None
+    if not isinstance(hints, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and v and all(type(x) is int and 0 < x < 2**31 for x in v)
+        for k, v in hints.items()
+    ):
+        raise BadFileError(f"{where}: metadata {RESHAPE_META!r} should map module names to weight shapes such as "
+                           f'{{"diffusion_model.img_in": [3072, 128]}}, not {text[:80]!r}; {REFETCH}')
+    return hints
 
 
 def assemble(
@@ -115,7 +164,7 @@ def assemble(
     alpha_of: Callable[[str, int], float | None] | None = None,
 ) -> None:
     """Turn grouped keys into canonical module deltas (in place); unresolvable groups -> unknown_keys."""
-    reshape: dict[str, list[int]] = json.loads(lora.metadata.get(RESHAPE_META, "{}"))
+    reshape = reshape_hints(lora.metadata, src.name)
     for prefix, roles in groups.items():
         target = resolve(prefix)
         if target is None or (("up" in roles) != ("down" in roles)):
@@ -127,11 +176,7 @@ def assemble(
             _assemble_adapter(src, prefix, roles, t, target, mod, lora)
         elif "up" in t:
             up, down = t["up"], t["down"]
-            if up.ndim < 2 or down.ndim < 2 or up.shape[1] != down.shape[0]:
-                raise BadFileError(
-                    f"{src.name}: {roles['up']!r} {tuple(up.shape)} and {roles['down']!r} {tuple(down.shape)} "
-                    "are not a LoRA pair (up's columns must equal down's rows)"
-                )
+            _check_factors(src, roles, up, down)
             alpha = _as_float(t["alpha"], roles["alpha"], src) if "alpha" in t else None
             if alpha is None and alpha_of is not None:  # PEFT: lora_alpha / r from the file's metadata
                 alpha = alpha_of(prefix, int(down.shape[0]))
@@ -157,11 +202,44 @@ def assemble(
             else:
                 mod.set_weight = t["set"]
         if "reshape" in t:
-            reshape[target.module] = [int(x) for x in t["reshape"].flatten().tolist()]
+            reshape[target.module] = _reshape_shape(t["reshape"], roles["reshape"], src)
     if reshape:
         lora.metadata[RESHAPE_META] = json.dumps(reshape, sort_keys=True)
     for name in [n for n, m in lora.modules.items() if m.is_empty()]:
         del lora.modules[name]
+
+
+def check_modules(lora: LoRA, where: str) -> None:
+    """Each module's parts agree with one another, as one weight's change must: diffs, bias diffs and
+    replacements are non-empty floats, a bias diff is 1-D, and diffs and factors describe one shape."""
+    for name, mod in lora.modules.items():
+        parts = [(r, v) for r, v in (("diff", mod.diff), ("diff_b", mod.diff_b), ("set_weight", mod.set_weight))
+                 if v is not None]
+        for role, v in parts:
+            if not v.is_floating_point() or not v.numel() or (role == "diff_b" and v.ndim != 1):
+                what = ("holds no values" if not v.numel() else f"is {str(v.dtype).replace('torch.', '')}"
+                        if not v.is_floating_point() else f"has shape {tuple(v.shape)}, not a bias change")
+                raise BadFileError(f"{where}: module {name!r}: its {role} {what}; {REFETCH}")
+        widths = {tuple(t.down.shape[1:]) for t in mod.terms}
+        if len(widths) > 1:
+            raise BadFileError(f"{where}: module {name!r}: its factor pairs take inputs of different shapes "
+                               f"{sorted(widths)}; {REFETCH}")
+        if not mod.terms:  # a diff-only module's shape is the model's to judge (validate, apply)
+            continue
+        try:
+            rows = module_rows(name, mod)
+        except MismatchError:
+            continue
+        cols = math.prod(next(iter(widths))) if widths else None
+        for role, v in parts:
+            want = rows if role == "diff_b" else rows * cols if cols is not None else None
+            if want is not None and v.numel() != want:
+                raise BadFileError(f"{where}: module {name!r}: its {role} has shape {tuple(v.shape)} but its factors "
+                                   f"make a change of {rows} rows x {cols} columns; {REFETCH}")
+        for t in mod.terms:
+            if t.rows is not None and t.rows[0] + t.rows[1] > rows:
+                raise BadFileError(f"{where}: module {name!r}: factor rows {t.rows[0]}..{sum(t.rows)} lie beyond "
+                                   f"the weight's {rows} rows; {REFETCH}")
 
 
 def _adapter_roles(roles: dict[str, str]) -> bool:
@@ -454,7 +532,7 @@ def write_with(
     """Every module through `namer(module, arch)`; if the format cannot hold some module whole, nothing is
     emitted and UnwritableError names them all."""
     out: dict[str, torch.Tensor] = {}
-    reshape = json.loads(lora.metadata.get(RESHAPE_META, "{}"))
+    reshape = reshape_hints(lora.metadata, "the LoRA")
     plan, problems = [], {}
     for name in sorted(lora.modules):
         mod = lora.modules[name]

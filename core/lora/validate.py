@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..arch import detect_arch
+from ..dtypes import all_finite
 from ..encodings.report import decoded_line, decoded_reads
 from ..errors import BadFileError, MismatchError
 from ..progress import ProgressFn, no_progress
@@ -160,7 +161,7 @@ class ModuleReport:
         }
 
 
-COVERED = ("lowrank", "diff", "set")
+COVERED = ("lowrank", "diff", "set", "adapter")
 
 
 def block_of(key: str) -> str:
@@ -347,7 +348,7 @@ def nonfinite_inputs(pair: ModelPair, key: str, delta: torch.Tensor, norm: float
     non-finite norm costs an exact scan of ΔW and then of both inputs (to name the culprit)."""
     if math.isfinite(norm) or bool(torch.isfinite(delta).all()):
         return None
-    bad = [src.name for src in (pair.base, pair.tuned) if not bool(torch.isfinite(src.get(key)).all())]
+    bad = [src.name for src in (pair.base, pair.tuned) if not all_finite(src.get(key))]  # fp8 too
     return bad or [f"{pair.base.name} and {pair.tuned.name}: their difference overflows fp32"]
 
 
@@ -402,6 +403,29 @@ def _as_lora(lora, arch: str) -> LoRA:
     return lora
 
 
+def _check_fits(md: ModuleDelta, key: str, shape: tuple[int, ...], where: str) -> None:
+    """Refuse a module whose change does not have the shape of the model's tensor `key`, naming both."""
+    bias = key.endswith(".bias")
+    parts = [("diff_b", md.diff_b)] if bias else [("set_weight", md.set_weight), ("diff", md.diff)]
+    size = math.prod(shape)
+    bad = [f"{role} {tuple(v.shape)}" for role, v in parts if v is not None and v.numel() != size]
+    if not bias:
+        for t in md.terms:
+            start, length = t.rows or (0, shape[0] if shape else 1)
+            if (not shape or start + length > shape[0] or t.up.shape[0] != length
+                    or math.prod(t.down.shape[1:]) * shape[0] != size):
+                bad.append(f"factors up {tuple(t.up.shape)} down {tuple(t.down.shape)}"
+                           + (f" on rows {start}..{start + length}" if t.rows else ""))
+        for a in md.adapters:
+            start, length = a.rows or (0, shape[0] if shape else 1)
+            if not shape or start + length > shape[0] or a.out_rows != length:
+                bad.append(f"a {a.kind} of {a.out_rows} rows" + (f" on rows {start}..{start + length}" if a.rows else ""))
+    if bad:
+        raise MismatchError(f"{where}: the change of {key!r} ({', '.join(bad)}) does not fit the model's tensor of shape "
+                            f"{list(shape)}: the LoRA was made for another model; validate it against the models it "
+                            "was made from")
+
+
 def _applied_delta(md: ModuleDelta, key: str, base_w: torch.Tensor, strength: float) -> torch.Tensor | None:
     """What the module does to the tensor `key` (fp32, on base_w's device), or None if it does nothing."""
     dev = base_w.device
@@ -426,6 +450,7 @@ def validate_lora(base, tuned, lora, device: str | torch.device = "cpu", strengt
     progress = progress or no_progress
     pair = pair_models(base, tuned, missing)
     arch = lora_arch(pair.arch)
+    lora_name = str(lora) if isinstance(lora, (str, os.PathLike)) else getattr(lora, "name", "the LoRA")
     lora = _as_lora(lora, arch)
     keys = set(pair.keys)
     targets: dict[str, ModuleDelta] = {}
@@ -463,6 +488,8 @@ def validate_lora(base, tuned, lora, device: str | torch.device = "cpu", strengt
             report.modules.append(nonfinite_module(key, info.shape, kind, where))
             continue
         md = targets.get(key)
+        if md is not None:
+            _check_fits(md, key, tuple(info.shape), lora_name)
         applied = _applied_delta(md, key, b, strength) if md is not None else None
         if applied is None:
             if norm == 0:
@@ -490,6 +517,10 @@ def validate_lora(base, tuned, lora, device: str | torch.device = "cpu", strengt
             status = "set" if md.set_weight is not None and not key.endswith(".bias") else "diff"
             report.modules.append(ModuleReport(key, info.shape, kind, status, norm, err, 0.0, True, None,
                                                max(0.0, 1 - err * err), "diff"))
+            continue
+        if md.adapters:  # LoKr / LoHa / DoRA: no one rank whose optimal error would compare (was "rank 0" refused)
+            report.modules.append(ModuleReport(key, info.shape, kind, "adapter", norm, err, None, True, None,
+                                               max(0.0, 1 - err * err), "+".join(md.types())))
             continue
         rank = md.rank
         opt, exact = optimal_at_rank(delta, rank)

@@ -52,14 +52,27 @@ def build_adapter(prefix: str, kind: str, parts: dict[str, torch.Tensor], alpha:
                   dora: torch.Tensor | None, where: str) -> Adapter:
     """One adapter from a file module's factors (`parts`: field -> tensor); a factor missing -> BadFileError."""
     cls = ADAPTER_TYPES[kind]
+    for role, t in parts.items():
+        if not t.is_floating_point() or not t.numel():
+            raise BadFileError(f"{where}: {prefix}{cls.ROLES.get(role, '')} is "
+                               f"{'empty' if not t.numel() else str(t.dtype).replace('torch.', '')}: a {kind} factor "
+                               "must hold floating-point values; the file is damaged: download it again or re-export it")
     try:
-        return cls(**parts, alpha=alpha, dora_scale=dora)
+        adapter = cls(**parts, alpha=alpha, dora_scale=dora)
     except TypeError as e:  # a required factor absent
         missing = [f for f in cls.ROLES if f not in parts]
         raise BadFileError(f"{where}: {prefix} holds a partial {kind} ({', '.join(cls.ROLES[f] for f in parts)}; "
                            f"missing {', '.join(cls.ROLES[f] for f in missing)}): the file is damaged") from e
     except Exception as e:  # the type's own checks
         raise BadFileError(f"{where}: {prefix}: {e}") from e
+    try:
+        adapter.product(device="meta")  # factors that do not multiply fail here, on shapes alone (no math)
+    except RuntimeError as e:
+        shapes = ", ".join(f"{cls.ROLES.get(r, r)} {tuple(t.shape)}" for r, t in parts.items())
+        raise BadFileError(f"{where}: {prefix}: the {kind} factors ({shapes}) do not multiply into one weight "
+                           f"change ({str(e).splitlines()[0][:120]}); the file is damaged: download it again or "
+                           "re-export it") from None
+    return adapter
 
 
 __all__ = ["ADAPTER_SUFFIXES", "ADAPTER_TYPES", "Adapter", "LoCon", "LoHa", "LoKr", "build_adapter", "looks_like"]
