@@ -74,7 +74,7 @@ def refuse_input_target(path: str | os.PathLike, protect: Iterable[str | os.Path
     """Refuse to write `path` if it is one of the inputs in `protect` (the same path, through a symlink,
     or a hard link of it), or, for model outputs (`into_shard_folders`), if it lands in the folder of a
     sharded input (folder or `*.index.json`), where it would be read as one more shard of that model."""
-    path = Path(path)
+    path = check_name_fits(path, what)  # resolve() of an over-long name fails with ENAMETOOLONG
     target = path.resolve()
     exists = target.exists()
     for p in protect:
