@@ -299,7 +299,7 @@ class TorchFileSource(TensorSource):
         super().__init__()
         self.name = str(path)
         self._path = path
-        self._guard = _InputGuard(path)  # torch.load(mmap=True) maps the file too
+        self._guard = _InputGuard(path)  # the checkpoint is memory-mapped too (load_checkpoint)
         found = unwrap_state_dict(load_checkpoint(path), path)
         for key, t in found.tensors.items():
             check_tensor(path, key, t)

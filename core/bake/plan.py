@@ -29,7 +29,7 @@ from ..errors import MismatchError, WeightsmithError
 from ..lora import keymaps as km
 from ..lora.formats import infer_arch, load_lora
 from ..lora.model import LoRA, ModuleDelta
-from ..merge.rules import expand_alias
+from ..merge.rules import expand_alias, parse_rule_lines
 from ..sources import TensorSource, as_source, detect_diffusion_prefix
 
 # ---------------------------------------------------------------------------------------------------
@@ -70,17 +70,7 @@ def parse_strength_rule(text: str) -> StrengthRule:
 
 def parse_strength_rules(lines) -> list[StrengthRule]:
     """Rules from a list or multiline text (blank lines and '#' comments skipped)."""
-    if lines is None:
-        return []
-    if isinstance(lines, str):
-        lines = lines.splitlines()
-    out = []
-    for line in lines:
-        if isinstance(line, StrengthRule):
-            out.append(line)
-        elif line.strip() and not line.strip().startswith("#"):
-            out.append(parse_strength_rule(line))
-    return out
+    return parse_rule_lines(lines, parse_strength_rule, StrengthRule)
 
 
 def rule_factor(name: str, rules: Sequence[StrengthRule]) -> tuple[float, StrengthRule | None]:

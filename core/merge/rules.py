@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import WeightsmithError
@@ -278,22 +279,25 @@ def parse_rule(text: str | Rule) -> Rule:
     )
 
 
-def parse_rules(lines) -> list[Rule]:
-    """Rules from a list, or from multiline text (blank lines and '#' comments ignored)."""
+def parse_rule_lines(lines, parse: Callable, rule_type: type) -> list:
+    """Rules from a list, or from multiline text (blank lines and '#' comments ignored); items already
+    parsed (instances of `rule_type`) are kept. Shared by merge rules and bake's strength rules."""
     if lines is None:
         return []
     if isinstance(lines, str):
         lines = lines.splitlines()
     out = []
     for line in lines:
-        if isinstance(line, Rule):
+        if isinstance(line, rule_type):
             out.append(line)
-            continue
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        out.append(parse_rule(line))
+        elif line.strip() and not line.strip().startswith("#"):
+            out.append(parse(line.strip()))
     return out
+
+
+def parse_rules(lines) -> list[Rule]:
+    """Rules from a list, or from multiline text (blank lines and '#' comments ignored)."""
+    return parse_rule_lines(lines, parse_rule, Rule)
 
 
 def resolve(name: str, rules: list[Rule]) -> tuple[Rule | None, Rule | None]:

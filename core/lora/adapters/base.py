@@ -9,6 +9,7 @@ and re-rank are built on); an adapter is everything else.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -19,7 +20,7 @@ from .dora import weight_decompose
 
 
 @dataclass(kw_only=True)
-class Adapter:
+class Adapter(ABC):
     alpha: float | None = None
     strength: float = 1.0
     rows: tuple[int, int] | None = None  # (start, length) of the target's rows; None: all rows
@@ -30,20 +31,23 @@ class Adapter:
 
     # --- per type ------------------------------------------------------------------------------
     @property
+    @abstractmethod
     def rank(self) -> int | None:
-        raise NotImplementedError
+        """The r of alpha / r; None when the type applies no alpha scale."""
 
+    @abstractmethod
     def product(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-        raise NotImplementedError
+        """The unscaled ΔW, exactly as ComfyUI computes it before alpha / rank."""
 
     @property
+    @abstractmethod
     def out_rows(self) -> int:
-        raise NotImplementedError
+        """Rows of ΔW (of the row slice, for a fused target)."""
 
     @property
+    @abstractmethod
     def in_features(self) -> int:
         """Input width of the weight (its second dimension)."""
-        raise NotImplementedError
 
     def swapped(self) -> Adapter:
         """The same adapter with its two row halves of ΔW exchanged (diffusers norm_out vs BFL adaLN). A DoRA
@@ -70,9 +74,9 @@ class Adapter:
         """The factors by file suffix (absent optional factors left out)."""
         return {suffix: getattr(self, f) for f, suffix in self.ROLES.items() if getattr(self, f) is not None}
 
+    @abstractmethod
     def strength_field(self) -> str:
         """The factor a strength can be folded into (ΔW is linear in it)."""
-        raise NotImplementedError
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """The factors to store, strength folded in (a DoRA strength is not linear: refused unless 1)."""
