@@ -61,11 +61,19 @@ def detect_arch(source: TensorSource) -> ArchInfo:
         hidden = (shape("img_in.weight") or shape("double_blocks.0.img_attn.proj.weight") or (0,))[0]
         details = {"hidden": hidden, "double_blocks": _count(keys, "double_blocks."), "single_blocks": _count(keys, "single_blocks.")}
         if "double_stream_modulation_img.lin.weight" in keys:  # ComfyUI's Flux.2 test: shared modulations
-            return ArchInfo("flux2", "bfl", prefix, details | {"size": _size(_params(source, prefix, keys))})
+            return ArchInfo("flux2", "bfl", prefix, _flux2_details(details, keys, _params(source, prefix, keys)))
         if any(k.startswith("distilled_guidance_layer.") for k in keys):
-            return ArchInfo("chroma", "bfl", prefix, details)
+            radiance = "nerf_blocks.0.norm.scale" in keys  # ComfyUI's test: pixel-space Chroma, no img_in
+            return ArchInfo("chroma", "bfl", prefix, details | {
+                "variant": "Chroma Radiance" if radiance else "Chroma", "size": _size(_params(source, prefix, keys))})
         arch = "flux-dev" if "guidance_in.in_layer.weight" in keys else "flux-schnell"
         return ArchInfo(arch, "bfl", prefix, details)
+    if "single_stream_modulation.linear.weight" in keys:  # diffusers' Flux2Transformer2DModel
+        hidden = (shape("x_embedder.weight") or (0,))[0]
+        details = {"hidden": hidden, "double_blocks": _count(keys, "transformer_blocks."),
+                   "single_blocks": _count(keys, "single_transformer_blocks.")}
+        return ArchInfo("flux2", "diffusers", prefix, _flux2_details(details, keys, _params(source, prefix, keys)),
+                        reason="diffusers-named Flux.2: ComfyUI 0.3.75 loads Flux.2 models in their BFL names only")
     if "transformer_blocks.0.attn.to_q.weight" in keys and any(k.startswith("single_transformer_blocks.") for k in keys):
         hidden = (shape("x_embedder.weight") or (0,))[0]
         details = {"hidden": hidden, "double_blocks": _count(keys, "transformer_blocks."),
@@ -131,6 +139,14 @@ def _params(source: TensorSource, prefix: str, keys: set[str]) -> int:
 
 def _size(params: int) -> str:
     return f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.1f}M"
+
+
+def _flux2_details(details: dict, keys: set[str], params: int) -> dict:
+    # Flux.2 [dev] (32B): hidden 6144, 8 double and 48 single blocks; other widths are named by their shape
+    dev = (details["hidden"], details["double_blocks"], details["single_blocks"]) == (6144, 8, 48)
+    guided = "guidance_in.in_layer.weight" in keys or "time_guidance_embed.guidance_embedder.linear_1.weight" in keys
+    variant = "Flux.2 dev" if dev else f"Flux.2 ({details['double_blocks']} double, {details['single_blocks']} single blocks)"
+    return details | {"variant": variant, "guidance": guided, "size": _size(params)}
 
 
 def _qwen_details(keys: set[str], shape, params: int) -> dict:

@@ -108,15 +108,28 @@ TINY_WAN = {"image_model": "wan2.1", "dim": 32, "ffn_dim": 64, "num_heads": 2, "
             "cross_attn_norm": True, "eps": 1e-6}
 
 
+# Flux.2 as ComfyUI's detection configures it (model_detection.py), narrowed: hidden 32, 2 heads of 16.
+TINY_FLUX2 = {"image_model": "flux2", "in_channels": 16, "hidden_size": 32, "context_in_dim": 24, "depth": 2,
+              "depth_single_blocks": 2, "num_heads": 2, "axes_dim": [4, 4, 4, 4], "mlp_ratio": 3.0, "theta": 2000,
+              "out_channels": 16, "global_modulation": True, "vec_in_dim": None, "mlp_silu_act": True, "qkv_bias": False,
+              "ops_bias": False, "guidance_embed": True, "patch_size": 1, "default_ref_method": "index",
+              "ref_index_scale": 10.0}
+
+
+def dit_config(kind: str):
+    """(ComfyUI model-config class, tiny unet config) for a DiT kind of `dit_patcher`."""
+    sm = import_comfy().supported_models
+    return {"qwen": (sm.QwenImage, TINY_QWEN),
+            "wan-t2v": (sm.WAN21_T2V, {**TINY_WAN, "model_type": "t2v", "in_dim": 16}),
+            "wan-i2v": (sm.WAN21_I2V, {**TINY_WAN, "model_type": "i2v", "in_dim": 36}),
+            "flux2": (sm.Flux2, TINY_FLUX2)}[kind]
+
+
 def dit_patcher(kind: str, seed: int = 0, sd: dict[str, torch.Tensor] | None = None):
-    """A real comfy Qwen-Image ('qwen'), Wan 2.1 T2V ('wan-t2v') or I2V ('wan-i2v') model built from
-    `comfy.supported_models` with a tiny config; its weights are random (seeded) unless `sd` is given.
+    """A real comfy Qwen-Image ('qwen'), Wan 2.1 T2V ('wan-t2v') or I2V ('wan-i2v'), Flux.2 ('flux2'), … model built
+    from `comfy.supported_models` with a tiny config; its weights are random (seeded) unless `sd` is given.
     Returns (patcher, the diffusion model's state dict as ComfyUI holds it)."""
-    comfy = import_comfy()
-    sm = comfy.supported_models
-    cls, cfg = {"qwen": (sm.QwenImage, TINY_QWEN),
-                "wan-t2v": (sm.WAN21_T2V, {**TINY_WAN, "model_type": "t2v", "in_dim": 16}),
-                "wan-i2v": (sm.WAN21_I2V, {**TINY_WAN, "model_type": "i2v", "in_dim": 36})}[kind]
+    cls, cfg = dit_config(kind)
     mc = cls(dict(cfg))
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({}, "")

@@ -19,11 +19,12 @@ from ..safetensors_io import write_safetensors
 from ..sources import DictSource, TensorSource, as_source, open_model
 from . import formats_kohya, formats_peft  # noqa: F401  (they register the formats)
 from . import keymaps as km
+from . import keymaps_flux2 as f2
 from .formats_base import FORMATS, Format, UnwritableError, check_modules, register, unwritable_error, unwritable_in
 from .model import LoRA
 
 WRITABLE_FORMATS = ("comfy", "kohya", "diffusers", "onetrainer", "lycoris")
-LORA_ARCHES = ("flux", "chroma", "sdxl", "sd15", "qwen-image", "wan")
+LORA_ARCHES = ("flux", "chroma", "sdxl", "sd15", "qwen-image", "wan", "flux2", "lumina2", "hidream", "sd3")
 # When two formats match equally many keys, the more specific one wins.
 _PRIORITY = ("xlabs", "bfl_control", "peft_bfl", "onetrainer", "lycoris", "kohya", "diffusers", "comfy")
 
@@ -51,6 +52,8 @@ def normalize_arch(arch: str | None) -> str | None:
     a = arch.strip().lower().replace("_", "-")
     if a in ("", "auto", "unknown"):
         return None
+    if a.replace(".", "").replace("-", "").startswith("flux2"):
+        return "flux2"
     if a.startswith("flux"):
         return "flux"
     if a.startswith("qwen"):
@@ -182,12 +185,15 @@ def infer_arch(lora: LoRA) -> str:
     if any(n.startswith("transformer_blocks.") or km.is_qwen_only(n) for n in names) or (
             recorded == "qwen-image" and names and all(km.is_qwen_module(n) for n in names)):
         return "qwen-image"  # canonical Flux names never start with transformer_blocks (those are BFL's double_blocks)
-    if any(km.is_flux_module(n) for n in names):
+    if any(km.is_flux_module(n) or f2.is_flux2_module(n) for n in names):
         if any(km.is_chroma_only(n) for n in names):
             return "chroma"
-        if any(km.is_flux_modulation(n) for n in names):
-            return "flux"
-        return recorded if recorded in ("flux", "chroma") else "flux"
+        generation = flux_generation(lora)
+        if generation == "flux2" or any(km.is_flux_modulation(n) and not f2.is_flux2_module(n) for n in names):
+            return generation
+        if recorded == "chroma" or (recorded == "flux2" and generation is None):
+            return recorded  # Chroma has Flux's widths; an attention-only LoRA fits both generations
+        return "flux"
     if any(km.SD_LDM_RE.match(n) for n in names):
         if recorded in ("sd15", "sdxl"):
             return recorded
@@ -211,15 +217,52 @@ def infer_arch(lora: LoRA) -> str:
     return "unknown"
 
 
+def _module_shape(mod) -> tuple[int, int] | None:
+    """(rows, input width) of the weight a module changes, where a whole-weight part tells it."""
+    for t in mod.terms:
+        if t.rows is None:
+            return int(t.up.shape[0]), int(t.down.flatten(1).shape[1])
+    if mod.diff is not None and mod.diff.ndim == 2:
+        return int(mod.diff.shape[0]), int(mod.diff.shape[1])
+    return None
+
+
+def flux_generation(lora: LoRA) -> str | None:
+    """'flux2' or 'flux' when a BFL-named LoRA's modules tell them apart, else None (an attention-only LoRA has the
+    same names and shapes on both): Flux's per-block modulations and vector embedder, Flux.2's shared modulations,
+    or the MLP widths (Flux: linear1 7·H, mlp.0 4·H; Flux.2's SwiGLU: 9·H and 6·H)."""
+    names = {n[len(km.DIFFUSION):]: m for n, m in lora.modules.items() if n.startswith(km.DIFFUSION)}
+    if any(f2.is_flux2_only(n) for n in names):
+        return "flux2"
+    if any(km.is_flux_modulation(n) and not f2.is_flux2_module(n) for n in names):
+        return "flux"
+    for n, mod in names.items():
+        leaf = "linear1" if n.endswith(".linear1") else "mlp.0" if n.endswith(("img_mlp.0", "txt_mlp.0")) else None
+        shape = _module_shape(mod) if leaf else None
+        if shape is not None and shape[1]:
+            ratio = shape[0] / shape[1]
+            if ratio == f2.FLUX2_ROW_RATIOS[leaf]:
+                return "flux2"
+            if ratio == {"linear1": 7, "mlp.0": 4}[leaf]:
+                return "flux"
+    return None
+
+
+_FAMILIES = {"flux": "flux", "chroma": "flux", "sdxl": "sd", "sd15": "sd"}
+
+
 def _family(arch: str) -> str:
-    return {"flux": "flux", "chroma": "flux", "sdxl": "sd", "sd15": "sd", "qwen-image": "qwen-image", "wan": "wan"}.get(
-        arch, "unknown")
+    """LoRAs of one family share a key space: Flux and Chroma; SD1.5 and SDXL (told apart by the caller). Every
+    other known architecture is its own family."""
+    return _FAMILIES.get(arch, arch if arch in LORA_ARCHES else "unknown")
 
 
 def _checked_arch(lora: LoRA, hint: str | None, where: str) -> str:
     found = infer_arch(lora)
     if hint is None:
         return found
+    if {found, hint} == {"flux", "flux2"} and flux_generation(lora) is None:
+        return hint  # names and shapes both fit: an attention-only LoRA on either generation
     if found != "unknown" and _family(found) != _family(hint):
         raise MismatchError(f"{where}: this is a {found} LoRA, not a {hint} one; use it with a {found} model")
     names = [n[len(km.DIFFUSION):] for n in lora.modules if n.startswith(km.DIFFUSION)]

@@ -320,12 +320,8 @@ def hidden_of(mod: ModuleDelta) -> int | None:
 
 
 def module_rows(name: str, mod: ModuleDelta) -> int:
-    """Total rows of the module's weight."""
-    h = hidden_of(mod)
-    if h is not None:
-        fused = keymaps.fused_rows(name, h)
-        if fused is not None:
-            return fused
+    """Total rows of the module's weight: a whole-weight part tells it; only row slices of a fused weight fall
+    back to Flux's fused layout (Flux.2's linear1 is wider: 9·H, told by its whole-weight factors)."""
     for t in mod.terms:
         if t.rows is None:
             return int(t.up.shape[0])
@@ -335,6 +331,11 @@ def module_rows(name: str, mod: ModuleDelta) -> int:
     for v in (mod.diff, mod.diff_b, mod.set_weight):
         if v is not None:
             return int(v.shape[0])
+    h = hidden_of(mod)
+    if h is not None:
+        fused = keymaps.fused_rows(name, h)
+        if fused is not None:
+            return fused
     raise MismatchError(f"module {name}: cannot tell its number of rows (only partial-row terms on a non-fused weight)")
 
 
@@ -452,10 +453,15 @@ def km_layout(lora: LoRA) -> str:
     return keymaps.sd_layout(lora.arch, lora.metadata)
 
 
-def unwritable_reason(mod: ModuleDelta, names: list[OutName], fmt: str) -> str | None:
+# Per architecture, why a module has no name in a format although a trainer may write one: (module, fmt) -> str
+NO_NAME_WHY: dict[str, Callable[[str, str], str | None]] = {}
+
+
+def unwritable_reason(mod: ModuleDelta, names: list[OutName], fmt: str, module: str = "", arch: str = "") -> str | None:
     """Why a format named `names` cannot hold module `mod` whole (None: it can)."""
     if not names:
-        return f"no {fmt} name"
+        why = NO_NAME_WHY.get(arch)
+        return (why(module, fmt) if why else None) or f"no {fmt} name"
     if mod.diff_b is not None and any(n.split for n in names):
         return "a bias change on a fused weight this format splits"
     if mod.set_weight is not None and any(n.rows is not None for n in names):
@@ -469,7 +475,7 @@ def unwritable_in(lora: LoRA, fmt: str) -> dict[str, str]:
     out = {}
     for name in sorted(lora.modules):
         mod = lora.modules[name]
-        if not mod.is_empty() and (why := unwritable_reason(mod, namer(name, lora.arch), fmt)):
+        if not mod.is_empty() and (why := unwritable_reason(mod, namer(name, lora.arch), fmt, name, lora.arch)):
             out[name] = why
     return out
 
@@ -539,7 +545,7 @@ def write_with(
         if mod.is_empty():
             continue
         names = namer(name, lora.arch)
-        why = unwritable_reason(mod, names, fmt) or _adapter_problem(name, mod, names, style, fmt)
+        why = unwritable_reason(mod, names, fmt, name, lora.arch) or _adapter_problem(name, mod, names, style, fmt)
         if why:
             problems[name] = why
         plan.append((name, mod, names))

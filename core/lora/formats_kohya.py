@@ -19,6 +19,7 @@ import torch
 
 from ..sources import TensorSource
 from . import keymaps as km
+from . import keymaps_flux2 as f2
 from .formats_base import (
     KOHYA_SUFFIXES,
     Format,
@@ -99,7 +100,8 @@ def _kohya_resolver(arch: str | None, layout: str, qwen: bool = False):
     def resolve(prefix: str) -> Target | None:
         if prefix.startswith("lora_unet_"):
             name = km.dotted(prefix[len("lora_unet_"):])
-            if km.is_flux_module(name) or km.SD_LDM_RE.match(name) or km.is_qwen_module(name) or km.is_wan_module(name):
+            if (km.is_flux_module(name) or f2.is_flux2_module(name) or km.SD_LDM_RE.match(name) or km.is_qwen_module(name)
+                    or km.is_wan_module(name)):
                 return Target(km.DIFFUSION + name)
             if km.SD_DIFFUSERS_RE.match(name):
                 ldm = km.sd_from_diffusers(name, layout)
@@ -109,7 +111,7 @@ def _kohya_resolver(arch: str | None, layout: str, qwen: bool = False):
             name = km.dotted(prefix[len("lycoris_"):])
             if qwen:  # SimpleTuner names Qwen-Image's native (= diffusers) modules; ComfyUI maps them as such
                 return Target(km.DIFFUSION + name) if km.is_qwen_module(name) else None
-            piece = km.flux_from_diffusers(name)
+            piece = km.flux_from_diffusers(name) or f2.flux2_from_diffusers(name)
             if piece is not None:
                 return Target(km.DIFFUSION + piece.bfl, piece.rows, piece.swap)
             if km.SD_DIFFUSERS_RE.match(name):
@@ -117,7 +119,8 @@ def _kohya_resolver(arch: str | None, layout: str, qwen: bool = False):
                 return Target(km.DIFFUSION + ldm) if ldm else None
             return None
         if prefix.startswith("lora_transformer_"):
-            piece = km.flux_from_diffusers(km.dotted(prefix[len("lora_transformer_"):]))
+            name = km.dotted(prefix[len("lora_transformer_"):])
+            piece = km.flux_from_diffusers(name) or f2.flux2_from_diffusers(name)
             return Target(km.DIFFUSION + piece.bfl, piece.rows, piece.swap) if piece else None
         m = _TE_RE.match(prefix)
         if m:
@@ -212,6 +215,9 @@ def _onetrainer_namer(lora: LoRA, prefix: str = "lora_transformer_"):
         if arch == "qwen-image":  # ComfyUI maps `lycoris_<native name>` for Qwen-Image, no `lora_transformer_`
             name = module[len(km.DIFFUSION):]
             return [OutName(prefix + km.underscored(name))] if prefix == "lycoris_" and km.is_qwen_module(name) else []
+        if arch == "flux2":  # diffusers' Flux.2 names where ComfyUI 0.3.75 loads them under this prefix too
+            return [OutName(prefix + km.underscored(d), p.rows, p.swap, split=p.rows is not None or p.swap)
+                    for d, p in f2.flux2_diffusers_names(module[len(km.DIFFUSION):])]
         if arch not in ("flux", "chroma", "sd15", "sdxl"):
             return []  # Wan and unknown models: ComfyUI 0.3.75 maps neither naming for them
         if arch in ("sd15", "sdxl"):

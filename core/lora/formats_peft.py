@@ -20,7 +20,9 @@ import torch
 
 from ..sources import TensorSource
 from . import keymaps as km
+from . import keymaps_flux2 as f2
 from .formats_base import (
+    NO_NAME_WHY,
     PEFT_SUFFIXES,
     Format,
     OutName,
@@ -41,17 +43,18 @@ DIFFUSERS_STYLE = WriteStyle(up=".lora_B.weight", down=".lora_A.weight", alpha="
 _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "final_layer.", "time_in.", "vector_in.",
               "guidance_in.", "distilled_guidance_layer.")
 _FLUX_DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
-                         "time_text_embed.", "norm_out.", "proj_out.")
+                         "time_text_embed.", "norm_out.", "proj_out.") + f2.FLUX2_DIFFUSERS_ROOTS
 
 
 # --- diffusers -------------------------------------------------------------------------------------
 
 
 def _flux_piece(name: str) -> Target | None:
-    piece = km.flux_from_diffusers(name)
+    # Flux's and Flux.2's diffusers tables agree on every name they share, so one lookup after the other is exact
+    piece = km.flux_from_diffusers(name) or f2.flux2_from_diffusers(name)
     if piece is not None:
         return Target(km.DIFFUSION + piece.bfl, piece.rows, piece.swap)
-    if km.is_flux_module(name):  # BFL names under `transformer.` (seen in the wild)
+    if km.is_flux_module(name) or f2.is_flux2_module(name):  # BFL names under `transformer.` (seen in the wild)
         return Target(km.DIFFUSION + name)
     return None
 
@@ -139,6 +142,9 @@ def _diffusers_namer(lora: LoRA):
             return [OutName(f"unet.{d}", up=".lora.up.weight", down=".lora.down.weight")]
         if arch == "qwen-image":  # diffusers' names are Qwen-Image's own; ComfyUI maps `transformer.<name>`
             return [OutName("transformer." + name)] if km.is_qwen_module(name) else []
+        if arch == "flux2":  # diffusers' own Flux.2 names, where ComfyUI 0.3.75 loads them
+            return [OutName("transformer." + d, p.rows, p.swap, split=p.rows is not None or p.swap)
+                    for d, p in f2.flux2_diffusers_names(name)]
         if arch not in ("flux", "chroma"):
             return []  # no diffusers naming ComfyUI 0.3.75 maps (Wan, unknown models): refused, never guessed
         if km.is_chroma_only(name):
@@ -239,6 +245,7 @@ def read_peft_bfl(src: TensorSource, arch: str | None) -> LoRA:
     return lora
 
 
+NO_NAME_WHY["flux2"] = f2.why_no_name
 register(Format("diffusers", "diffusers/PEFT/ai-toolkit: transformer.<diffusers name>.lora_A/lora_B (split q/k/v); "
                 "SD: unet.<diffusers name>", detect_diffusers, read_diffusers, write_diffusers, namer=_diffusers_namer))
 register(Format("xlabs", "XLabs: double_blocks.N.processor.qkv_lora1.down.weight … (read only)",

@@ -256,6 +256,9 @@ _COMPOUNDS = {
     # Qwen-Image and Wan (ComfyUI-native names)
     "txt_norm", "cross_attn", "k_img", "v_img", "norm_k_img", "patch_embedding", "text_embedding",
     "time_projection", "img_emb",
+    # Flux.2 (BFL and diffusers names)
+    "double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation", "time_guidance_embed",
+    "to_qkv_mlp_proj", "linear_in", "linear_out",
 }
 _MAX_COMPOUND = max(c.count("_") for c in _COMPOUNDS) + 1
 

@@ -63,8 +63,11 @@ _GROUPS: dict[str, tuple[str, str]] = {
     # Qwen-Image and Wan 2.1/2.2
     "blocks": (r"^(blocks|transformer_blocks)\.", "Wan / Qwen-Image transformer blocks"),
     "cross": (r"^blocks\.\d+\.cross_attn\.", "Wan cross-attention (text and image conditioning)"),
-    "guidance": (r"^(guidance_in|time_text_embed\.guidance_embedder)\.", "Flux-dev guidance embedder"),
-    "time": (r"^(time_in|time_text_embed\.timestep_embedder|time_embed|time_embedding)\.", "timestep embedder"),
+    "modulation": (r"^(double_stream_modulation_(img|txt)|single_stream_modulation)\.",
+                   "Flux.2's shared modulations (one per stream, for all blocks)"),
+    "guidance": (r"^(guidance_in|time_text_embed\.guidance_embedder|time_guidance_embed\.guidance_embedder)\.",
+                 "Flux-dev / Flux.2 guidance embedder"),
+    "time": (r"^(time_in|time_(text|guidance)_embed\.timestep_embedder|time_embed|time_embedding)\.", "timestep embedder"),
     "vector": (r"^(vector_in|time_text_embed\.text_embedder)\.", "pooled-text (vector) embedder"),
     "embedders": (r"^(time_in|vector_in|guidance_in|time_text_embed)\.", "time, vector and guidance embedders"),
     "io": (r"^(img_in|txt_in|final_layer|x_embedder|context_embedder|norm_out|proj_out)\.",
