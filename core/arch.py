@@ -93,9 +93,9 @@ def detect_arch(source: TensorSource) -> ArchInfo:
     other = _other_dit(keys, shape)
     if other is not None:
         arch, details = other
-        return ArchInfo(arch, "native", prefix, details | {"size": _size(_params(source, prefix, keys))},
-                        reason="detected from ComfyUI's own key test; LoRAs for it are written in ComfyUI's naming "
-                               "(comfy, kohya) only")
+        naming = details.pop("naming", "native")
+        return ArchInfo(arch, naming, prefix, details | {"size": _size(_params(source, prefix, keys))},
+                        reason=_OTHER_REASONS.get((arch, naming), ""))
     if "input_blocks.0.0.weight" in keys:
         ctx = None
         for k in sorted(keys):
@@ -115,12 +115,27 @@ def detect_arch(source: TensorSource) -> ArchInfo:
     return ArchInfo("unknown", "unknown", prefix, {}, reason=f"{source.name}: {explain_unknown(keys)}")
 
 
+_OTHER_REASONS = {
+    ("lumina2", "diffusers"): "diffusers-named Z-Image: ComfyUI 0.3.75 loads Lumina 2 / Z-Image models in its native "
+                              "names only",
+}
+
+
 def _other_dit(keys: set[str], shape) -> tuple[str, dict] | None:
     """Lumina 2 / Z-Image, HiDream and SD3/3.5 (MMDiT) from the keys ComfyUI 0.3.75's model_detection tests."""
-    if "cap_embedder.1.weight" in keys:
+    if "cap_embedder.1.weight" in keys and ("layers.0.attention.qkv.weight" in keys or "all_x_embedder.2-1.weight" in keys
+                                            or "x_embedder.weight" in keys):
         dim = shape("cap_embedder.1.weight")[0]
-        variant = {2304: "Lumina 2", 3840: "Z-Image"}.get(dim, "unknown width")
-        return "lumina2", {"variant": variant, "dim": dim, "layers": _count(keys, "layers.")}
+        # Z-Image's blocks take one shared modulation (adaLN_modulation.0 only); Lumina 2's have adaLN_modulation.1
+        zimage = "layers.0.adaLN_modulation.1.weight" not in keys
+        diffusers = "all_x_embedder.2-1.weight" in keys
+        qkv = [shape(f"layers.0.attention.{p}.weight") for p in ("to_q", "to_k")] if diffusers else [
+            shape("layers.0.attention.qkv.weight")]
+        details = {"variant": "Z-Image" if zimage else "Lumina 2", "dim": dim, "layers": _count(keys, "layers."),
+                   "refiner_layers": _count(keys, "noise_refiner."),
+                   "attention": "grouped-query" if None not in qkv and (
+                       qkv[0][0] != qkv[1][0] if diffusers else qkv[0][0] != 3 * dim) else "full"}
+        return "lumina2", details | ({"naming": "diffusers"} if diffusers else {})
     if "caption_projection.0.linear.weight" in keys:
         return "hidream", {"double_blocks": _count(keys, "double_stream_blocks."),
                            "single_blocks": _count(keys, "single_stream_blocks.")}

@@ -116,13 +116,23 @@ TINY_FLUX2 = {"image_model": "flux2", "in_channels": 16, "hidden_size": 32, "con
               "ref_index_scale": 10.0}
 
 
+# Lumina 2 / Z-Image as ComfyUI's detection configures them, narrowed (dim 32, 2 heads of 16): Z-Image with as many
+# key/value heads as query heads and its shared modulation; Lumina 2 with grouped-query attention (1 key/value head).
+_TINY_LUMINA = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 32, "cap_feat_dim": 24, "n_layers": 2,
+                "qk_norm": True, "n_heads": 2, "axes_dims": [4, 6, 6], "axes_lens": [64, 32, 32], "multiple_of": 16}
+TINY_ZIMAGE = {**_TINY_LUMINA, "n_kv_heads": 2, "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
+               "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}
+TINY_LUMINA2 = {**_TINY_LUMINA, "n_kv_heads": 1, "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0}
+
+
 def dit_config(kind: str):
     """(ComfyUI model-config class, tiny unet config) for a DiT kind of `dit_patcher`."""
     sm = import_comfy().supported_models
     return {"qwen": (sm.QwenImage, TINY_QWEN),
             "wan-t2v": (sm.WAN21_T2V, {**TINY_WAN, "model_type": "t2v", "in_dim": 16}),
             "wan-i2v": (sm.WAN21_I2V, {**TINY_WAN, "model_type": "i2v", "in_dim": 36}),
-            "flux2": (sm.Flux2, TINY_FLUX2)}[kind]
+            "flux2": (sm.Flux2, TINY_FLUX2), "zimage": (sm.ZImage, TINY_ZIMAGE),
+            "lumina2": (sm.Lumina2, TINY_LUMINA2)}[kind]
 
 
 def dit_patcher(kind: str, seed: int = 0, sd: dict[str, torch.Tensor] | None = None):

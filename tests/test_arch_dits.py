@@ -235,7 +235,8 @@ def test_flux2_is_not_taken_for_flux_and_gets_no_flux_diffusers_names():
 
 @pytest.mark.parametrize("keys,arch,variant", [
     ({"cap_embedder.1.weight": (3840, 2560), "layers.0.attention.qkv.weight": (4, 4)}, "lumina2", "Z-Image"),
-    ({"cap_embedder.1.weight": (2304, 2304), "layers.0.attention.qkv.weight": (4, 4)}, "lumina2", "Lumina 2"),
+    ({"cap_embedder.1.weight": (2304, 2304), "layers.0.attention.qkv.weight": (4, 4),
+      "layers.0.adaLN_modulation.1.weight": (4, 4)}, "lumina2", "Lumina 2"),
     ({"caption_projection.0.linear.weight": (4, 4), "double_stream_blocks.0.x.weight": (4, 4)}, "hidream", None),
     ({"joint_blocks.0.context_block.attn.qkv.weight": (12, 4), "joint_blocks.0.x_block.attn2.qkv.weight": (12, 4),
       "x_embedder.proj.weight": (4, 16, 2, 2)}, "sd3", "SD3.5 Medium"),

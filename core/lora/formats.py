@@ -20,6 +20,7 @@ from ..sources import DictSource, TensorSource, as_source, open_model
 from . import formats_kohya, formats_peft  # noqa: F401  (they register the formats)
 from . import keymaps as km
 from . import keymaps_flux2 as f2
+from . import keymaps_lumina2 as lu
 from .formats_base import FORMATS, Format, UnwritableError, check_modules, register, unwritable_error, unwritable_in
 from .model import LoRA
 
@@ -182,6 +183,9 @@ def infer_arch(lora: LoRA) -> str:
     recorded = lora.metadata.get("weightsmith.arch")
     if any(km.is_wan_module(n) for n in names):
         return "wan"
+    if any(lu.is_lumina_only(n) for n in names) or (
+            recorded == "lumina2" and names and all(lu.is_lumina_module(n) for n in names)):
+        return "lumina2"
     if any(n.startswith("transformer_blocks.") or km.is_qwen_only(n) for n in names) or (
             recorded == "qwen-image" and names and all(km.is_qwen_module(n) for n in names)):
         return "qwen-image"  # canonical Flux names never start with transformer_blocks (those are BFL's double_blocks)

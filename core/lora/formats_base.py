@@ -457,6 +457,15 @@ def km_layout(lora: LoRA) -> str:
 NO_NAME_WHY: dict[str, Callable[[str, str], str | None]] = {}
 
 
+def whole_shape(name: str, mod: ModuleDelta) -> tuple[int, int] | None:
+    """(rows, input width) of the weight `mod` changes, where its parts tell both (None otherwise)."""
+    h = hidden_of(mod)
+    try:
+        return (module_rows(name, mod), h) if h is not None else None
+    except MismatchError:
+        return None
+
+
 def unwritable_reason(mod: ModuleDelta, names: list[OutName], fmt: str, module: str = "", arch: str = "") -> str | None:
     """Why a format named `names` cannot hold module `mod` whole (None: it can)."""
     if not names:

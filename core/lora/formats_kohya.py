@@ -20,8 +20,10 @@ import torch
 from ..sources import TensorSource
 from . import keymaps as km
 from . import keymaps_flux2 as f2
+from . import keymaps_lumina2 as lu
 from .formats_base import (
     KOHYA_SUFFIXES,
+    NO_NAME_WHY,
     Format,
     OutName,
     Target,
@@ -31,6 +33,7 @@ from .formats_base import (
     new_lora,
     register,
     sd_layout_of,
+    whole_shape,
     write_with,
 )
 from .model import LoRA
@@ -58,6 +61,9 @@ def _comfy_target(prefix: str) -> Target | None:
             return None
     if prefix.startswith("transformer.") and not name.startswith(_BFL_ROOTS):
         return None  # diffusers names: the diffusers reader's business
+    if lu.is_diffusers_name(name):  # ComfyUI maps Z-Image's diffusers names under `diffusion_model.` (ai-toolkit)
+        piece = lu.lumina_from_diffusers(name)
+        return Target(km.DIFFUSION + piece.bfl, piece.rows) if piece else None
     m = re.match(r"^single_blocks\.(\d+)\.linear1_qkv$", name)
     if m:  # XLabs/USO spelling ComfyUI registers: the q|k|v rows of linear1
         return Target(f"{km.DIFFUSION}single_blocks.{m.group(1)}.linear1", rows=(0, 3))
@@ -101,8 +107,11 @@ def _kohya_resolver(arch: str | None, layout: str, qwen: bool = False):
         if prefix.startswith("lora_unet_"):
             name = km.dotted(prefix[len("lora_unet_"):])
             if (km.is_flux_module(name) or f2.is_flux2_module(name) or km.SD_LDM_RE.match(name) or km.is_qwen_module(name)
-                    or km.is_wan_module(name)):
+                    or km.is_wan_module(name) or lu.is_lumina_module(name)):
                 return Target(km.DIFFUSION + name)
+            if lu.is_diffusers_name(name):  # musubi-tuner names Z-Image's diffusers modules
+                piece = lu.lumina_from_diffusers(name)
+                return Target(km.DIFFUSION + piece.bfl, piece.rows) if piece else None
             if km.SD_DIFFUSERS_RE.match(name):
                 ldm = km.sd_from_diffusers(name, layout)
                 return Target(km.DIFFUSION + ldm) if ldm else None
@@ -111,7 +120,7 @@ def _kohya_resolver(arch: str | None, layout: str, qwen: bool = False):
             name = km.dotted(prefix[len("lycoris_"):])
             if qwen:  # SimpleTuner names Qwen-Image's native (= diffusers) modules; ComfyUI maps them as such
                 return Target(km.DIFFUSION + name) if km.is_qwen_module(name) else None
-            piece = km.flux_from_diffusers(name) or f2.flux2_from_diffusers(name)
+            piece = km.flux_from_diffusers(name) or f2.flux2_from_diffusers(name) or lu.lumina_from_diffusers(name)
             if piece is not None:
                 return Target(km.DIFFUSION + piece.bfl, piece.rows, piece.swap)
             if km.SD_DIFFUSERS_RE.match(name):
@@ -215,6 +224,11 @@ def _onetrainer_namer(lora: LoRA, prefix: str = "lora_transformer_"):
         if arch == "qwen-image":  # ComfyUI maps `lycoris_<native name>` for Qwen-Image, no `lora_transformer_`
             name = module[len(km.DIFFUSION):]
             return [OutName(prefix + km.underscored(name))] if prefix == "lycoris_" and km.is_qwen_module(name) else []
+        if arch == "lumina2":  # ComfyUI maps `lycoris_<diffusers name>` for `.weight`s, no `lora_transformer_`
+            name = module[len(km.DIFFUSION):]
+            return [OutName(prefix + km.underscored(d), p.rows, p.swap, split=p.rows is not None)
+                    for d, p in lumina_diffusers_names(name, lora)] if prefix == "lycoris_" and not km.is_parameter_name(
+                name) else []
         if arch == "flux2":  # diffusers' Flux.2 names where ComfyUI 0.3.75 loads them under this prefix too
             return [OutName(prefix + km.underscored(d), p.rows, p.swap, split=p.rows is not None or p.swap)
                     for d, p in f2.flux2_diffusers_names(module[len(km.DIFFUSION):])]
@@ -233,6 +247,32 @@ def _onetrainer_namer(lora: LoRA, prefix: str = "lora_transformer_"):
         ]
 
     return names
+
+
+def lumina_diffusers_names(name: str, lora: LoRA):
+    """Z-Image / Lumina 2 diffusers names of a module (no prefix); none for a grouped-query qkv (Lumina 2), which
+    ComfyUI 0.3.75 would cut into equal thirds."""
+    names = lu.lumina_to_diffusers(name)
+    if any(p.rows is not None for _, p in names):
+        shape = whole_shape(km.DIFFUSION + name, lora.modules[km.DIFFUSION + name])
+        if shape is None or shape[0] != 3 * shape[1]:
+            return []
+    return names
+
+
+def _lumina_no_name(module: str, fmt: str) -> str | None:
+    name = module[len(km.DIFFUSION):]
+    if fmt == "onetrainer":
+        return "ComfyUI 0.3.75 maps no lora_transformer_ names for Lumina 2 / Z-Image"
+    if fmt == "lycoris" and km.is_parameter_name(name):
+        return "ComfyUI 0.3.75 maps lycoris_ names for `.weight`s only"
+    if name.endswith("attention.qkv"):
+        return ("a grouped-query qkv (Lumina 2): ComfyUI 0.3.75 cuts the split to_q/to_k/to_v names into equal "
+                "thirds, which fits Z-Image only")
+    return f"ComfyUI 0.3.75 maps no {fmt} name for it" if not lu.lumina_to_diffusers(name) else None
+
+
+NO_NAME_WHY["lumina2"] = _lumina_no_name
 
 
 def write_onetrainer(lora: LoRA, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

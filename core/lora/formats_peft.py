@@ -21,6 +21,7 @@ import torch
 from ..sources import TensorSource
 from . import keymaps as km
 from . import keymaps_flux2 as f2
+from . import keymaps_lumina2 as lu
 from .formats_base import (
     NO_NAME_WHY,
     PEFT_SUFFIXES,
@@ -74,6 +75,7 @@ def _diffusers_resolver(src: TensorSource, arch: str | None):
     names = [k[len("transformer."):] if k.startswith("transformer.") else k for k in src.keys()]
     qwen = arch == "qwen-image" or (arch not in ("flux", "chroma") and (
         src.metadata.get("weightsmith.arch") == "qwen-image" or km.looks_qwen(names)))
+    lumina = arch == "lumina2" or any(lu.is_diffusers_name(_unprefixed(k)) for k in src.keys())
 
     def sd(name: str) -> Target | None:
         nonlocal layout
@@ -81,6 +83,11 @@ def _diffusers_resolver(src: TensorSource, arch: str | None):
         return _sd_piece(name, layout)
 
     def resolve(prefix: str) -> Target | None:
+        for p in ("diffusion_model.", "transformer."):  # Z-Image: ai-toolkit's `diffusion_model.`, PEFT's `transformer.`
+            name = prefix[len(p):]
+            if prefix.startswith(p) and (lu.is_diffusers_name(name) or (lumina and lu.is_lumina_module(name))):
+                piece = lu.lumina_from_diffusers(name)
+                return Target(km.DIFFUSION + piece.bfl, piece.rows) if piece else Target(km.DIFFUSION + name)
         if qwen:
             name = prefix[len("transformer."):] if prefix.startswith("transformer.") else prefix
             return Target(km.DIFFUSION + name) if km.is_qwen_module(name) else None
@@ -100,8 +107,21 @@ def _diffusers_resolver(src: TensorSource, arch: str | None):
     return resolve
 
 
+def _unprefixed(key: str) -> str:
+    """A LoRA key's module name without its `diffusion_model.` / `transformer.` prefix and LoRA suffix."""
+    for suffix in (".lora_A.weight", ".lora_B.weight", ".alpha", ".diff", ".diff_b", ".lora_up.weight",
+                   ".lora_down.weight"):
+        if key.endswith(suffix):
+            key = key[: -len(suffix)]
+            break
+    return key.removeprefix("diffusion_model.").removeprefix("transformer.")
+
+
 def detect_diffusers(keys: list[str]) -> int:
     n = 0
+    if any(k.startswith("diffusion_model.") and k.endswith(".lora_A.weight") and lu.is_diffusers_name(_unprefixed(k))
+           for k in keys):  # ai-toolkit's Z-Image layout: diffusers names under ComfyUI's prefix
+        n += sum(k.startswith("diffusion_model.") for k in keys)
     for k in keys:
         if k.startswith("transformer."):
             n += not k.startswith(("transformer.double_blocks.", "transformer.single_blocks."))
@@ -142,6 +162,11 @@ def _diffusers_namer(lora: LoRA):
             return [OutName(f"unet.{d}", up=".lora.up.weight", down=".lora.down.weight")]
         if arch == "qwen-image":  # diffusers' names are Qwen-Image's own; ComfyUI maps `transformer.<name>`
             return [OutName("transformer." + name)] if km.is_qwen_module(name) else []
+        if arch == "lumina2":  # ai-toolkit's layout, the one ComfyUI maps: `diffusion_model.<diffusers name>`
+            from .formats_kohya import lumina_diffusers_names
+
+            return [OutName("diffusion_model." + d, p.rows, p.swap, split=p.rows is not None)
+                    for d, p in lumina_diffusers_names(name, lora)]
         if arch == "flux2":  # diffusers' own Flux.2 names, where ComfyUI 0.3.75 loads them
             return [OutName("transformer." + d, p.rows, p.swap, split=p.rows is not None or p.swap)
                     for d, p in f2.flux2_diffusers_names(name)]

@@ -25,9 +25,13 @@ TEXT = "text_encoders."
 # Canonical names
 
 
+_PARAMETER_LEAVES = ("modulation", "x_pad_token", "cap_pad_token")
+
+
 def is_parameter_name(name: str) -> bool:
-    """True for canonical names that denote a parameter itself rather than a layer's `.weight`."""
-    return name.endswith(".scale") or name.rsplit(".", 1)[-1] == "modulation"
+    """True for canonical names that denote a parameter itself rather than a layer's `.weight` (norm `.scale`s, Wan's
+    `modulation`, Lumina 2 / Z-Image's pad tokens)."""
+    return name.endswith(".scale") or name.rsplit(".", 1)[-1] in _PARAMETER_LEAVES
 
 
 def weight_key(module: str) -> str:
@@ -90,12 +94,13 @@ def is_chroma_only(bfl: str) -> bool:
 
 
 def fused_rows(module: str, in_features: int) -> int | None:
-    """Total rows of a fused Flux weight (qkv, linear1) given its input width H, else None."""
+    """Total rows of a fused weight (qkv, Flux's linear1) given its input width H, else None; only row slices need it
+    (a whole-weight part tells the rows itself)."""
     leaf = module.rsplit(".", 1)[-1]
     mult = FUSED_ROWS.get(leaf)
-    if mult is None or not module.startswith(DIFFUSION + ("double_blocks." if leaf == "qkv" else "single_blocks.")):
+    if mult is None or (leaf == "linear1" and not module.startswith(DIFFUSION + "single_blocks.")):
         return None
-    return mult * in_features
+    return mult * in_features  # every fused `qkv` (Flux, Z-Image, SD3) with as many key/value heads as query heads
 
 
 # diffusers FluxTransformer2DModel (and ChromaTransformer2DModel) name -> BFL name, with row slice
@@ -259,6 +264,10 @@ _COMPOUNDS = {
     # Flux.2 (BFL and diffusers names)
     "double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation", "time_guidance_embed",
     "to_qkv_mlp_proj", "linear_in", "linear_out",
+    # Lumina 2 / Z-Image (ComfyUI and diffusers names)
+    "noise_refiner", "context_refiner", "feed_forward", "attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2",
+    "q_norm", "k_norm", "norm_final", "x_pad_token", "cap_pad_token", "cap_embedder", "t_embedder", "all_x_embedder",
+    "all_final_layer",
 }
 _MAX_COMPOUND = max(c.count("_") for c in _COMPOUNDS) + 1
 

@@ -61,7 +61,8 @@ _GROUPS: dict[str, tuple[str, str]] = {
             r"norm_added_q|norm_added_k)\.|norm1_context\.|ff_context\.|txt_)",
             "text stream of the double blocks (Flux; Qwen-Image's blocks)"),
     # Qwen-Image and Wan 2.1/2.2
-    "blocks": (r"^(blocks|transformer_blocks)\.", "Wan / Qwen-Image transformer blocks"),
+    "blocks": (r"^(blocks|transformer_blocks|layers)\.", "Wan / Qwen-Image / Lumina 2 / Z-Image transformer blocks"),
+    "refiners": (r"^(noise_refiner|context_refiner)\.", "Lumina 2 / Z-Image image and caption refiner blocks"),
     "cross": (r"^blocks\.\d+\.cross_attn\.", "Wan cross-attention (text and image conditioning)"),
     "modulation": (r"^(double_stream_modulation_(img|txt)|single_stream_modulation)\.",
                    "Flux.2's shared modulations (one per stream, for all blocks)"),
@@ -83,7 +84,7 @@ _GROUPS: dict[str, tuple[str, str]] = {
 # aliases that take a block number: @double.3 …
 _NUMBERED = {"double": ("double_blocks", "transformer_blocks"), "single": ("single_blocks", "single_transformer_blocks"),
              "in": ("input_blocks", "down_blocks"), "out": ("output_blocks", "up_blocks"),
-             "blocks": ("blocks", "transformer_blocks")}
+             "blocks": ("blocks", "transformer_blocks|layers")}
 
 
 def group_aliases() -> list[dict]:
