@@ -118,6 +118,7 @@ def detect_arch(source: TensorSource) -> ArchInfo:
 _OTHER_REASONS = {
     ("lumina2", "diffusers"): "diffusers-named Z-Image: ComfyUI 0.3.75 loads Lumina 2 / Z-Image models in its native "
                               "names only",
+    ("sd3", "diffusers"): "diffusers-named SD3: ComfyUI 0.3.75 loads SD3 checkpoints in their MMDiT names",
 }
 
 
@@ -137,8 +138,19 @@ def _other_dit(keys: set[str], shape) -> tuple[str, dict] | None:
                        qkv[0][0] != qkv[1][0] if diffusers else qkv[0][0] != 3 * dim) else "full"}
         return "lumina2", details | ({"naming": "diffusers"} if diffusers else {})
     if "caption_projection.0.linear.weight" in keys:
-        return "hidream", {"double_blocks": _count(keys, "double_stream_blocks."),
-                           "single_blocks": _count(keys, "single_stream_blocks.")}
+        double, single = _count(keys, "double_stream_blocks."), _count(keys, "single_stream_blocks.")
+        experts = _count(keys, "double_stream_blocks.0.block.ff_i.experts.")
+        inner = (shape("x_embedder.proj.weight") or (0,))[0]
+        # HiDream-I1 full, dev and fast share every key and shape (dev/fast are distillations): the weights cannot tell
+        variant = "HiDream-I1 (full/dev/fast)" if (double, single, inner) == (16, 32, 2560) else "HiDream"
+        return "hidream", {"variant": variant, "hidden": inner, "double_blocks": double, "single_blocks": single,
+                           "experts": experts}
+    if "pos_embed.proj.weight" in keys and "transformer_blocks.0.attn.to_q.weight" in keys:  # diffusers SD3Transformer2DModel
+        depth = _count(keys, "transformer_blocks.")
+        variant = "SD3.5 Medium" if any(".attn2." in k for k in keys) else (
+            "SD3.5 Large" if depth == 38 else "SD3 Medium" if depth == 24 else f"{depth} joint blocks")
+        return "sd3", {"variant": variant, "depth": depth, "hidden": shape("pos_embed.proj.weight")[0],
+                       "naming": "diffusers"}
     if "joint_blocks.0.context_block.attn.qkv.weight" in keys:
         depth = _count(keys, "joint_blocks.")
         variant = "SD3.5 Medium" if any(".x_block.attn2." in k for k in keys) else (

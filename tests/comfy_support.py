@@ -125,6 +125,21 @@ TINY_ZIMAGE = {**_TINY_LUMINA, "n_kv_heads": 2, "rope_theta": 256.0, "ffn_dim_mu
 TINY_LUMINA2 = {**_TINY_LUMINA, "n_kv_heads": 1, "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0}
 
 
+# HiDream as ComfyUI's detection configures it, narrowed: 2 heads of 16, 2 routed experts (1 active), 4 llama layers.
+TINY_HIDREAM = {"image_model": "hidream", "attention_head_dim": 16, "axes_dims_rope": [8, 4, 4], "caption_channels": [24, 24],
+                "max_resolution": [16, 16], "in_channels": 16, "llama_layers": [0, 1, 1, 1], "num_attention_heads": 2,
+                "num_routed_experts": 2, "num_activated_experts": 1, "num_layers": 2, "num_single_layers": 2,
+                "out_channels": 16, "patch_size": 2, "text_emb_dim": 20}
+
+
+# SD3.5 Medium as ComfyUI's detection configures it (hidden = 64 · depth), narrowed to 2 joint blocks, the first
+# with the extra self-attention (x_block.attn2).
+TINY_SD3 = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None, "adm_in_channels": 24,
+            "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 20, "out_features": 128}},
+            "num_patches": 64, "pos_embed_max_size": 8, "qk_norm": "rms", "pos_embed_scaling_factor": None,
+            "x_block_self_attn_layers": [0]}
+
+
 def dit_config(kind: str):
     """(ComfyUI model-config class, tiny unet config) for a DiT kind of `dit_patcher`."""
     sm = import_comfy().supported_models
@@ -132,7 +147,8 @@ def dit_config(kind: str):
             "wan-t2v": (sm.WAN21_T2V, {**TINY_WAN, "model_type": "t2v", "in_dim": 16}),
             "wan-i2v": (sm.WAN21_I2V, {**TINY_WAN, "model_type": "i2v", "in_dim": 36}),
             "flux2": (sm.Flux2, TINY_FLUX2), "zimage": (sm.ZImage, TINY_ZIMAGE),
-            "lumina2": (sm.Lumina2, TINY_LUMINA2)}[kind]
+            "lumina2": (sm.Lumina2, TINY_LUMINA2), "hidream": (sm.HiDream, TINY_HIDREAM),
+            "sd3": (sm.SD3, TINY_SD3)}[kind]
 
 
 def dit_patcher(kind: str, seed: int = 0, sd: dict[str, torch.Tensor] | None = None):

@@ -20,7 +20,9 @@ from ..sources import DictSource, TensorSource, as_source, open_model
 from . import formats_kohya, formats_peft  # noqa: F401  (they register the formats)
 from . import keymaps as km
 from . import keymaps_flux2 as f2
+from . import keymaps_hidream as hd
 from . import keymaps_lumina2 as lu
+from . import keymaps_sd3 as s3
 from .formats_base import FORMATS, Format, UnwritableError, check_modules, register, unwritable_error, unwritable_in
 from .model import LoRA
 
@@ -183,6 +185,12 @@ def infer_arch(lora: LoRA) -> str:
     recorded = lora.metadata.get("weightsmith.arch")
     if any(km.is_wan_module(n) for n in names):
         return "wan"
+    if any(s3.is_sd3_only(n) for n in names) or (
+            recorded == "sd3" and names and all(s3.is_sd3_module(n) for n in names)):
+        return "sd3"
+    if any(hd.is_hidream_only(n) for n in names) or (
+            recorded == "hidream" and names and all(hd.is_hidream_module(n) for n in names)):
+        return "hidream"
     if any(lu.is_lumina_only(n) for n in names) or (
             recorded == "lumina2" and names and all(lu.is_lumina_module(n) for n in names)):
         return "lumina2"

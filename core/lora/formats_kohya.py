@@ -20,7 +20,9 @@ import torch
 from ..sources import TensorSource
 from . import keymaps as km
 from . import keymaps_flux2 as f2
+from . import keymaps_hidream as hd
 from . import keymaps_lumina2 as lu
+from . import keymaps_sd3 as s3
 from .formats_base import (
     KOHYA_SUFFIXES,
     NO_NAME_WHY,
@@ -102,12 +104,21 @@ def write_comfy(lora: LoRA, dtype: torch.dtype | None) -> dict[str, torch.Tensor
 _TE_RE = re.compile(r"^lora_te(\d?)_(.+)$")
 
 
-def _kohya_resolver(arch: str | None, layout: str, qwen: bool = False):
+def _kohya_resolver(arch: str | None, layout: str, qwen: bool = False, sd3_src: TensorSource | None = None):
+    def sd3_target(prefix: str, name: str) -> Target | None:
+        from .formats_peft import pre_only
+
+        piece = s3.sd3_from_diffusers(name, pre_only=pre_only(sd3_src, prefix))
+        return Target(km.DIFFUSION + piece.bfl, piece.rows, piece.swap) if piece else None
+
     def resolve(prefix: str) -> Target | None:
+        if sd3_src is not None and prefix.startswith(("lycoris_", "lora_transformer_")):
+            return sd3_target(prefix, km.dotted(prefix.removeprefix("lycoris_").removeprefix("lora_transformer_")))
         if prefix.startswith("lora_unet_"):
             name = km.dotted(prefix[len("lora_unet_"):])
             if (km.is_flux_module(name) or f2.is_flux2_module(name) or km.SD_LDM_RE.match(name) or km.is_qwen_module(name)
-                    or km.is_wan_module(name) or lu.is_lumina_module(name)):
+                    or km.is_wan_module(name) or lu.is_lumina_module(name) or hd.is_hidream_module(name)
+                    or s3.is_sd3_module(name)):
                 return Target(km.DIFFUSION + name)
             if lu.is_diffusers_name(name):  # musubi-tuner names Z-Image's diffusers modules
                 piece = lu.lumina_from_diffusers(name)
@@ -120,6 +131,8 @@ def _kohya_resolver(arch: str | None, layout: str, qwen: bool = False):
             name = km.dotted(prefix[len("lycoris_"):])
             if qwen:  # SimpleTuner names Qwen-Image's native (= diffusers) modules; ComfyUI maps them as such
                 return Target(km.DIFFUSION + name) if km.is_qwen_module(name) else None
+            if hd.is_hidream_module(name):  # SimpleTuner names HiDream's own (= diffusers) modules
+                return Target(km.DIFFUSION + name)
             piece = km.flux_from_diffusers(name) or f2.flux2_from_diffusers(name) or lu.lumina_from_diffusers(name)
             if piece is not None:
                 return Target(km.DIFFUSION + piece.bfl, piece.rows, piece.swap)
@@ -168,7 +181,14 @@ def _read_kohya_family(src: TensorSource, arch: str | None, fmt: str) -> LoRA:
     lyco = [km.dotted(p[len("lycoris_"):]) for p in groups if p.startswith("lycoris_")]
     qwen = arch == "qwen-image" or (arch not in ("flux", "chroma") and bool(lyco) and (
         src.metadata.get("weightsmith.arch") == "qwen-image" or km.looks_qwen(lyco)))
-    assemble(src, groups, _kohya_resolver(arch, layout, qwen), lora)
+    from .formats_peft import attention_width
+
+    diffusers_named = [km.dotted(p.removeprefix("lycoris_").removeprefix("lora_transformer_")) for p in groups
+                       if p.startswith(("lycoris_", "lora_transformer_"))]
+    recorded = src.metadata.get("weightsmith.arch")
+    sd3 = arch == "sd3" or (arch is None and bool(diffusers_named) and recorded in (None, "unknown", "sd3") and (
+        recorded == "sd3" or s3.looks_sd3(diffusers_named, attention_width(src))))
+    assemble(src, groups, _kohya_resolver(arch, layout, qwen, src if sd3 else None), lora)
     return lora
 
 
@@ -224,6 +244,15 @@ def _onetrainer_namer(lora: LoRA, prefix: str = "lora_transformer_"):
         if arch == "qwen-image":  # ComfyUI maps `lycoris_<native name>` for Qwen-Image, no `lora_transformer_`
             name = module[len(km.DIFFUSION):]
             return [OutName(prefix + km.underscored(name))] if prefix == "lycoris_" and km.is_qwen_module(name) else []
+        if arch == "sd3":  # ComfyUI maps both prefixes on mmdit_to_diffusers' names
+            from .formats_peft import sd3_diffusers_names
+
+            return [OutName(prefix + km.underscored(d), p.rows, p.swap, split=p.rows is not None or p.swap)
+                    for d, p in sd3_diffusers_names(module[len(km.DIFFUSION):], lora)]
+        if arch == "hidream":  # ComfyUI maps `lycoris_<name>` (its names are diffusers'), no `lora_transformer_`
+            name = module[len(km.DIFFUSION):]
+            ok = prefix == "lycoris_" and hd.is_hidream_module(name) and not km.is_parameter_name(name)
+            return [OutName(prefix + km.underscored(name))] if ok else []
         if arch == "lumina2":  # ComfyUI maps `lycoris_<diffusers name>` for `.weight`s, no `lora_transformer_`
             name = module[len(km.DIFFUSION):]
             return [OutName(prefix + km.underscored(d), p.rows, p.swap, split=p.rows is not None)

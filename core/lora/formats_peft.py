@@ -21,7 +21,9 @@ import torch
 from ..sources import TensorSource
 from . import keymaps as km
 from . import keymaps_flux2 as f2
+from . import keymaps_hidream as hd
 from . import keymaps_lumina2 as lu
+from . import keymaps_sd3 as s3
 from .formats_base import (
     NO_NAME_WHY,
     PEFT_SUFFIXES,
@@ -34,6 +36,7 @@ from .formats_base import (
     new_lora,
     register,
     sd_layout_of,
+    whole_shape,
     write_with,
 )
 from .model import LoRA
@@ -75,6 +78,10 @@ def _diffusers_resolver(src: TensorSource, arch: str | None):
     names = [k[len("transformer."):] if k.startswith("transformer.") else k for k in src.keys()]
     qwen = arch == "qwen-image" or (arch not in ("flux", "chroma") and (
         src.metadata.get("weightsmith.arch") == "qwen-image" or km.looks_qwen(names)))
+    recorded = src.metadata.get("weightsmith.arch")
+    sd3 = arch == "sd3" or (arch is None and recorded in (None, "unknown", "sd3") and (recorded == "sd3" or s3.looks_sd3(
+        [_unprefixed(k) for k in src.keys()], attention_width(src))))
+    hidream = arch == "hidream" or any(hd.is_hidream_only(_unprefixed(k)) for k in src.keys())
     lumina = arch == "lumina2" or any(lu.is_diffusers_name(_unprefixed(k)) for k in src.keys())
 
     def sd(name: str) -> Target | None:
@@ -88,6 +95,13 @@ def _diffusers_resolver(src: TensorSource, arch: str | None):
             if prefix.startswith(p) and (lu.is_diffusers_name(name) or (lumina and lu.is_lumina_module(name))):
                 piece = lu.lumina_from_diffusers(name)
                 return Target(km.DIFFUSION + piece.bfl, piece.rows) if piece else Target(km.DIFFUSION + name)
+        if sd3:
+            name = prefix.removeprefix("transformer.").removeprefix("base_model.model.")
+            piece = s3.sd3_from_diffusers(name, pre_only=pre_only(src, prefix))
+            return Target(km.DIFFUSION + piece.bfl, piece.rows, piece.swap) if piece else None
+        if hidream and prefix.startswith("transformer."):  # SimpleTuner: HiDream's own (= diffusers) names
+            name = prefix[len("transformer."):]
+            return Target(km.DIFFUSION + name) if hd.is_hidream_module(name) else None
         if qwen:
             name = prefix[len("transformer."):] if prefix.startswith("transformer.") else prefix
             return Target(km.DIFFUSION + name) if km.is_qwen_module(name) else None
@@ -107,6 +121,38 @@ def _diffusers_resolver(src: TensorSource, arch: str | None):
     return resolve
 
 
+_UP_SUFFIXES = (".lora_B.weight", ".lora_up.weight", ".lora.up.weight")
+_DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight")
+
+
+def attention_width(src: TensorSource) -> int | None:
+    """Input width of a double block's attention (`transformer_blocks.N.attn.to_q`) LoRA factor, if the file has one."""
+    for k in src.keys():
+        if re.search(r"transformer_blocks[._]\d+[._]attn[._]to_q", k) and k.endswith(_DOWN_SUFFIXES):
+            shape = src.info(k).shape
+            return int(shape[1]) if len(shape) > 1 else None
+    return None
+
+
+def pre_only(src: TensorSource, prefix: str) -> bool:
+    """Whether the module `prefix` names is a 2·H-row modulation (SD3's last, pre-only context block)."""
+    if not prefix.endswith(("norm1_context.linear", "norm1_context_linear")):
+        return False
+    up = next((prefix + s for s in _UP_SUFFIXES if prefix + s in src), None)
+    down = next((prefix + s for s in _DOWN_SUFFIXES if prefix + s in src), None)
+    if up is None or down is None:
+        diff = prefix + ".diff"
+        return diff in src and len(src.info(diff).shape) == 2 and src.info(diff).shape[0] == 2 * src.info(diff).shape[1]
+    return src.info(up).shape[0] == s3.PRE_ONLY_ROWS * src.info(down).shape[1]
+
+
+def sd3_diffusers_names(name: str, lora: LoRA) -> list[tuple[str, km.Piece]]:
+    """diffusers names of an SD3 module; the last context block's 2·H-row modulation gets its halves swapped."""
+    shape = whole_shape(km.DIFFUSION + name, lora.modules[km.DIFFUSION + name]) if name in (
+        n[len(km.DIFFUSION):] for n in lora.modules) else None
+    return s3.sd3_to_diffusers(name, pre_only=shape is not None and shape[0] == s3.PRE_ONLY_ROWS * shape[1])
+
+
 def _unprefixed(key: str) -> str:
     """A LoRA key's module name without its `diffusion_model.` / `transformer.` prefix and LoRA suffix."""
     for suffix in (".lora_A.weight", ".lora_B.weight", ".alpha", ".diff", ".diff_b", ".lora_up.weight",
@@ -114,7 +160,7 @@ def _unprefixed(key: str) -> str:
         if key.endswith(suffix):
             key = key[: -len(suffix)]
             break
-    return key.removeprefix("diffusion_model.").removeprefix("transformer.")
+    return key.removeprefix("diffusion_model.").removeprefix("transformer.").removeprefix("base_model.model.")
 
 
 def detect_diffusers(keys: list[str]) -> int:
@@ -125,6 +171,8 @@ def detect_diffusers(keys: list[str]) -> int:
     for k in keys:
         if k.startswith("transformer."):
             n += not k.startswith(("transformer.double_blocks.", "transformer.single_blocks."))
+        elif k.startswith("base_model.model.") and not k[len("base_model.model."):].startswith(_BFL_ROOTS):
+            n += 1  # PEFT on diffusers names (SD3's flash / diffusers training scripts)
         elif k.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
             n += 1
         elif k.startswith(_FLUX_DIFFUSERS_ROOTS) or km.SD_DIFFUSERS_RE.match(k):
@@ -162,6 +210,12 @@ def _diffusers_namer(lora: LoRA):
             return [OutName(f"unet.{d}", up=".lora.up.weight", down=".lora.down.weight")]
         if arch == "qwen-image":  # diffusers' names are Qwen-Image's own; ComfyUI maps `transformer.<name>`
             return [OutName("transformer." + name)] if km.is_qwen_module(name) else []
+        if arch == "sd3":  # mmdit_to_diffusers: split q/k/v, swapped final (and pre-only context) modulations
+            return [OutName("transformer." + d, p.rows, p.swap, split=p.rows is not None or p.swap)
+                    for d, p in sd3_diffusers_names(name, lora)]
+        if arch == "hidream":  # diffusers' names are HiDream's own; ComfyUI maps `transformer.<name>` (SimpleTuner)
+            return [OutName("transformer." + name)] if hd.is_hidream_module(name) and not km.is_parameter_name(
+                name) else []
         if arch == "lumina2":  # ai-toolkit's layout, the one ComfyUI maps: `diffusion_model.<diffusers name>`
             from .formats_kohya import lumina_diffusers_names
 
@@ -256,7 +310,7 @@ def read_bfl_control(src: TensorSource, arch: str | None) -> LoRA:
 
 
 def detect_peft_bfl(keys: list[str]) -> int:
-    return sum(k.startswith("base_model.model.") for k in keys)
+    return sum(k.startswith("base_model.model.") and k[len("base_model.model."):].startswith(_BFL_ROOTS) for k in keys)
 
 
 def read_peft_bfl(src: TensorSource, arch: str | None) -> LoRA:

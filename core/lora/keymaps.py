@@ -25,12 +25,12 @@ TEXT = "text_encoders."
 # Canonical names
 
 
-_PARAMETER_LEAVES = ("modulation", "x_pad_token", "cap_pad_token")
+_PARAMETER_LEAVES = ("modulation", "x_pad_token", "cap_pad_token", "pos_embed")
 
 
 def is_parameter_name(name: str) -> bool:
     """True for canonical names that denote a parameter itself rather than a layer's `.weight` (norm `.scale`s, Wan's
-    `modulation`, Lumina 2 / Z-Image's pad tokens)."""
+    `modulation`, Lumina 2 / Z-Image's pad tokens, SD3's `pos_embed`)."""
     return name.endswith(".scale") or name.rsplit(".", 1)[-1] in _PARAMETER_LEAVES
 
 
@@ -268,6 +268,12 @@ _COMPOUNDS = {
     "noise_refiner", "context_refiner", "feed_forward", "attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2",
     "q_norm", "k_norm", "norm_final", "x_pad_token", "cap_pad_token", "cap_embedder", "t_embedder", "all_x_embedder",
     "all_final_layer",
+    # HiDream (ComfyUI = diffusers names)
+    "double_stream_blocks", "single_stream_blocks", "to_q_t", "to_k_t", "to_v_t", "to_out_t", "q_rms_norm", "k_rms_norm",
+    "q_rms_norm_t", "k_rms_norm_t", "ff_i", "ff_t", "shared_experts", "p_embedder", "pooled_embedder",
+    "caption_projection",
+    # SD3 / SD3.5 (ComfyUI MMDiT names; the diffusers ones are Flux's)
+    "joint_blocks", "context_block", "x_block", "ln_q", "ln_k", "y_embedder", "pos_embed",
 }
 _MAX_COMPOUND = max(c.count("_") for c in _COMPOUNDS) + 1
 

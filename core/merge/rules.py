@@ -53,15 +53,20 @@ def parse_input_ref(text: str, what: str = "input") -> int:
 
 _GROUPS: dict[str, tuple[str, str]] = {
     # Flux / Chroma
-    "double": (r"^(double_blocks|transformer_blocks)\.", "Flux double-stream blocks"),
-    "single": (r"^(single_blocks|single_transformer_blocks)\.", "Flux single-stream blocks"),
-    "img": (r"^double_blocks\.\d+\.img_|^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out|norm_q|norm_k)\.|norm1\.|ff\."
-            r"|img_)", "image stream of the double blocks (Flux; Qwen-Image's blocks)"),
-    "txt": (r"^double_blocks\.\d+\.txt_|^transformer_blocks\.\d+\.(attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out|"
+    "double": (r"^(double_blocks|transformer_blocks|double_stream_blocks)\.", "Flux / Flux.2 / HiDream double-stream blocks"),
+    "single": (r"^(single_blocks|single_transformer_blocks|single_stream_blocks)\.",
+               "Flux / Flux.2 / HiDream single-stream blocks"),
+    "img": (r"^joint_blocks\.\d+\.x_block\.|^double_stream_blocks\.\d+\.block\.(attn1\.(to_q|to_k|to_v|to_out|q_rms_norm"
+            r"|k_rms_norm)\.|ff_i\.)|^double_blocks\.\d+\.img_|^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out|norm_q|norm_k)\.|norm1\.|ff\."
+            r"|img_)", "image stream of the double blocks (Flux, Flux.2, HiDream; Qwen-Image's and SD3's blocks)"),
+    "txt": (r"^joint_blocks\.\d+\.context_block\.|^double_stream_blocks\.\d+\.block\.(attn1\.\w+_t\.|ff_t\.)"
+            r"|^double_blocks\.\d+\.txt_|^transformer_blocks\.\d+\.(attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out|"
             r"norm_added_q|norm_added_k)\.|norm1_context\.|ff_context\.|txt_)",
-            "text stream of the double blocks (Flux; Qwen-Image's blocks)"),
+            "text stream of the double blocks (Flux, Flux.2, HiDream; Qwen-Image's and SD3's blocks)"),
     # Qwen-Image and Wan 2.1/2.2
-    "blocks": (r"^(blocks|transformer_blocks|layers)\.", "Wan / Qwen-Image / Lumina 2 / Z-Image transformer blocks"),
+    "blocks": (r"^(blocks|transformer_blocks|layers|joint_blocks)\.",
+               "Wan / Qwen-Image / Lumina 2 / Z-Image transformer blocks, SD3 joint blocks"),
+    "experts": (r"^(double|single)_stream_blocks\.\d+\.block\.ff_i\.", "HiDream's mixture-of-experts feed-forwards"),
     "refiners": (r"^(noise_refiner|context_refiner)\.", "Lumina 2 / Z-Image image and caption refiner blocks"),
     "cross": (r"^blocks\.\d+\.cross_attn\.", "Wan cross-attention (text and image conditioning)"),
     "modulation": (r"^(double_stream_modulation_(img|txt)|single_stream_modulation)\.",
@@ -82,9 +87,10 @@ _GROUPS: dict[str, tuple[str, str]] = {
     "final": (r"^(out|conv_out|conv_norm_out)\.", "UNet output head"),
 }
 # aliases that take a block number: @double.3 …
-_NUMBERED = {"double": ("double_blocks", "transformer_blocks"), "single": ("single_blocks", "single_transformer_blocks"),
+_NUMBERED = {"double": ("double_blocks", "transformer_blocks|double_stream_blocks"),
+             "single": ("single_blocks", "single_transformer_blocks|single_stream_blocks"),
              "in": ("input_blocks", "down_blocks"), "out": ("output_blocks", "up_blocks"),
-             "blocks": ("blocks", "transformer_blocks|layers")}
+             "blocks": ("blocks", "transformer_blocks|layers|joint_blocks")}
 
 
 def group_aliases() -> list[dict]:
