@@ -246,3 +246,24 @@ def test_other_dits_detected_by_comfyuis_tell_tale_keys(keys, arch, variant):
         info = detect_arch({prefix + k: torch.zeros(s) for k, s in keys.items()})
         assert info.arch == arch and info.prefix == prefix
         assert variant is None or info.details["variant"] == variant
+
+
+def test_qwen_lora_on_input_projections_only_is_not_read_as_flux():
+    """img_in/txt_in are named alike in Flux and Qwen-Image: Qwen-Image's txt_in width (3584, Qwen2.5-VL) decides, or
+    the recorded architecture, or the caller's; an img_in-only LoRA is not guessed to be Flux."""
+    from weightsmith.lora.model import LoRA, LoraTerm
+
+    def lora_on(shapes, metadata=None):
+        lo = LoRA(arch="unknown", source_format="comfy", metadata=metadata or {})
+        for name, (out, inp) in shapes.items():
+            lo.module("diffusion_model." + name).terms.append(LoraTerm(up=torch.randn(out, 2), down=torch.randn(2, inp)))
+        return lora_state_dict(lo, "comfy")
+
+    qwen = lora_on({"img_in": (3072, 64), "txt_in": (3072, 3584)})
+    assert load_lora(qwen).arch == "qwen-image" and load_lora(qwen, arch="qwen-image").arch == "qwen-image"
+    with pytest.raises(MismatchError, match="qwen-image LoRA, not a flux one"):
+        load_lora(qwen, arch="flux")
+    assert load_lora(lora_on({"txt_in": (3072, 4096)})).arch == "flux"
+    img_only = lora_on({"img_in": (3072, 64)})
+    assert load_lora(img_only).arch == "unknown"
+    assert load_lora(img_only, arch="qwen-image").arch == "qwen-image" and load_lora(img_only, arch="flux").arch == "flux"

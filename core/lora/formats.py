@@ -197,6 +197,8 @@ def infer_arch(lora: LoRA) -> str:
     if any(n.startswith("transformer_blocks.") or km.is_qwen_only(n) for n in names) or (
             recorded == "qwen-image" and names and all(km.is_qwen_module(n) for n in names)):
         return "qwen-image"  # canonical Flux names never start with transformer_blocks (those are BFL's double_blocks)
+    if names and set(names) <= _SHARED_INPUTS:
+        return _input_projection_arch(lora, recorded)
     if any(km.is_flux_module(n) or f2.is_flux2_module(n) for n in names):
         if any(km.is_chroma_only(n) for n in names):
             return "chroma"
@@ -226,6 +228,29 @@ def infer_arch(lora: LoRA) -> str:
         if "t5xxl" in encoders:
             return "flux" if "clip_l" in encoders else "chroma"
         return "sd15"
+    return "unknown"
+
+
+# Layers Flux, Flux.2 and Qwen-Image all name alike: a LoRA on these alone is told apart by widths or the metadata
+_SHARED_INPUTS = {"img_in", "txt_in"}
+# txt_in's input width is the text encoder's: T5-XXL (Flux, Chroma), Qwen2.5-VL (Qwen-Image), Mistral 3 × 3 layers
+# (Flux.2 dev); img_in's is the latent patch: 64 for Flux and Qwen-Image, 128 for Flux.2
+_TXT_IN_WIDTHS = {4096: "flux", 3584: "qwen-image", 15360: "flux2"}
+
+
+def _input_projection_arch(lora: LoRA, recorded: str | None) -> str:
+    """The architecture of a LoRA on img_in/txt_in only: the recorded one, else the one the widths name, else
+    unknown (an img_in of width 64 fits Flux and Qwen-Image alike: the caller's architecture decides)."""
+    if recorded in ("flux", "chroma", "flux2", "qwen-image"):
+        return recorded
+    for name, mod in lora.modules.items():
+        shape = _module_shape(mod)
+        if shape is None:
+            continue
+        if name.endswith("txt_in") and shape[1] in _TXT_IN_WIDTHS:
+            return _TXT_IN_WIDTHS[shape[1]]
+        if name.endswith("img_in") and shape[1] == 128:
+            return "flux2"
     return "unknown"
 
 
