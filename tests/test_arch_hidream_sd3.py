@@ -33,6 +33,14 @@ def model(request):
     return request.param, patcher, sd, want, lora
 
 
+@pytest.fixture(scope="module")
+def sd3():
+    patcher, sd = dit_patcher("sd3")
+    want = tuned(sd)
+    lora, _ = extract_lora(sd, want, rank=4, dtype="fp32")
+    return "sd3", patcher, sd, want, lora
+
+
 def _splits(kind: str, name: str) -> bool:
     """Modules an SD3 diffusers-style name cuts (q/k/v thirds) or swaps (final and pre-only context modulations)."""
     return kind == "sd3" and (name.endswith(".qkv") or name.endswith("final_layer.adaLN_modulation.1")
@@ -68,10 +76,8 @@ def test_key_set_is_comfyuis_and_detected_with_and_without_prefix(model):
             assert (info.details["double_blocks"], info.details["single_blocks"], info.details["experts"]) == (2, 2, 2)
 
 
-def test_diffusers_named_sd3_detected(model):
-    kind, _, sd, _, _ = model
-    if kind != "sd3":
-        return  # HiDream's diffusers names are ComfyUI's: the test above covers them
+def test_diffusers_named_sd3_detected(sd3):
+    _, _, sd, _, _ = sd3  # (HiDream's diffusers names are ComfyUI's: the test above covers them)
     import comfy.utils
 
     table = comfy.utils.mmdit_to_diffusers({"depth": 2}, output_prefix="")
@@ -129,11 +135,9 @@ def test_lora_refused_for_other_architectures(model):
             load_lora(comfy, arch=other)
 
 
-def test_sd3_attention_lora_in_diffusers_names_is_not_read_as_flux_or_qwen(model):
+def test_sd3_attention_lora_in_diffusers_names_is_not_read_as_flux_or_qwen(sd3):
     """SD3's diffusers attention names are Flux's and Qwen-Image's too: the widths (64 per block) decide."""
-    kind, _, _, _, lora = model
-    if kind != "sd3":
-        return
+    kind, _, _, _, lora = sd3
     attn = only(_holdable(kind, "diffusers", lora), lambda n: n.endswith("x_block.attn.qkv"))
     lsd = {k: v for k, v in lora_state_dict(attn, "diffusers").items()}
     back = load_lora(lsd)

@@ -17,7 +17,7 @@ import torch
 from ..errors import BadFileError, MismatchError
 from ..safetensors_io import write_safetensors
 from ..sources import DictSource, TensorSource, as_source, open_model
-from . import formats_kohya, formats_peft  # noqa: F401  (they register the formats)
+from . import formats_diffsynth, formats_kohya, formats_peft  # noqa: F401  (they register the formats)
 from . import keymaps as km
 from . import keymaps_flux2 as f2
 from . import keymaps_hidream as hd
@@ -29,7 +29,7 @@ from .model import LoRA
 WRITABLE_FORMATS = ("comfy", "kohya", "diffusers", "onetrainer", "lycoris")
 LORA_ARCHES = ("flux", "chroma", "sdxl", "sd15", "qwen-image", "wan", "flux2", "lumina2", "hidream", "sd3")
 # When two formats match equally many keys, the more specific one wins.
-_PRIORITY = ("xlabs", "bfl_control", "peft_bfl", "onetrainer", "lycoris", "kohya", "diffusers", "comfy")
+_PRIORITY = ("xlabs", "bfl_control", "peft_bfl", "onetrainer", "lycoris", "kohya", "diffsynth", "diffusers", "comfy")
 
 __all__ = ["FORMATS", "Format", "LORA_ARCHES", "UnwritableError", "WRITABLE_FORMATS", "check_writable", "detect_format",
            "infer_arch", "load_lora", "lora_state_dict", "lora_summary", "normalize_arch", "read_back", "reformat_lora",

@@ -115,7 +115,8 @@ def _kohya_resolver(arch: str | None, layout: str, qwen: bool = False, sd3_src: 
         if sd3_src is not None and prefix.startswith(("lycoris_", "lora_transformer_")):
             return sd3_target(prefix, km.dotted(prefix.removeprefix("lycoris_").removeprefix("lora_transformer_")))
         if prefix.startswith("lora_unet_"):
-            name = km.dotted(prefix[len("lora_unet_"):])
+            # `lora_unet__blocks_…`: VideoX-Fun's Wan LoRAs (ComfyUI's convert_lora_wan_fun drops the extra `_`)
+            name = km.dotted(prefix[len("lora_unet_"):].removeprefix("_"))
             if (km.is_flux_module(name) or f2.is_flux2_module(name) or km.SD_LDM_RE.match(name) or km.is_qwen_module(name)
                     or km.is_wan_module(name) or lu.is_lumina_module(name) or hd.is_hidream_module(name)
                     or s3.is_sd3_module(name)):
