@@ -210,9 +210,19 @@ def _pattern_share(keys: set[str]) -> dict[str, float]:
     from .lora import keymaps as km
 
     mods = [k[: -len(".weight")] for k in keys if k.endswith(".weight")] or [k for k in keys]
-    tests = {"flux/chroma": km.is_flux_module, "qwen-image": km.is_qwen_module, "wan": km.is_wan_module,
-             "sd15/sdxl": lambda n: bool(km.SD_LDM_RE.match(n) or km.SD_DIFFUSERS_RE.match(n))}
+    tests = _module_tests()
+    tests["sd15/sdxl"] = lambda n: bool(km.SD_LDM_RE.match(n) or km.SD_DIFFUSERS_RE.match(n))
     return {a: sum(bool(t(m)) for m in mods) / len(mods) for a, t in tests.items()} if mods else {}
+
+
+def _module_tests() -> dict:
+    """Per DiT architecture, whether a module name (no prefix) is one of its layers."""
+    from .lora import keymaps as km
+    from .lora import keymaps_flux2, keymaps_hidream, keymaps_lumina2, keymaps_sd3
+
+    return {"flux/chroma": km.is_flux_module, "flux2": keymaps_flux2.is_flux2_module, "qwen-image": km.is_qwen_module,
+            "wan": km.is_wan_module, "lumina2": keymaps_lumina2.is_lumina_module,
+            "hidream": keymaps_hidream.is_hidream_module, "sd3": keymaps_sd3.is_sd3_module}
 
 
 def explain_unknown(keys: set[str]) -> str:
@@ -222,13 +232,11 @@ def explain_unknown(keys: set[str]) -> str:
     share = _pattern_share(keys)
     best = max(share, key=lambda a: share[a]) if share else None
     sample = ", ".join(sorted(keys)[:5])
-    known = "Flux/Chroma/SDXL/SD1.5/Qwen-Image/Wan"
+    known = "Flux/Chroma/Flux.2/SDXL/SD1.5/Qwen-Image/Wan/Lumina 2/Z-Image/HiDream/SD3"
     if best is None or share[best] == 0:
-        return (f"no Flux/Chroma/SDXL/SD1.5 key pattern (nor Qwen-Image, Wan, Flux.2, Lumina 2, HiDream, SD3) found "
+        return (f"no {known} key pattern found "
                 f"among {len(keys)} keys ({sample}, …)")
-    from .lora import keymaps as km
-
-    test = {"flux/chroma": km.is_flux_module, "qwen-image": km.is_qwen_module, "wan": km.is_wan_module}.get(best)
+    test = _module_tests().get(best)
     odd = sorted(k for k in keys if k.endswith(".weight") and test is not None and not test(k[: -len(".weight")]))
     return (f"no {known} model; closest is {best} ({share[best]:.0%} of its {len(keys)} keys are {best} layer names), "
             f"but its tell-tale keys are missing" + (f" and these differ: {', '.join(odd[:5])}"

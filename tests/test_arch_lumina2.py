@@ -166,3 +166,12 @@ def test_block_groups_address_lumina_blocks():
     assert not parse_rule("@blocks.1=take:B").matches("noise_refiner.1.attention.qkv.weight")
     assert parse_rule("@refiners=take:B").matches("noise_refiner.0.feed_forward.w1.weight")
     assert parse_rule("@refiners=take:B").matches("context_refiner.1.attention.out.weight")
+
+
+def test_unknown_model_names_lumina2_as_closest():
+    _, sd = dit_patcher("zimage")
+    broken = {k: v for k, v in sd.items() if not k.startswith("cap_embedder.")}
+    broken["layers.0.attention.mystery.weight"] = torch.zeros(2, 2)
+    info = detect_arch(as_source(broken))
+    assert info.arch == "unknown"
+    assert "closest is lumina2" in info.reason and "layers.0.attention.mystery.weight" in info.reason
