@@ -140,6 +140,15 @@ TINY_SD3 = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, 
             "x_block_self_attn_layers": [0]}
 
 
+# Chroma Radiance as ComfyUI's detection configures it (pixel space, 16×16 patches, NeRF head), narrowed.
+TINY_CHROMA_RADIANCE = {"image_model": "chroma_radiance", "axes_dim": [4, 6, 6], "num_heads": 2, "mlp_ratio": 4.0,
+                        "theta": 10000, "qkv_bias": True, "hidden_size": 32, "context_in_dim": 24, "depth": 1,
+                        "depth_single_blocks": 1, "in_channels": 3, "out_channels": 3, "in_dim": 16, "out_dim": 32,
+                        "hidden_dim": 16, "n_layers": 1, "patch_size": 16, "nerf_hidden_size": 8, "nerf_mlp_ratio": 4,
+                        "nerf_depth": 2, "nerf_max_freqs": 8, "nerf_tile_size": 512, "nerf_final_head_type": "linear",
+                        "nerf_embedder_dtype": torch.float32}
+
+
 def dit_config(kind: str):
     """(ComfyUI model-config class, tiny unet config) for a DiT kind of `dit_patcher`."""
     sm = import_comfy().supported_models
@@ -148,7 +157,7 @@ def dit_config(kind: str):
             "wan-i2v": (sm.WAN21_I2V, {**TINY_WAN, "model_type": "i2v", "in_dim": 36}),
             "flux2": (sm.Flux2, TINY_FLUX2), "zimage": (sm.ZImage, TINY_ZIMAGE),
             "lumina2": (sm.Lumina2, TINY_LUMINA2), "hidream": (sm.HiDream, TINY_HIDREAM),
-            "sd3": (sm.SD3, TINY_SD3)}[kind]
+            "sd3": (sm.SD3, TINY_SD3), "chroma-radiance": (sm.ChromaRadiance, TINY_CHROMA_RADIANCE)}[kind]
 
 
 def dit_patcher(kind: str, seed: int = 0, sd: dict[str, torch.Tensor] | None = None):

@@ -44,7 +44,7 @@ KOHYA_STYLE = WriteStyle(up=".lora_up.weight", down=".lora_down.weight", alpha="
 COMFY_STYLE = WriteStyle(up=".lora_up.weight", down=".lora_down.weight", alpha="keep")
 
 _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "final_layer.", "time_in.", "vector_in.",
-              "guidance_in.", "distilled_guidance_layer.")
+              "guidance_in.", "distilled_guidance_layer.", "nerf_")
 
 
 # --- comfy -----------------------------------------------------------------------------------------

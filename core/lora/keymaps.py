@@ -67,6 +67,9 @@ FLUX_MODULE_PATTERNS = [
     rf"single_blocks\.{_N}\.(linear1|linear2|modulation\.lin)",
     rf"single_blocks\.{_N}\.norm\.(query|key)_norm\.scale",
     rf"distilled_guidance_layer\.(in_proj|out_proj|layers\.{_N}\.(in_layer|out_layer)|norms\.{_N}\.scale)",
+    # Chroma Radiance (pixel space): a patch conv instead of img_in, and the NeRF-style decoder head
+    r"img_in_patch", r"nerf_image_embedder\.embedder\.0", rf"nerf_blocks\.{_N}\.(param_generator|norm\.scale)",
+    r"nerf_final_layer\.(linear|norm\.scale)", r"nerf_final_layer_conv\.(conv|norm\.scale)",
 ]
 _FLUX_RE = re.compile("^(?:" + "|".join(FLUX_MODULE_PATTERNS) + ")$")
 
@@ -90,7 +93,8 @@ def is_flux_modulation(bfl: str) -> bool:
 
 
 def is_chroma_only(bfl: str) -> bool:
-    return bfl.startswith("distilled_guidance_layer.")
+    """Chroma's (and Chroma Radiance's) own layers: the guidance approximator, Radiance's patch conv and NeRF head."""
+    return bfl.startswith(("distilled_guidance_layer.", "img_in_patch", "nerf_"))
 
 
 def fused_rows(module: str, in_features: int) -> int | None:
@@ -274,6 +278,8 @@ _COMPOUNDS = {
     "caption_projection",
     # SD3 / SD3.5 (ComfyUI MMDiT names; the diffusers ones are Flux's)
     "joint_blocks", "context_block", "x_block", "ln_q", "ln_k", "y_embedder", "pos_embed",
+    # Chroma Radiance
+    "img_in_patch", "nerf_image_embedder", "nerf_blocks", "param_generator", "nerf_final_layer", "nerf_final_layer_conv",
 }
 _MAX_COMPOUND = max(c.count("_") for c in _COMPOUNDS) + 1
 
