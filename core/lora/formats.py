@@ -238,11 +238,8 @@ _SHARED_INPUTS = {"img_in", "txt_in"}
 _TXT_IN_WIDTHS = {4096: "flux", 3584: "qwen-image", 15360: "flux2"}
 
 
-def _input_projection_arch(lora: LoRA, recorded: str | None) -> str:
-    """The architecture of a LoRA on img_in/txt_in only: the recorded one, else the one the widths name, else
-    unknown (an img_in of width 64 fits Flux and Qwen-Image alike: the caller's architecture decides)."""
-    if recorded in ("flux", "chroma", "flux2", "qwen-image"):
-        return recorded
+def _input_widths_arch(lora: LoRA) -> str | None:
+    """The architecture the widths of a LoRA's img_in/txt_in name, or None."""
     for name, mod in lora.modules.items():
         shape = _module_shape(mod)
         if shape is None:
@@ -251,7 +248,20 @@ def _input_projection_arch(lora: LoRA, recorded: str | None) -> str:
             return _TXT_IN_WIDTHS[shape[1]]
         if name.endswith("img_in") and shape[1] == 128:
             return "flux2"
-    return "unknown"
+    return None
+
+
+def _input_projection_arch(lora: LoRA, recorded: str | None) -> str:
+    """The architecture of a LoRA on img_in/txt_in only: the recorded one, else the one the widths name, else Flux
+    (an img_in of width 64 fits Flux and Qwen-Image alike: a caller's architecture is then taken, see _checked_arch)."""
+    if recorded in ("flux", "chroma", "flux2", "qwen-image"):
+        return recorded
+    return _input_widths_arch(lora) or "flux"
+
+
+def _inputs_only_and_undecided(lora: LoRA) -> bool:
+    names = {n[len(km.DIFFUSION):] for n in lora.modules if n.startswith(km.DIFFUSION)}
+    return bool(names) and names <= _SHARED_INPUTS and _input_widths_arch(lora) is None
 
 
 def _module_shape(mod) -> tuple[int, int] | None:
@@ -300,6 +310,8 @@ def _checked_arch(lora: LoRA, hint: str | None, where: str) -> str:
         return found
     if {found, hint} == {"flux", "flux2"} and flux_generation(lora) is None:
         return hint  # names and shapes both fit: an attention-only LoRA on either generation
+    if hint in ("flux", "chroma", "flux2", "qwen-image") and _inputs_only_and_undecided(lora):
+        return hint  # img_in alone (width 64) fits Flux and Qwen-Image alike
     if found != "unknown" and _family(found) != _family(hint):
         raise MismatchError(f"{where}: this is a {found} LoRA, not a {hint} one; use it with a {found} model")
     names = [n[len(km.DIFFUSION):] for n in lora.modules if n.startswith(km.DIFFUSION)]
