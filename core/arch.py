@@ -64,8 +64,7 @@ def detect_arch(source: TensorSource) -> ArchInfo:
             return ArchInfo("flux2", "bfl", prefix, _flux2_details(details, keys, _params(source, prefix, keys)))
         if any(k.startswith("distilled_guidance_layer.") for k in keys):
             radiance = "nerf_blocks.0.norm.scale" in keys  # ComfyUI's test: pixel-space Chroma, no img_in
-            return ArchInfo("chroma", "bfl", prefix, details | {
-                "variant": "Chroma Radiance" if radiance else "Chroma", "size": _size(_params(source, prefix, keys))})
+            return ArchInfo("chroma", "bfl", prefix, details | ({"variant": "Chroma Radiance"} if radiance else {}))
         arch = "flux-dev" if "guidance_in.in_layer.weight" in keys else "flux-schnell"
         return ArchInfo(arch, "bfl", prefix, details)
     if "single_stream_modulation.linear.weight" in keys:  # diffusers' Flux2Transformer2DModel
@@ -234,8 +233,8 @@ def explain_unknown(keys: set[str]) -> str:
     sample = ", ".join(sorted(keys)[:5])
     known = "Flux/Chroma/Flux.2/SDXL/SD1.5/Qwen-Image/Wan/Lumina 2/Z-Image/HiDream/SD3"
     if best is None or share[best] == 0:
-        return (f"no {known} key pattern found "
-                f"among {len(keys)} keys ({sample}, …)")
+        return (f"no Flux/Chroma/SDXL/SD1.5 key pattern (nor Flux.2, Qwen-Image, Wan, Lumina 2, Z-Image, HiDream, SD3) "
+                f"found among {len(keys)} keys ({sample}, …)")
     test = _module_tests().get(best)
     odd = sorted(k for k in keys if k.endswith(".weight") and test is not None and not test(k[: -len(".weight")]))
     return (f"no {known} model; closest is {best} ({share[best]:.0%} of its {len(keys)} keys are {best} layer names), "

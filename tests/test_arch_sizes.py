@@ -31,7 +31,7 @@ FULL = {
     "Flux.1 dev": ("Flux", _FLUX, 12, 0.01, "flux-dev", None),
     "Chroma": ("Chroma", {**{k: v for k, v in _FLUX.items() if k not in ("vec_in_dim", "guidance_embed")},
                           "image_model": "chroma", "in_channels": 64, "out_channels": 64, "in_dim": 64, "out_dim": 3072,
-                          "hidden_dim": 5120, "n_layers": 5}, 8.9, 0.01, "chroma", "Chroma"),
+                          "hidden_dim": 5120, "n_layers": 5}, 8.9, 0.01, "chroma", None),
     "Flux.2 dev": ("Flux2", {"image_model": "flux2", "axes_dim": [32, 32, 32, 32], "num_heads": 48, "mlp_ratio": 3.0,
                              "theta": 2000, "out_channels": 128, "global_modulation": True, "vec_in_dim": None,
                              "mlp_silu_act": True, "qkv_bias": False, "ops_bias": False, "in_channels": 128,
