@@ -76,3 +76,26 @@ def test_rows_views_and_noncontiguous_payloads():
     t = q.t()  # not contiguous
     assert same_bits(fp8.decode_fp8(t, s), t.float() * s)
     assert same_bits(dequantize_fp8(q, s.reshape(1, 1)), q.float() * s)
+
+
+def _decode_in_child(q) -> None:
+    torch.set_num_threads(1)  # torch's own OpenMP pool is not fork-safe either: keep it out of the child
+    s = torch.tensor(0.5)
+    assert same_bits(fp8.decode_fp8(q, s), q.float() * s)
+
+
+def test_thread_pool_is_made_anew_in_a_forked_child(monkeypatch):
+    """A child forked after the parent decoded on threads must not wait on the parent's (absent) threads."""
+    import multiprocessing as mp
+
+    monkeypatch.setattr(fp8, "CHUNK_ELEMS", 1024)
+    monkeypatch.setattr(fp8, "_threads", lambda numel: 2)  # the pool is used whatever torch's thread count
+    q = all_codes(E4M3, 64)
+    _decode_in_child(q)  # the parent's pool now exists
+    assert fp8._pool is not None
+    p = mp.get_context("fork").Process(target=_decode_in_child, args=(q,))
+    p.start()
+    p.join(120)
+    if p.exitcode is None:
+        p.kill()
+    assert p.exitcode == 0

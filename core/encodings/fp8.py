@@ -24,6 +24,7 @@ asked to use one thread (a caller that is itself one of several worker threads).
 from __future__ import annotations
 
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,7 +34,7 @@ FAST_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 CHUNK_ELEMS = 1 << 18  # int16 scratch 512 KB: stays in cache (measured fastest of 64K..4M)
 PARALLEL_ELEMS = 1 << 22  # below this, one thread: the hand-off costs more than it saves
 E4M3_SHIFT = 256.0  # a moved e4m3 code's fp16 value is its value / 2^8
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[ThreadPoolExecutor, int, int] | None = None  # (pool, workers, pid)
 
 
 def fast_decodable(q: torch.Tensor) -> bool:
@@ -101,10 +102,12 @@ def _run_ranges(numel: int, work) -> None:
         work(0, numel)
         return
     global _pool
-    if _pool is None or _pool._max_workers < n:  # noqa: SLF001 - grown on demand, never shrunk
-        _pool = ThreadPoolExecutor(n, thread_name_prefix="weightsmith-fp8")
+    # grown on demand; made anew in a forked child, where the parent's threads do not exist
+    if _pool is None or _pool[1] < n or _pool[2] != os.getpid():
+        _pool = (ThreadPoolExecutor(n, thread_name_prefix="weightsmith-fp8"), n, os.getpid())
+    pool = _pool[0]
     per = math.ceil(math.ceil(numel / n) / CHUNK_ELEMS) * CHUNK_ELEMS
-    futures = [_pool.submit(work, lo, min(numel, lo + per)) for lo in range(per, numel, per)]
+    futures = [pool.submit(work, lo, min(numel, lo + per)) for lo in range(per, numel, per)]
     work(0, min(numel, per))  # the caller does the first share itself
     for f in futures:
         f.result()
