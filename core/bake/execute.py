@@ -28,7 +28,7 @@ from ..progress import ProgressFn, no_progress
 from ..safetensors_io import StreamingWriter
 from .plan import BakePlan, Patch
 
-PLAIN_DTYPES = ("keep", "fp32", "fp16", "bf16")
+PLAIN_DTYPES = ("keep", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")  # plain casts: no scale tensors
 
 
 def apply_module(w: torch.Tensor, mod: ModuleDelta, strength: float) -> None:
