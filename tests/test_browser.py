@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+import importlib.util
+
 import pytest
 import requests
 
@@ -25,6 +27,16 @@ pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
 API_DIR = ROOT / "workflows" / "api"
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("ws_workflows_browser", ROOT / "scripts" / "workflows.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+wf = _generator()  # api_twin: the API file a UI template (named by its title) was generated from
 SHOTS = ROOT / "test-artifacts" / "browser"
 CHROMIUM = os.environ.get("WEIGHTSMITH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -148,10 +160,10 @@ def test_ui_workflow_loads_with_no_missing_nodes_and_matches_its_api_twin(page, 
     assert missing_node_warnings(page) == []
     # What the frontend would POST for this graph is exactly the API twin.
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
-    api = json.loads((API_DIR / path.name).read_text())
+    api = json.loads(wf.api_twin(path).read_text())
     strip = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in api.items()}
     got = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in prompt.items()}
-    assert got == strip, f"{path.name}: the frontend's prompt differs from workflows/api/{path.name}"
+    assert got == strip, f"{path.name}: the frontend's prompt differs from {wf.api_twin(path).relative_to(ROOT)}"
     fit_and_shoot(page, f"loaded-{path.stem}")
     assert our_errors(page) == []
 
@@ -159,7 +171,7 @@ def test_ui_workflow_loads_with_no_missing_nodes_and_matches_its_api_twin(page, 
 def _report_workflow() -> Path | None:
     """A small shipped workflow with a Weightsmith output node (the report is what this test looks at)."""
     for p in UI_FILES:
-        api = json.loads((API_DIR / p.name).read_text())
+        api = json.loads(wf.api_twin(p).read_text())
         big = any(isinstance(v, str) and "-3072" in v for n in api.values() for v in n["inputs"].values())
         if not big and any(n["class_type"].startswith("Weightsmith") for n in api.values()):
             return p
@@ -214,7 +226,7 @@ def test_outputs_restored_from_history_show_the_report(page, server):
     if path is None:
         pytest.skip("no small shipped workflow with a Weightsmith node yet")
     history = requests.get(server.url + "/history?max_items=50", timeout=10).json()
-    api_types = {nid: n["class_type"] for nid, n in json.loads((API_DIR / path.name).read_text()).items()}
+    api_types = {nid: n["class_type"] for nid, n in json.loads(wf.api_twin(path).read_text()).items()}
     outputs = next((h["outputs"] for h in reversed(list(history.values()))
                     if {nid: n["class_type"] for nid, n in h["prompt"][2].items()} == api_types
                     and any("weightsmith_report" in o for o in h["outputs"].values())), None)
