@@ -32,10 +32,9 @@ from .common import (
 NONE = "none"
 DEFAULT_RATIO = 0.5
 
-# One short line per method (the tooltip shows them one under the other), parameters with their defaults.
+# One short line per method (the tooltip shows them one under the other); parameters are in params' tooltip.
 METHODS_TOOLTIP = "Merge method:\n" + "\n".join(
-    f"• {m.name} ({m.inputs_text()} models{'; ' + format_params(m.defaults) if m.defaults else ''}): "
-    f"{m.description.split('. ')[0].rstrip('.')}" for m in METHODS.values())
+    f"• {m.name} ({m.inputs_text()} models): {m.description.split('. ')[0].rstrip('.')}" for m in METHODS.values())
 WEIGHTS_TOOLTIP = ("One weight per connected model, comma-separated (e.g. 0.7,0.3). Empty: ratio for two models, "
                    "else the method's default (equal weights for weighted_sum/slerp; 1 each for ties/dare).")
 RATIO_TOOLTIP = ("model_a's share in a two-model weighted_sum or slerp, as ModelMergeSimple's ratio: 1 = model_a, "
@@ -45,6 +44,8 @@ RATIO_TOOLTIP = ("model_a's share in a two-model weighted_sum or slerp, as Model
 def ratio_weights(ratio: float, weights: str, method: str, n_models: int) -> str | None:
     """The weights string a merge uses: the typed `weights`, else (ratio, 1 - ratio) for a two-model weighted sum
     or slerp, else None (the method's default). A ratio that would be ignored is refused, never dropped."""
+    if not 0.0 <= ratio <= 1.0:  # a linked value is not range-checked by ComfyUI's validation
+        raise WeightsmithError(f"ratio {ratio:g}: give model_a's share between 0 and 1 (ModelMergeSimple's range)")
     if weights.strip():
         if ratio != DEFAULT_RATIO:
             raise WeightsmithError(f"ratio {ratio:g} and weights {weights.strip()!r} both set: clear weights to use "
@@ -61,7 +62,8 @@ RULES_TOOLTIP = ("Per-key rules, one REGEX=ACTION per line, first match wins (se
                  "@img @txt @guidance @time @vector @embedders @in @mid @out @double.3 @in.4 … ACTION: a method "
                  "(ties(density=0.3)), take:A / take:2 / take:first, drop, or weight:0.7,0.3. # starts a comment.")
 PARAMS_TOOLTIP = ("Method parameters as NAME=VALUE, comma-separated, e.g. density=0.3, seed=7, base=A. "
-                  "Unknown names are an error.")
+                  "Unknown names are an error. Defaults:\n" + "\n".join(
+                      f"• {m.name}: {format_params(m.defaults)}" for m in METHODS.values() if m.defaults))
 PRESET_TOOLTIP = "Named rule set, applied after your own rules. " + " | ".join(
     f"{k}: {d}" for k, (d, _) in PRESETS.items())
 
