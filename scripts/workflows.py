@@ -369,9 +369,9 @@ def render_thumbnail(ui: dict, object_info: dict, size: tuple[int, int] = THUMB_
                     break
                 draw.rounded_rectangle([at(x + 10, top + 3), at(x + w - 10, top + WIDGET_HEIGHT - 3)],
                                        radius=max(1, round(8 * k)), fill=(30, 32, 35))
-        for i, inp in enumerate(n["inputs"]):
+        for i in range(len(n["inputs"])):
             draw.ellipse([at(x + 6, y + 10 + i * SLOT_HEIGHT), at(x + 14, y + 18 + i * SLOT_HEIGHT)], fill=(160, 160, 160))
-        for i, _ in enumerate(n["outputs"]):
+        for i in range(len(n["outputs"])):
             draw.ellipse([at(x + w - 14, y + 10 + i * SLOT_HEIGHT), at(x + w - 6, y + 18 + i * SLOT_HEIGHT)],
                          fill=(160, 160, 160))
     for _, src, src_slot, dst, dst_slot, ltype in ui["links"]:

@@ -8,6 +8,7 @@ reason when either is missing. Screenshots go to test-artifacts/browser/.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -16,8 +17,6 @@ import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
-
-import importlib.util
 
 import pytest
 import requests

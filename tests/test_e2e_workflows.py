@@ -406,6 +406,19 @@ def expect_merge_models_block_weights(prompt, result, written, server):
     assert checked >= 3, f"{out.name}: too few of the rule groups found to check"
 
 
+def expect_wan22_expert_pair_extract_loras(prompt, result, written, server):
+    """One operation on both experts: a LoRA per expert, each at the rank asked, covering every changed layer."""
+    files = model_files_by_name(server, prompt)
+    for extract, save in (("1", "2"), ("3", "4")):
+        rep = report_data(result, extract)["summary"]
+        n_tensors = len(safetensors_keys(files[prompt[extract]["inputs"]["base_model"]]))
+        assert rep["changed"] == rep["covered"] == n_tensors and rep["missing"] == 0, rep
+        saved = _written_named(written, prompt[save]["inputs"]["filename_prefix"])
+        assert max(lora_modules(saved).values()) == prompt[extract]["inputs"]["rank"]
+    high, low = (files[prompt[n]["inputs"]["base_model"]] for n in ("1", "3"))
+    assert high != low and "high" in high.name and "low" in low.name
+
+
 EXPECT = {
     "compose_loras": lambda prompt, result, written, server: expect_compose_loras(prompt, result, written),
     "convert_flux_lora_to_chroma": expect_convert_flux_lora_to_chroma,
@@ -414,6 +427,7 @@ EXPECT = {
     "merge_flux_guidance_preset": expect_merge_flux_guidance_preset,
     "merge_models_block_weights": expect_merge_models_block_weights,
     "lossless_mix_reference_recipe": expect_lossless_mix_reference_recipe,
+    "wan22_expert_pair_extract_loras": expect_wan22_expert_pair_extract_loras,
 }
 
 
