@@ -77,3 +77,22 @@ def test_tiny_flux_is_not_loadable_as_a_model_and_the_templates_say_so(demo):
             text = note.read_text()
             assert "sd15-tiny" in text and "wan2.2" in text and "Load Diffusion Model" in text, (
                 f"{note.name} does not say which demo models the MODEL nodes can load")
+
+
+def test_readme_wan22_cli_example_extracts_and_bakes_a_pair(demo, tmp_path):
+    """The README's Wan 2.2 loop: one extraction per expert, then each LoRA baked into its own expert gives
+    back that expert's fine-tune (to bf16 rounding): the pair stays a pair."""
+    from safetensors.torch import load_file
+
+    from weightsmith.cli import main
+
+    for e in WAN_EXPERTS:
+        base, tuned = demo[f"wan2.2-t2v-{e}-noise-tiny.safetensors"], demo[f"wan2.2-t2v-{e}-noise-tiny-tuned.safetensors"]
+        lora, baked = tmp_path / f"lora_{e}.safetensors", tmp_path / f"baked_{e}.safetensors"
+        assert main(["extract", str(base), str(tuned), "-o", str(lora), "--rank", "16"]) == 0
+        assert main(["bake", str(base), f"{lora}:1.0", "-o", str(baked), "--dtype", "bf16"]) == 0
+        want, got = load_file(tuned), load_file(baked)
+        assert set(want) == set(got)
+        for k in want:
+            w, g = want[k].float(), got[k].float()
+            assert (g - w).norm() <= 0.02 * w.norm() + 1e-3, f"{e}: {k}"
