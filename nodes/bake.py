@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from ..core.bake import execute_bake, plan_bake
 from ..core.bake.execute import PLAIN_DTYPES
+from ..core.bake.plan import parse_strength_rules
+from ..core.errors import WeightsmithError
 from .common import (
     CATEGORY,
     LORA_TYPE,
@@ -41,6 +43,15 @@ class WeightsmithBakeLoRAs:
     RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("path", "report")
     OUTPUT_TOOLTIPS = ("full path of the written file", "the report: LoRAs, matched/unmatched modules, rules, keys")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, rules=None):
+        """A strength rule that does not parse is refused when the prompt is queued, before anything runs."""
+        try:
+            parse_strength_rules(rules if isinstance(rules, str) else None)
+        except WeightsmithError as e:
+            return str(e)
+        return True
 
     @classmethod
     def INPUT_TYPES(cls):

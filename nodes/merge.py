@@ -11,7 +11,7 @@ from ..core.errors import WeightsmithError
 from ..core.merge.execute import execute_merge
 from ..core.merge.methods import METHODS, derive_seed, format_params
 from ..core.merge.plan import MISSING_POLICIES, OTHERS_POLICIES, MergePlan, plan_merge
-from ..core.merge.rules import PRESETS
+from ..core.merge.rules import PRESETS, parse_params, parse_rules, parse_weights
 from .common import (
     CATEGORY,
     DIFFUSION_PREFIX,
@@ -39,6 +39,22 @@ WEIGHTS_TOOLTIP = ("One weight per connected model, comma-separated (e.g. 0.7,0.
                    "else the method's default (equal weights for weighted_sum/slerp; 1 each for ties/dare).")
 RATIO_TOOLTIP = ("model_a's share in a two-model weighted_sum or slerp, as ModelMergeSimple's ratio: 1 = model_a, "
                  "0 = model_b. Used when weights is empty; a primitive can drive it.")
+
+
+def validate_texts(weights=None, rules=None, params=None):
+    """ComfyUI's VALIDATE_INPUTS for the text widgets: a rule, weight list or parameter that does not parse is
+    refused when the prompt is queued (node_errors, nothing runs), not half-way through a run. Linked values are
+    not known yet (None here) and are checked when the node runs."""
+    try:
+        if isinstance(weights, str) and weights.strip():
+            parse_weights(weights)
+        if isinstance(rules, str):
+            parse_rules(rules)
+        if isinstance(params, str) and params.strip():
+            parse_params(params, "parameters")
+    except WeightsmithError as e:
+        return str(e)
+    return True
 
 
 def ratio_weights(ratio: float, weights: str, method: str, n_models: int) -> str | None:
@@ -165,6 +181,10 @@ class WeightsmithMergeModels:
     )
 
     @classmethod
+    def VALIDATE_INPUTS(cls, weights=None, rules=None, params=None):
+        return validate_texts(weights, rules, params)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
@@ -241,6 +261,10 @@ class WeightsmithMergeFiles:
         "and change",
         "chart: per block, 1 - cosine similarity of each input to model_a and the relative change of model_a",
     )
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, weights=None, rules=None, params=None):
+        return validate_texts(weights, rules, params)
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -240,3 +240,23 @@ def test_outputs_restored_from_history_show_the_report(page, server):
     assert sorted(texts) == sorted(expected)
     fit_and_shoot(page, f"restored-{path.stem}")
     assert our_errors(page) == []
+
+
+def test_an_error_in_a_weightsmith_node_is_titled_with_its_display_name(page, server):
+    """ComfyUI names a failed node by its class; the frontend titles its error dialog with that, so the
+    extension hands it the display name the user sees on the node."""
+    prompt = {"1": {"class_type": "WeightsmithMergeFiles", "inputs": {
+        "model_a": "diffusion_models/weightsmith_demo/sd15-tiny-a.safetensors",
+        "model_b": "diffusion_models/weightsmith_demo/sd15-tiny-b.safetensors", "method": "weighted_sum",
+        "ratio": 0.5, "weights": "", "rules": "", "params": f"no_such_param_{uuid.uuid4().hex[:4]}=1",
+        "preset": "none", "missing": "take", "other_keys": "copy", "dtype": "keep", "dry_run": True,
+        "output_folder": "diffusion_models", "filename_prefix": "never/x", "model_c": "none", "model_d": "none"}}}
+    page.keyboard.press("Escape")
+    page.evaluate("async (p) => { await (window.app.api ?? window.comfyAPI.api.api).queuePrompt(0, {output: p, workflow: {}}); }", prompt)
+    dialog = page.locator(".p-dialog").filter(has_text="no_such_param")
+    dialog.wait_for(timeout=60_000)
+    text = dialog.inner_text()
+    assert "Merge Model Files (Weightsmith)" in text, text[:500]
+    assert "WeightsmithMergeFiles" not in text.split("\n")[0], text[:300]
+    fit_and_shoot(page, "error-dialog-display-name")
+    page.keyboard.press("Escape")

@@ -315,9 +315,8 @@ def expect_lossless_mix_reference_recipe(prompt, result, written, server):
 
 
 def expect_convert_flux_lora_to_chroma(prompt, result, written, server):
-    from weightsmith.testmodels import FluxConfig, flux_diffusers_shapes, flux_shapes
-
     from weightsmith.lora.formats import load_lora, lora_summary
+    from weightsmith.testmodels import FluxConfig, flux_diffusers_shapes, flux_shapes
 
     converted, renamed = (report_data(result, n) for n in ("2", "4"))
     # Read LoRA File is not an output node: when an earlier workflow read the same file, ComfyUI reuses its
