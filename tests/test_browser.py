@@ -172,7 +172,9 @@ def _report_workflow() -> Path | None:
     for p in UI_FILES:
         api = json.loads(wf.api_twin(p).read_text())
         big = any(isinstance(v, str) and "-3072" in v for n in api.values() for v in n["inputs"].values())
-        if not big and any(n["class_type"].startswith("Weightsmith") for n in api.values()):
+        # a node that writes a file is an output node: it runs again for the fresh prefix and shows its report
+        if not big and any(n["class_type"].startswith("Weightsmith") and "filename_prefix" in n["inputs"]
+                           for n in api.values()):
             return p
     return None
 
