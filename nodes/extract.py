@@ -37,9 +37,10 @@ def _settings_inputs() -> dict:
                               "tooltip": "Rank of k×k convolutions (SD UNets): -1 = the same as rank, 0 = leave them "
                                          "out (as the CLI's --conv-rank 0). In energy/error modes it caps them."}),
         "rank_mode": (list(RANK_MODES), {"default": "fixed",
-                                         "tooltip": "fixed: rank. energy: smallest rank keeping 'energy' of each "
-                                                    "layer's change. error: smallest rank with relative error <= "
-                                                    "'error'. full: every direction (exact, large file)."}),
+                                         "tooltip": "How each layer's rank is chosen:\n• fixed: rank\n• energy: the "
+                                                    "smallest rank keeping 'energy' of the layer's change\n• error: "
+                                                    "the smallest rank with relative error <= 'error'\n• full: every "
+                                                    "direction (exact, large file)"}),
         "energy": ("FLOAT", {"default": 0.99, "min": 0.5, "max": 1.0, "step": 0.001,
                              "tooltip": "Fraction of each layer's squared change to keep (energy mode)."}),
         "error": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 0.9, "step": 0.001,

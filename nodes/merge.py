@@ -80,8 +80,8 @@ RULES_TOOLTIP = ("Per-key rules, one REGEX=ACTION per line, first match wins (se
 PARAMS_TOOLTIP = ("Method parameters as NAME=VALUE, comma-separated, e.g. density=0.3, seed=7, base=A. "
                   "Unknown names are an error. Defaults:\n" + "\n".join(
                       f"• {m.name}: {format_params(m.defaults)}" for m in METHODS.values() if m.defaults))
-PRESET_TOOLTIP = "Named rule set, applied after your own rules. " + " | ".join(
-    f"{k}: {d}" for k, (d, _) in PRESETS.items())
+PRESET_TOOLTIP = "Named rule set, applied after your own rules:\n" + "\n".join(
+    f"• {k}: {d}" for k, (d, _) in PRESETS.items())
 
 
 class MergeAdapter(WeightAdapterBase):
