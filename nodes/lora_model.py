@@ -4,6 +4,7 @@ state dict goes through `core.lora.formats` both ways, so every module is kept o
 
 from __future__ import annotations
 
+from ..core.errors import MismatchError
 from ..core.lora.formats import LORA_ARCHES, load_lora, lora_state_dict, lora_summary
 from .common import CATEGORY, LORA_TYPE, ui_report
 
@@ -62,6 +63,9 @@ class WeightsmithLoRAToLoraModel:
         return {"required": {"lora": (LORA_TYPE, {"tooltip": "The LoRA to hand to ComfyUI's LoRA nodes."})}}
 
     def convert(self, lora):
+        if not lora.modules:  # Load LoRA Model would patch nothing and say nothing
+            raise MismatchError("LoRA to LORA_MODEL: the LoRA has no modules (nothing to apply); connect a LoRA "
+                                "that changes the model")
         sd = lora_state_dict(lora, "comfy")  # every module, or an error naming those comfy naming cannot hold
         text, data = _summary_text("to LORA_MODEL", lora)
         text += f"\n{len(sd)} tensors in ComfyUI's naming"
