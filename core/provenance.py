@@ -199,7 +199,7 @@ class Recording:
                     rec = self._fingerprints[path] = fingerprint_input(path)
                 except OSError as e:  # a Python caller's input that is not a file: named, not fingerprinted
                     rec = {"name": Path(path).name, "path": path, "error": str(e)}
-            out.append({"role": role, **rec})
+            out.append({"role": role, "given": path, **rec})
         return out
 
     def recipe(self) -> dict:
@@ -424,14 +424,21 @@ def stamp(meta: Mapping[str, str] | None, *, output, operation: str, arch: str, 
     if rec is not None:
         recipe = rec.recipe()
     else:
-        paths = [os.fspath(p) for s in sources
-                 for p in (s.paths() if hasattr(s, "paths") else [s] if isinstance(s, (str, os.PathLike)) else [])]
-        recipe = Recording(operation, "python", jsonable(dict(summary or {})),
-                           [(f"inputs[{i}]", p) for i, p in enumerate(paths)]).recipe()
-    if rec is None or rec.operation != operation:
+        recipe = Recording(operation, "python", jsonable(dict(summary or {})), _source_inputs(sources)).recipe()
+    if rec is not None and not rec.inputs and sources:  # a node names its widgets; the files are known here
+        rec = Recording(rec.operation, rec.via, rec.params, _source_inputs(sources))
+        recipe = rec.recipe()
+    if rec is None or (rec.via != "cli" and rec.operation != operation):
         recipe["step"] = operation  # which part of the run wrote this file (e.g. "merge" inside a node)
     out[RECIPE_KEY] = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
     return out
+
+
+def _source_inputs(sources: Sequence) -> list[tuple[str, str]]:
+    """(role, path) of the files behind sources (TensorSources or paths)."""
+    paths = [os.fspath(p) for s in sources
+             for p in (s.paths() if hasattr(s, "paths") else [s] if isinstance(s, (str, os.PathLike)) else [])]
+    return [(f"inputs[{i}]", p) for i, p in enumerate(paths)]
 
 
 def drop_pending_hash(meta: Mapping[str, str]) -> dict[str, str]:
