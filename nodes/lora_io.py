@@ -21,6 +21,7 @@ from ..core.lora.formats import (
     save_lora,
 )
 from ..core.lora.model import LoRA
+from ..core.provenance import describe as describe_provenance
 from ..core.lora.reproject import REPROJECT_METHODS, ReprojectOptions, reproject_flux_to_chroma
 from .common import (
     CATEGORY,
@@ -75,6 +76,9 @@ class WeightsmithLoadLoRA:
         path = input_path("loras", lora_name)
         lora = load_lora(path, arch=None if arch == "auto" else arch)
         text, data = _describe(lora, lora_name)
+        provenance = describe_provenance(lora.metadata)  # how the file was made: modelspec keys, recipe
+        text += "\n" + "\n".join(provenance)
+        data["provenance"] = provenance
         return {"ui": ui_report(text, data), "result": (lora, text)}
 
 
