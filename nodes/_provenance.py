@@ -5,6 +5,7 @@ that saves it records the whole chain (Load LoRA -> Convert -> Compose -> Save L
 from __future__ import annotations
 
 import functools
+import inspect
 
 from ..core.lora.model import LoRA
 from ..core.provenance import attach_recipe, node_recording, recording
@@ -36,9 +37,19 @@ def _outputs(result) -> tuple:
 
 
 def _recorded(name: str, fn):
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
     def run(self, *args, **kwargs):
-        rec = node_recording(name, kwargs, _files(kwargs))
+        try:  # ComfyUI passes inputs by name; a direct call may pass them in order
+            named = dict(signature.bind(self, *args, **kwargs).arguments)
+            named.pop(next(iter(signature.parameters)), None)
+            for p in signature.parameters.values():  # **settings of a node: its widgets, by name
+                if p.kind is inspect.Parameter.VAR_KEYWORD:
+                    named.update(named.pop(p.name, None) or {})
+        except TypeError:
+            named = dict(kwargs)
+        rec = node_recording(name, named, _files(named))
         with recording(rec):
             result = fn(self, *args, **kwargs)
         made = [o for o in _outputs(result) if isinstance(o, LoRA)]
