@@ -106,7 +106,7 @@ def namespace(recipe: dict, paths: dict[str, str], output: Path) -> argparse.Nam
     ns = argparse.Namespace(**{d: a.default for d, a in actions.items()}, **sub._defaults)
     ns.command = operation
     params = dict(recipe.get("params") or {})
-    params.pop("nonfinite", None)
+    ns.nonfinite = params.pop("nonfinite", "report")  # the global --nonfinite of the recorded run
     unknown = sorted(k for k in params if k not in actions)
     if unknown:
         raise WeightsmithError(f"the recipe sets {', '.join(unknown)}, which `weightsmith {operation}` of this version "
@@ -160,7 +160,7 @@ def run_replay(args: argparse.Namespace) -> int:
         raise WeightsmithError(f"{output} exists; choose another name with -o or remove it")
     paths = _check_inputs(inputs, overrides)  # before anything is read or written
     ns = namespace(recipe, paths, output)
-    set_default_nonfinite((recipe.get("params") or {}).get("nonfinite", "report"))
+    set_default_nonfinite(ns.nonfinite)
     print(f"replaying `weightsmith {recipe['operation']}` ({len(inputs)} inputs, fingerprints match) -> {output}")
     with recording(cli_recording(ns)), output_set(join=False):
         rc = int(ns.func(ns) or 0)
