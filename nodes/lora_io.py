@@ -21,8 +21,8 @@ from ..core.lora.formats import (
     save_lora,
 )
 from ..core.lora.model import LoRA
-from ..core.provenance import describe as describe_provenance
 from ..core.lora.reproject import REPROJECT_METHODS, ReprojectOptions, reproject_flux_to_chroma
+from ..core.provenance import describe as describe_provenance
 from .common import (
     CATEGORY,
     LORA_TYPE,
