@@ -319,7 +319,7 @@ def _rules_of(params: Mapping) -> list[str]:
             rules += [line.strip() for line in v.splitlines() if line.strip()]
         elif isinstance(v, list):
             rules += [str(x) for x in v]
-    return rules
+    return [r for r in rules if r.lower() != "none"]  # a node's preset widget says "none" for no preset
 
 
 def _seed_of(params: Mapping):

@@ -309,3 +309,32 @@ def test_nodes_record_their_runs_and_load_lora_shows_provenance(comfy, flux, tmp
     assert loaded["inputs"][0]["name"] == "l1.safetensors"
     assert loaded["inputs"][0]["fingerprint"] == fingerprint_file(loras / "l1.safetensors")
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta[HASH_KEY] == data_sha256(__import__("pathlib").Path(path))
+
+
+@pytest.mark.comfy
+def test_merge_files_node_records_its_widgets_and_files(comfy, flux, tmp_path, monkeypatch):
+    import folder_paths
+    from comfy_support import import_pack
+
+    node = import_pack().NODE_CLASS_MAPPINGS["WeightsmithMergeFiles"]
+    dm, out_dir = tmp_path / "diffusion_models", tmp_path / "output"
+    dm.mkdir()
+    out_dir.mkdir()
+    for n in "ab":
+        shutil.copy(flux / f"{n}.safetensors", dm / f"{n}.safetensors")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(dm)], {".safetensors"}))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "checkpoints", ([str(tmp_path / "ckpt")], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
+    res = node().merge("diffusion_models/a.safetensors", "diffusion_models/b.safetensors", "weighted_sum", "0.3,0.7",
+                       "@single=take:A", "", "none", "take", "copy", "bf16", False, "output", "merges/m")
+    path = __import__("pathlib").Path(res["result"][0])
+    meta = meta_of(path)
+    recipe = json.loads(meta[RECIPE_KEY])
+    assert recipe["via"] == "node" and recipe["operation"] == "WeightsmithMergeFiles" and recipe["step"] == "merge"
+    assert recipe["params"]["weights"] == "0.3,0.7" and recipe["params"]["dtype"] == "bf16"
+    assert recipe["rules"] == ["@single=take:A"]
+    assert [(i["role"], i["name"]) for i in recipe["inputs"]] == [("model_a", "a.safetensors"), ("model_b", "b.safetensors")]
+    assert recipe["inputs"][1]["fingerprint"] == fingerprint_file(dm / "b.safetensors")
+    assert meta["modelspec.architecture"] == "flux-1-dev" and meta["modelspec.merged_from"] == "a, b"
+    assert meta[HASH_KEY] == data_sha256(path)
