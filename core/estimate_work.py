@@ -78,7 +78,7 @@ def merge_estimate(plan, out: str | os.PathLike | None, dtype, device) -> Estima
         passes = numel * n * WEIGHTED_PASSES * cost
         rowwise = method is not None and method.chunkable and len(kp.shape) >= 2 and numel > chunk and kp.shape[0] > 1
         if rowwise:  # per worker: n fp32 input blocks + its staging task buffer
-            per_worker = n * chunk * 4 + min(numel, max(chunk, TASK_ELEMS)) * max(out_b / numel, 4)
+            per_worker = (n + 1) * chunk * 4 + min(numel, max(chunk, TASK_ELEMS)) * out_b / numel
             working = workers * per_worker + decoded
         else:
             whole = numel * 4 * (n + 2) + out_b  # fp32 inputs, result and a temporary, the cast
