@@ -137,14 +137,14 @@ def bake_estimate(plan, out: str | os.PathLike | None, dtype, device) -> Estimat
 def extract_estimate(pair, settings: dict, device, out: str | os.PathLike | None) -> Estimate:
     """An extraction's estimate, one layer at a time: ΔW in fp32 (plus the SVD's workspace) on the device,
     the LoRA held in memory until saved. Adaptive rank modes are estimated at their cap (an upper bound)."""
-    from .lora.extract import ExtractOptions, _output_dtype, plan_extraction
+    from .lora.extract import ExtractOptions, _output_dtype, check_options, plan_extraction
     from .lora.svd import ADAPTIVE_START, use_randomized
 
     dev = torch.device(device or "cpu")
     keys = {k: v for k, v in settings.items() if k in ExtractOptions.__dataclass_fields__}
     keys["dtype"] = _output_dtype(settings.get("dtype", "bf16"))
     keys["clamp_quantile"] = keys.get("clamp_quantile") or None
-    opts = ExtractOptions(**keys)
+    opts = check_options(ExtractOptions(**keys))  # the errors extract_lora would give, before any estimate
     elem = opts.dtype.itemsize
     mode = opts.rank_mode
     work = []
