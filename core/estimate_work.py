@@ -137,8 +137,9 @@ def bake_estimate(plan, out: str | os.PathLike | None, dtype, device) -> Estimat
 def extract_estimate(pair, settings: dict, device, out: str | os.PathLike | None) -> Estimate:
     """An extraction's estimate, one layer at a time: ΔW in fp32 (plus the SVD's workspace) on the device,
     the LoRA held in memory until saved. Adaptive rank modes are estimated at their cap (an upper bound)."""
+    from .lora.budget import initial_width
     from .lora.extract import ExtractOptions, _output_dtype, check_options, plan_extraction
-    from .lora.svd import ADAPTIVE_START, use_randomized
+    from .lora.svd import ADAPTIVE_START, POWER_ITERATIONS, oversampling, use_randomized
 
     dev = torch.device(device or "cpu")
     keys = {k: v for k, v in settings.items() if k in ExtractOptions.__dataclass_fields__}
@@ -147,9 +148,19 @@ def extract_estimate(pair, settings: dict, device, out: str | os.PathLike | None
     opts = check_options(ExtractOptions(**keys))  # the errors extract_lora would give, before any estimate
     elem = opts.dtype.itemsize
     mode = opts.rank_mode
+    plans = plan_extraction(pair, opts)
+    shapes = {}
+    for plan in plans:
+        if plan.action == "lowrank":
+            m = pair.info(plan.key).shape[0]
+            n = pair.info(plan.key).numel // max(m, 1)
+            shapes[plan.key] = (m, n, plan.policy.cap(min(m, n)))
+    budget_rank = 0
+    if mode == "budget" and opts.size:  # the allocation averages about the uniform rank of that size
+        budget_rank = max(1, initial_width(list(shapes.values()), opts.size, elem, start=1) // 2)
     work = []
     factor_bytes = 0
-    for plan in plan_extraction(pair, opts):
+    for plan in plans:
         info = pair.info(plan.key)
         numel = info.numel
         read = info.nbytes + pair.tuned.info(plan.key).nbytes
@@ -160,23 +171,30 @@ def extract_estimate(pair, settings: dict, device, out: str | os.PathLike | None
         if plan.action != "lowrank":
             work.append(KeyWork(read, 0, numel * 4, 0, numel * 8))
             continue
-        m = info.shape[0]
-        n = numel // max(m, 1)
-        cap = plan.policy.cap(min(m, n))
-        rank = cap if mode in ("fixed", "full", "budget") else min(cap, 2 * ADAPTIVE_START)
+        m, n, cap = shapes[plan.key]
+        if mode == "budget":
+            rank = min(cap, budget_rank)
+        else:
+            rank = cap if mode in ("fixed", "full") else min(cap, 2 * ADAPTIVE_START)
         exact = mode in ("full", "sv_cumulative") or opts.method == "exact" or (
             opts.method == "auto" and not use_randomized(m, n, rank))
+        q = min(m, n) if exact else min(min(m, n), rank + oversampling(rank))
         flops = svd_flops(m, n, rank, "exact" if exact else "randomized") + 2.0 * m * n * rank
-        passes = numel * 6  # the subtraction, two norms, the residual's norm
-        working = numel * 4 * (3 if exact else 1) + (m + n) * min(rank, min(m, n)) * 4 * 2
+        # fp32 passes over the layer: the subtraction, two norms, the residual; the randomized range
+        # finder's skinny products read the whole matrix each time (memory-bound, not flop-bound)
+        passes = numel * (6 + (0 if exact else 2 + 2 * POWER_ITERATIONS))
+        # ΔW and its converted input (bench: about twice the layer in fp32), or the exact SVD's U, Vᵀ and
+        # workspace; the factors and the sketch
+        working = numel * 4 * (3 if exact else 2) + (m + n) * q * 4 * 3
         out_b = (m + n) * rank * elem
         factor_bytes += out_b
         work.append(KeyWork(read, int(out_b), passes, flops, int(working)))
     notes = []
     if mode == "budget":
-        for w in work:  # a first pass sketches every layer: the reads and the subtraction twice
+        for w in work:  # a first pass sketches every layer (at twice the rank): reads and passes twice
             w.read_bytes *= 2
             w.elem_passes *= 2
+            w.flops *= 2.5
         notes.append("size budget: two passes over the models (spectra, then the allocated ranks)")
     size = opts.size if mode == "budget" and opts.size else sum(w.write_bytes for w in work)
     bound = mode not in ("fixed", "full", "budget")
