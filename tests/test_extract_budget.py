@@ -201,3 +201,13 @@ def test_sv_modes_in_extraction_and_cli(varied_pair, tmp_path):
     with pytest.raises(OptionError, match="≥ 1"):
         extract_lora(base, tuned, rank_mode="sv_ratio", dynamic_param=0.5)
     assert not math.isnan(rep.summary()["error_global"])
+
+
+def test_unchanged_diffs_give_their_bytes_to_the_ranks(varied_pair, tmp_path):
+    base, tuned = varied_pair
+    tuned = {k: (base[k] if v.ndim == 1 else v) for k, v in tuned.items()}  # biases and norms unchanged
+    size = 120_000
+    lora, report = extract_lora(base, tuned, rank_mode="budget", size=size)
+    assert not any(m.diff is not None or m.diff_b is not None for m in lora.modules.values())
+    got = _size_of(lora, tmp_path, "nodiff")
+    assert abs(got - size) <= 0.02 * size, (got, size)

@@ -377,18 +377,23 @@ def budget_plans(pair: ModelPair, plans: list[LayerPlan], opts: ExtractOptions, 
     spectra: dict[str, LayerSpectrum] = {}
     for i, plan in enumerate(plans):
         progress(i, len(plans))
-        if plan.action != "lowrank":
+        if plan.action not in ("lowrank", "diff", "diff_b"):
             continue
         delta, norm, base_norm = _layer_delta(pair, plan, device)
-        if _verdict(pair, plan, delta, norm, base_norm, opts) is None:
+        stored = _verdict(pair, plan, delta, norm, base_norm, opts) is None
+        if stored and plan.action == "lowrank":
             spectra[plan.key] = _sketch(pair, plan, width0, opts, device, delta)
+        elif not stored and plan.action != "lowrank":  # an unchanged diff: its bytes go to the ranks
+            info = pair.info(plan.key)
+            budget += info.numel * elem + tensor_header_bytes(f"{plan.module}.{plan.action}", info.shape, opts.size)
+            fixed -= info.numel * elem + tensor_header_bytes(f"{plan.module}.{plan.action}", info.shape, opts.size)
         del delta
     by_key = {p.key: p for p in plans}
     alloc = allocate(list(spectra.values()), budget, elem)
     while alloc.limited:  # an allocation reached a sketch's width: sketch those layers twice as wide
         for key in alloc.limited:
-            sp = spectra[key]
-            spectra[key] = _sketch(pair, by_key[key], 2 * sp.width, opts, device)
+            progress(len(plans), len(plans))  # (a node's Interrupt is honoured here too)
+            spectra[key] = _sketch(pair, by_key[key], 2 * spectra[key].width, opts, device)
         alloc = allocate(list(spectra.values()), budget, elem)
     new_plans = []
     for plan in plans:
@@ -400,10 +405,10 @@ def budget_plans(pair: ModelPair, plans: list[LayerPlan], opts: ExtractOptions, 
                                        reason="the size budget left no rank for this layer"))
         else:
             new_plans.append(LayerPlan(plan.key, plan.module, plan.kind, "lowrank", RankPolicy("fixed", r)))
-    return new_plans, _budget_report(alloc, opts.size, fixed, spectra)
+    return new_plans, _budget_report(alloc, opts.size, fixed)
 
 
-def _budget_report(alloc: Allocation, size: int, fixed: int, spectra: dict[str, LayerSpectrum]) -> dict:
+def _budget_report(alloc: Allocation, size: int, fixed: int) -> dict:
     ranks = [r for r in alloc.ranks.values() if r]
     estimated = fixed + alloc.rank_bytes
     rank_range = f"{min(ranks)}-{max(ranks)}" if ranks else "none"
