@@ -22,6 +22,7 @@ from ..core.lora.formats import (
 )
 from ..core.lora.model import LoRA
 from ..core.lora.reproject import REPROJECT_METHODS, ReprojectOptions, reproject_flux_to_chroma
+from ..core.provenance import describe as describe_provenance
 from .common import (
     CATEGORY,
     LORA_TYPE,
@@ -75,6 +76,9 @@ class WeightsmithLoadLoRA:
         path = input_path("loras", lora_name)
         lora = load_lora(path, arch=None if arch == "auto" else arch)
         text, data = _describe(lora, lora_name)
+        provenance = describe_provenance(lora.metadata)  # how the file was made: modelspec keys, recipe
+        text += "\n" + "\n".join(provenance)
+        data["provenance"] = provenance
         return {"ui": ui_report(text, data), "result": (lora, text)}
 
 

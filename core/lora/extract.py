@@ -293,7 +293,8 @@ def extract_lora(
         report.message = (f"no layer changed enough to extract ({len(report.modules)} changed tensors, all "
                           "skipped or left out): the LoRA is empty")
     lora.metadata = {"weightsmith.extract": json.dumps(opts.as_metadata()),
-                     "weightsmith.extract_summary": json.dumps(_metadata_summary(report))}
+                     "weightsmith.extract_summary": json.dumps(_metadata_summary(report)),
+                     "weightsmith.base_arch": pair.arch}
     return lora, report
 
 
