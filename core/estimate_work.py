@@ -90,8 +90,11 @@ def merge_estimate(plan, out: str | os.PathLike | None, dtype, device) -> Estima
 
 def mix_estimate(plan, sources, out: str | os.PathLike | None, device, out_dtype=None) -> Estimate:
     """A lossless-mix plan's estimate: every mixed key reads all models and compares per element."""
+    from .mix import CPU_CHUNK, DEVICE_CHUNK
+
     dev = torch.device(device or "cpu")
     workers = default_workers(dev)
+    chunk = CPU_CHUNK if dev.type == "cpu" else DEVICE_CHUNK
     a = sources[0]
     n = len(sources)
     work = []
@@ -105,7 +108,9 @@ def mix_estimate(plan, sources, out: str | os.PathLike | None, device, out_dtype
             continue
         read = a.info(kp.key).nbytes + sum(s.info(r).nbytes for s, r in zip(sources[1:], kp.sources))
         passes = numel * n * 6  # distances, comparisons and the gather per candidate
-        working = workers * (min(numel, TASK_ELEMS) * 4 * (n + 3))
+        # per worker (mix.py): a staging buffer of one task in the output dtype, and three fp32 temporaries
+        # of one cache-sized chunk
+        working = workers * (min(numel, TASK_ELEMS) * out_b / max(numel, 1) + 3 * min(numel, chunk) * 4)
         work.append(KeyWork(read, int(out_b), passes, 0, int(working)))
     paths = [p for s in sources for p in s.paths()]
     return estimate("mix", work, dev, out, inputs=paths, workers=workers)

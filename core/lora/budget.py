@@ -33,7 +33,7 @@ from .svd import OptionError
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 HEADER_SLACK = 64  # bytes: the header's padding and braces
-METADATA_ALLOWANCE = 1024  # bytes reserved for the file's metadata (settings, summary, provenance)
+METADATA_ALLOWANCE = 2048  # bytes reserved for the file's metadata (settings, summary, recipe, modelspec)
 
 
 def parse_size(text: str | int | float) -> int:
