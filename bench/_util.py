@@ -215,3 +215,32 @@ def table(rows: list[Measurement], baseline: str) -> str:
 
 def env_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+
+
+def _child_value(fn, args, q) -> None:
+    q.put(fn(*args))
+
+
+def in_child(fn: Callable, *args):
+    """fn(*args) computed in a forked child and its (picklable) value returned: for work that starts
+    torch's thread pools (a calibration), which must not start in the parent before it forks contenders."""
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_value, args=(fn, args, q))
+    p.start()
+    value = q.get()
+    p.join()
+    return value
+
+
+def estimate_line(est: dict, m: Measurement) -> str:
+    """The pre-run estimate (Estimate.to_dict()) next to what was measured, with the issue's targets:
+    time within 2x, peak RAM (the RssAnon the work added) within 20%."""
+    t_ratio = est["seconds"] / m.seconds if m.seconds else float("inf")
+    ram = max(m.extra_anon, 1)
+    r_err = est["peak_ram"] / ram - 1
+    ok_t = "ok" if 0.5 <= t_ratio <= 2 else "OUT"
+    ok_r = "ok" if abs(r_err) <= 0.2 else "OUT"
+    return (f"estimate vs measured ({m.name}): time {est['seconds']:.2f} s vs {m.seconds:.2f} s = {t_ratio:.2f}x "
+            f"[{ok_t}, target 0.5-2x]; peak RAM {est['peak_ram'] / 2**20:.0f} MB vs {ram / 2**20:.0f} MB added = "
+            f"{r_err:+.0%} [{ok_r}, target ±20%]")

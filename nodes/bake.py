@@ -7,6 +7,7 @@ from ..core.bake import execute_bake, plan_bake
 from ..core.bake.execute import PLAIN_DTYPES
 from ..core.bake.plan import parse_strength_rules
 from ..core.errors import WeightsmithError
+from ..core.estimate_work import bake_estimate
 from .common import (
     CATEGORY,
     LORA_TYPE,
@@ -90,8 +91,10 @@ class WeightsmithBakeLoRAs:
         largest = max((plan.source.info(k).numel for k in plan.patches), default=0)
         device = compute_device(largest * 4 * 3)
         out = output_path(output_folder, filename_prefix)
+        est = bake_estimate(plan, out, dtype, device)
+        est.check_disk()  # before any work: the output does not fit
         rep = execute_bake(plan, out, dtype, device, progress(len(plan.source), unique_id))
-        text = rep.table()
+        text = est.text() + "\n" + rep.table()
         return {"ui": ui_report(text, rep.to_dict()), "result": (str(out), text)}
 
 

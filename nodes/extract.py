@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from ..core.estimate_work import extract_estimate
 from ..core.lora.extract import SAME_AS_RANK, conv_rank_option, extract_lora
 from ..core.lora.svd import RANK_MODES
-from ..core.lora.validate import MISSING_POLICIES, validate_lora
+from ..core.lora.validate import MISSING_POLICIES, pair_models, validate_lora
 from ..core.sources import diffusion_view, open_model
 from .common import (
     CATEGORY,
@@ -40,11 +41,20 @@ def _settings_inputs() -> dict:
                                          "tooltip": "How each layer's rank is chosen:\n• fixed: rank\n• energy: the "
                                                     "smallest rank keeping 'energy' of the layer's change\n• error: "
                                                     "the smallest rank with relative error <= 'error'\n• full: every "
-                                                    "direction (exact, large file)"}),
+                                                    "direction (exact, large file)\n• budget: ranks allocated "
+                                                    "across layers for a file of size_mb\n• sv_ratio / sv_fro / "
+                                                    "sv_cumulative: kohya's dynamic modes (dynamic_param)"}),
         "energy": ("FLOAT", {"default": 0.99, "min": 0.5, "max": 1.0, "step": 0.001,
                              "tooltip": "Fraction of each layer's squared change to keep (energy mode)."}),
         "error": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 0.9, "step": 0.001,
                             "tooltip": "Relative Frobenius error allowed per layer (error mode)."}),
+        "size_mb": ("FLOAT", {"default": 100.0, "min": 0.01, "max": 100000.0, "step": 1.0,
+                              "tooltip": "File size of the LoRA in MB (10^6 bytes) in budget mode: ranks go where they "
+                                         "reduce the error most per byte (max_rank caps each layer)."}),
+        "dynamic_param": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 1000.0, "step": 0.01,
+                                    "tooltip": "kohya's dynamic_param for the sv_* modes: sv_fro keeps this fraction of "
+                                               "the Frobenius norm, sv_cumulative of the sum of singular values (0-1); "
+                                               "sv_ratio keeps singular values above the largest / this (≥ 1, e.g. 10)."}),
         "max_rank": ("INT", {"default": 0, "min": 0, "max": MAX_RANK, "step": 1,
                              "tooltip": "Per-layer rank cap in every mode; 0 = no cap."}),
         "store_diff": ("BOOLEAN", {"default": True,
@@ -67,14 +77,21 @@ def _missing_input() -> dict:
 
 
 def _extract_kwargs(rank, conv_rank, rank_mode, energy, error, max_rank, store_diff, clamp_quantile, dtype,
-                    missing="auto") -> dict:
+                    missing="auto", size_mb=100.0, dynamic_param=0.9) -> dict:
     return {"rank": rank, "conv_rank": conv_rank_option(conv_rank), "rank_mode": rank_mode, "energy": energy, "error": error,
             "max_rank": max_rank or None, "store_diff": store_diff, "clamp_quantile": clamp_quantile or None,
-            "dtype": dtype, "missing": missing}
+            "dtype": dtype, "missing": missing, "size": int(size_mb * 1e6) if rank_mode == "budget" else None,
+            "dynamic_param": dynamic_param}
 
 
-def _outputs(lora, report):
-    text = report.text()
+def _estimate_line(base, tuned, settings: dict, device) -> str:
+    """The estimate line at the top of the report (the LoRA stays in memory: no disk check here; Save
+    LoRA writes it)."""
+    return extract_estimate(pair_models(base, tuned, settings["missing"]), settings, device, None).text()
+
+
+def _outputs(lora, report, estimate: str = ""):
+    text = "\n".join(filter(None, [estimate, report.text()]))
     chart = image_tensor(report.chart())
     return {"ui": ui_report(text, report.to_dict()), "result": (lora, text, chart)}
 
@@ -121,10 +138,11 @@ class WeightsmithExtractLoRA:
         device = torch.device("cpu")
         probe = PatcherSource(base, device)
         device = compute_device(WORKSPACE_FACTOR * _largest_layer_bytes(probe))
-        lora, report = extract_lora(PatcherSource(base, device, "base"), PatcherSource(tuned, device, "tuned"),
-                                    device=device, progress=progress(len(probe), unique_id),
-                                    **_extract_kwargs(**settings))
-        return _outputs(lora, report)
+        kwargs = _extract_kwargs(**settings)
+        sources = PatcherSource(base, device, "base"), PatcherSource(tuned, device, "tuned")
+        estimate = _estimate_line(*sources, kwargs, device)
+        lora, report = extract_lora(*sources, device=device, progress=progress(len(probe), unique_id), **kwargs)
+        return _outputs(lora, report, estimate)
 
 
 class WeightsmithExtractLoRAFiles:
@@ -156,9 +174,10 @@ class WeightsmithExtractLoRAFiles:
         tuned = open_model(resolve_model_file(tuned_model))
         view = diffusion_view(base)
         device = compute_device(WORKSPACE_FACTOR * _largest_layer_bytes(view))
-        lora, report = extract_lora(base, tuned, device=device, progress=progress(len(view), unique_id),
-                                    **_extract_kwargs(**settings))
-        return _outputs(lora, report)
+        kwargs = _extract_kwargs(**settings)
+        estimate = _estimate_line(base, tuned, kwargs, device)
+        lora, report = extract_lora(base, tuned, device=device, progress=progress(len(view), unique_id), **kwargs)
+        return _outputs(lora, report, estimate)
 
 
 class WeightsmithValidateLoRA:

@@ -8,6 +8,7 @@ from comfy.weight_adapter import WeightAdapterBase
 from ..core.dtypes import MODEL_OUTPUT_CHOICES
 from ..core.encodings.gguf_write import GGUF_OUTPUT_TYPES
 from ..core.errors import WeightsmithError
+from ..core.estimate_work import merge_estimate
 from ..core.merge.execute import execute_merge
 from ..core.merge.methods import METHODS, derive_seed, format_params
 from ..core.merge.plan import MISSING_POLICIES, OTHERS_POLICIES, MergePlan, plan_merge
@@ -322,8 +323,10 @@ class WeightsmithMergeFiles:
         device = compute_device(largest * 4 * (len(chosen) + 3))
         out = None if dry_run else output_path(output_folder, filename_prefix,
                                                ".gguf" if dtype in GGUF_OUTPUT_TYPES else ".safetensors")
+        est = merge_estimate(plan, out, None if dtype == "keep" else dtype, device)
+        est.check_disk()  # before any work: the output does not fit
         rep = execute_merge(plan, out, None if dtype == "keep" else dtype, device, progress(len(plan.keys), unique_id))
-        text = rep.table()
+        text = est.text() + "\n" + rep.table()
         return {"ui": ui_report(text, rep.to_dict()),
                 "result": ("" if out is None else str(out), text, image_tensor(rep.chart()))}
 

@@ -7,7 +7,9 @@ from comfy.weight_adapter import WeightAdapterBase
 
 from ..core.dtypes import MODEL_OUTPUT_CHOICES
 from ..core.errors import BadFileError, MismatchError
+from ..core.estimate_work import mix_estimate
 from ..core.mix import check_same_architecture, execute_mix, lossless_mix, pick_among, plan_mix
+from ..core.sources import as_source
 from .common import (
     CATEGORY,
     DIFFUSION_PREFIX,
@@ -198,10 +200,14 @@ class WeightsmithLosslessMixFiles:
             raise BadFileError("nothing to mix: enable at least one of mix_diffusion_model, mix_text_encoders, mix_vae")
         paths = [resolve_model_file(m) for m in (model_a, model_b, model_c)]
         out = None if dry_run else output_path(output_folder, filename_prefix)
+        device = compute_device(1 << 30)
+        sources = [as_source(p) for p in paths]
+        est = mix_estimate(plan_mix(sources[0], sources[1:], include), sources, out, device, dtype)
+        est.check_disk()  # before any work: the output does not fit
         rep = lossless_mix(paths[0], paths[1], paths[2], alpha=alpha, beta=beta, mode=MODES[mode], out=out,
-                           include=include, dry_run=dry_run, device=compute_device(1 << 30), out_dtype=dtype,
+                           include=include, dry_run=dry_run, device=device, out_dtype=dtype,
                            progress=progress(1, unique_id))
-        text = rep.text()
+        text = est.text() + "\n" + rep.text()
         return {"ui": ui_report(text, rep.to_json()),
                 "result": ("" if out is None else str(out), text, image_tensor(rep.chart()))}
 
