@@ -53,9 +53,11 @@ def patch_kind(patch: tuple) -> str:
     name = getattr(v, "name", None)
     if isinstance(name, str):
         return name
+    if isinstance(v, tuple) and len(v) == 1:  # calculate_weight reads a 1-tuple as a full diff
+        return "diff"
     if isinstance(v, tuple) and v and isinstance(v[0], str):
         return v[0]
-    return "diff" if isinstance(v, torch.Tensor) else type(v).__name__
+    return type(v).__name__
 
 
 def patch_counts(key_patches: Mapping[str, list]) -> Counter[str]:
@@ -166,8 +168,8 @@ def save_patched_model(patcher, out: Path, choice: str, device: torch.device, ch
     report_fn = progress_fn or (lambda done, total: None)
     t0 = time.perf_counter()
     patched = 0
-    report_fn(0, len(keys))
     with StreamingWriter(out, plan, meta) as writer:
+        report_fn(0, len(keys))  # also where ComfyUI's Interrupt is raised: the temp file is then removed
         layout.write_extras(writer)
         for name, t in extra.items():
             writer.write(name, t)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
 import threading
 import time
 from pathlib import Path
@@ -148,7 +149,7 @@ def test_fp8_scaled_output_loads_within_an_fp8_step(folders):
         assert bool(((decoded - want[k]).abs() <= want[k].abs() * 2 ** -4 + scale * 2 ** -10 + 1e-12).all()), k
 
 
-def test_interrupt_leaves_no_file_and_progress_counts_keys(folders, monkeypatch):
+def test_interrupt_mid_write_leaves_no_file_and_progress_counts_keys(folders, monkeypatch):
     import comfy.model_management as mm
     import comfy.utils
 
@@ -159,16 +160,40 @@ def test_interrupt_leaves_no_file_and_progress_counts_keys(folders, monkeypatch)
         (value, total)))
     node().save(model, "bf16", "diffusion_models", "progress/sd15")
     n = len(model.get_key_patches("diffusion_model."))
-    assert updates[-1] == (n, n) and len(updates) >= n
-    before = sorted(p for p in folders["diffusion_models"].rglob("*"))
-    mm.interrupt_current_processing(True)
+    assert updates[-1] == (n, n) and [v for v, _ in updates[-n - 1:]] == list(range(n + 1))
+    before = sorted(p for p in folders["diffusion_models"].rglob("*") if p.is_file())
+    temps: list[Path] = []
+
+    def cancel_midway(value, total, preview, node_id=None):
+        if value == n // 2:  # ComfyUI's Cancel button, half way through the weights
+            temps.extend(p for p in folders["diffusion_models"].rglob("*.tmp"))
+            mm.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", cancel_midway)
     try:
         with pytest.raises(mm.InterruptProcessingException):
             node().save(model, "bf16", "diffusion_models", "interrupted/sd15")
     finally:
         mm.interrupt_current_processing(False)
-    after = sorted(p for p in folders["diffusion_models"].rglob("*"))
-    assert [p for p in after if p.is_file()] == [p for p in before if p.is_file()]
+    assert len(temps) == 1  # the write was under way
+    assert sorted(p for p in folders["diffusion_models"].rglob("*") if p.is_file()) == before
+
+
+@pytest.mark.parametrize("value, dtype, message", [
+    (float("nan"), "bf16", r"'input_blocks.1.1.proj_in.weight': its patches \(diff, [^)]*merge\) make it NaN/Inf"),
+    (1e6, "fp16", r"'input_blocks.1.1.proj_in.weight' exceeds fp16's range; choose a wider dtype"),
+])
+def test_non_finite_or_overflowing_weight_is_refused_naming_the_key(folders, value, dtype, message):
+    node = import_pack().NODE_CLASS_MAPPINGS["WeightsmithSaveModel"]
+    model = patched_model(folders).clone()
+    key = "diffusion_model.input_blocks.1.1.proj_in.weight"
+    shape = model.get_key_patches("diffusion_model.")[key][0][0].shape
+    assert model.add_patches({key: (torch.full(shape, value),)}, 1.0) == [key]
+    before = sorted(p for p in folders["diffusion_models"].rglob("*") if p.is_file())
+    errors = importlib.import_module(import_pack().__name__ + ".core.errors")  # the pack's own classes
+    with pytest.raises(errors.WeightsmithError, match=message + ".*Nothing was written"):
+        node().save(model, dtype, "diffusion_models", "bad/sd15")
+    assert sorted(p for p in folders["diffusion_models"].rglob("*") if p.is_file()) == before
 
 
 def _rss_anon() -> int:
