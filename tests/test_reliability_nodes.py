@@ -142,6 +142,7 @@ WRITERS = {
     "merge_files_diffusion_models": lambda nodes, f, prefix: merge_files(nodes, prefix, output_folder="diffusion_models"),
     "mix_files": lambda nodes, f, prefix: mix_files(nodes, prefix),
     "save_lora": lambda nodes, f, prefix: save_lora_node(nodes, f, prefix),
+    "save_model": lambda nodes, f, prefix: call(nodes, "WeightsmithSaveModel", model=_flux(), filename_prefix=prefix),
 }
 
 
@@ -223,7 +224,7 @@ class _Hook:
 
 
 @pytest.mark.parametrize("action", ["interrupt", "raise"])
-@pytest.mark.parametrize("writer", ["merge_files_diffusion_models", "mix_files", "bake"])
+@pytest.mark.parametrize("writer", ["merge_files_diffusion_models", "mix_files", "bake", "save_model"])
 def test_interrupt_or_crash_mid_write_leaves_no_file(nodes, folders, tmp_path, writer, action):
     import comfy.model_management as mm
     import comfy.utils
