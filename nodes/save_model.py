@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..core.dtypes import MODEL_OUTPUT_CHOICES, all_finite, cast_for_output, dtype_name
-from ..core.encodings.encode import OutputLayout, write_encoded
+from ..core.encodings.encode import OutputLayout, parse_output, write_encoded
 from ..core.errors import WeightsmithError
 from ..core.report import format_table
 from ..core.safetensors_io import StreamingWriter
@@ -232,6 +232,7 @@ class WeightsmithSaveModel:
     def save(self, model, dtype, output_folder, filename_prefix, unique_id=None):
         if output_folder not in OUTPUT_FOLDERS:
             raise WeightsmithError(f"output_folder {output_folder!r}: choose one of {', '.join(OUTPUT_FOLDERS)}")
+        parse_output(dtype)  # an unknown dtype is refused before any folder is made
         device = compute_device()
         out = output_path(output_folder, filename_prefix)
         # the bar's total is set by the first update, (0, number of weights)

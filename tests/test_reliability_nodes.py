@@ -336,6 +336,7 @@ BAD_REQUESTS = {
     "WeightsmithBakeLoRAs": (lambda f: {"model": "diffusion_models/a.safetensors", "lora_1": _lora(f, "sd15_lora")},
                              "MismatchError"),
     "WeightsmithRerankLoRA": (lambda f: {"lora": _lora(f, "flux_lora"), "rank": 0, "energy": 0.0}, "ValueError"),
+    "WeightsmithSaveModel": (lambda f: {"model": _flux(), "dtype": "fp4"}, "WeightsmithError"),
 }
 
 
