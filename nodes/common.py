@@ -114,6 +114,11 @@ class PatcherSource(TensorSource):
         self.info(key)
         return self._encodings.get(key)
 
+    def key_patches(self, key: str) -> list:
+        """`key`'s `get_key_patches` list: (base weight, convert function), then its patches in order."""
+        self.info(key)
+        return self._kp[DIFFUSION_PREFIX + key]
+
     @torch.no_grad()  # ComfyUI's parameters may require grad: no autograd graph for a read
     def _load(self, key: str) -> torch.Tensor:
         full = DIFFUSION_PREFIX + key

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up what the browser tests need, idempotently: Debian's `chromium` (only when /usr/bin/chromium is
-# missing) and Playwright's Python package in the project venv. Playwright never downloads a browser
-# here: the tests launch the system Chromium through `executable_path`.
+# missing), Playwright's Python package in the project venv, and the newest ComfyUI frontend the tests
+# also run in (scripts/fetch_frontend.sh: a cached, never installed copy served with --front-end-root).
+# Playwright never downloads a browser here: the tests launch the system Chromium through `executable_path`.
 # Exit status is non-zero when something could not be installed; the browser tests then skip with a reason.
 set -euo pipefail
 
@@ -32,6 +33,15 @@ if ! "$VENV/bin/python" -c 'import playwright.sync_api' 2>/dev/null; then
     log "installing playwright $PLAYWRIGHT_VERSION (Python package only, no browser download)"
     PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 "$VENV/bin/python" -m pip --disable-pip-version-check -q \
         install "playwright==$PLAYWRIGHT_VERSION"
+fi
+
+rc=0
+bash "$ROOT/scripts/fetch_frontend.sh" >/dev/null || rc=$?
+if [ "$rc" -eq 3 ]; then
+    log "the newest frontend could not be fetched (offline): its browser tests will skip, saying so"
+elif [ "$rc" -ne 0 ]; then
+    log "fetching the newest frontend failed (exit $rc)"
+    exit "$rc"
 fi
 
 "$CHROMIUM" --version >&2

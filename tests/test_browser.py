@@ -2,8 +2,14 @@
 every shipped UI workflow loads with no missing-node warning and turns back into exactly its API twin,
 and a queued workflow's report appears inside its node through web/weightsmith.js.
 
+Users update the frontend package on its own, so every test runs in four variants: the frontend pinned
+with ComfyUI 0.3.75 (1.32.9) and the newest one we checked (scripts/fetch_frontend.sh, served through
+ComfyUI's `--front-end-root`), each in the classic canvas and in "Nodes 2.0" (Vue nodes,
+`Comfy.VueNodes.Enabled`). The newest-frontend variants skip with the reason only when the wheel cannot
+be fetched (offline).
+
 Needs Debian's chromium and Playwright's Python package (scripts/setup_browser.sh); skipped with the
-reason when either is missing. Screenshots go to test-artifacts/browser/.
+reason when either is missing. Screenshots go to test-artifacts/browser/<frontend>-<mode>/.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 import time
 import uuid
@@ -37,6 +45,13 @@ def _generator():
 
 wf = _generator()  # api_twin: the API file a UI template (named by its title) was generated from
 SHOTS = ROOT / "test-artifacts" / "browser"
+FETCH_FRONTEND = ROOT / "scripts" / "fetch_frontend.sh"
+FETCH_OFFLINE = 3  # fetch_frontend.sh's exit status when PyPI cannot be reached
+# (frontend, mode): "pinned" is the frontend ComfyUI 0.3.75 requires (installed by setup_env.sh); "newest"
+# the newest comfyui-frontend-package checked (pinned in fetch_frontend.sh). "nodes2" is the "Nodes 2.0"
+# mode, where nodes are Vue components in the DOM instead of drawings on the canvas.
+VARIANTS = [("pinned", "classic"), ("pinned", "nodes2"), ("newest", "classic"), ("newest", "nodes2")]
+VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"
 CHROMIUM = os.environ.get("WEIGHTSMITH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -58,24 +73,62 @@ def unavailable() -> str | None:
     return None
 
 
+def newest_frontend_root() -> Path:
+    """The newest frontend's static folder (fetched once into .cache/frontends/); skips when offline."""
+    proc = subprocess.run(["bash", str(FETCH_FRONTEND)], capture_output=True, text=True, timeout=600)
+    if proc.returncode == FETCH_OFFLINE:
+        pytest.skip(f"newest frontend not available offline: {proc.stderr.strip()}")
+    assert proc.returncode == 0, f"scripts/fetch_frontend.sh failed:\n{proc.stderr}"
+    root = Path(proc.stdout.strip().splitlines()[-1])
+    assert (root / "index.html").is_file(), root
+    return root
+
+
 @pytest.fixture(scope="module")
-def server(request):
+def newest_server(request):
+    """A second ComfyUI (same models as the shared test server) serving the newest frontend."""
+    from server_support import start_server
+
+    root = newest_frontend_root()
+    shared = request.getfixturevalue("comfy_server")
+    models = [shared.base_dir / "models"]
+    if os.environ.get("WEIGHTSMITH_E2E_MODELS"):
+        models.append(Path(os.environ["WEIGHTSMITH_E2E_MODELS"]))
+    base = Path(tempfile.mkdtemp(prefix="weightsmith-newest-frontend-"))
+    handle = start_server(base, extra_model_roots=models, extra_args=["--front-end-root", str(root)])
+    handle.owns_base = True
+    try:
+        yield handle
+    finally:
+        handle.dispose(keep_log_in=ROOT / "test-artifacts" / "newest-frontend")
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: "-".join(v))
+def variant(request) -> tuple[str, str]:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def server(request, variant):
     reason = unavailable()
     if reason and os.environ.get("CI"):
         pytest.fail(f"{reason}: CI installs both through scripts/setup_browser.sh, so this is a setup failure")
     if reason:
         pytest.skip(reason)
-    handle = request.getfixturevalue("comfy_server")
-    requests.post(handle.url + "/settings", json=SETTINGS, timeout=10).raise_for_status()
+    frontend, mode = variant
+    handle = request.getfixturevalue("comfy_server" if frontend == "pinned" else "newest_server")
+    settings = {**SETTINGS, VUE_NODES_SETTING: mode == "nodes2"}
+    requests.post(handle.url + "/settings", json=settings, timeout=10).raise_for_status()
     return handle
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def page(server, variant):
     from playwright.sync_api import sync_playwright
 
     profile = tempfile.mkdtemp(prefix="weightsmith-chromium-")
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    shots = SHOTS / "-".join(variant)
+    shots.mkdir(parents=True, exist_ok=True)
     try:
         with sync_playwright() as pw:
             ctx = pw.chromium.launch_persistent_context(
@@ -92,11 +145,21 @@ def page(server):
             pg.goto(server.url)
             pg.wait_for_function("() => window.app?.graph && window.app.canvas && "
                                  "window.app.extensions?.some(e => e.name === 'weightsmith.report')", timeout=90_000)
+            # The mode really is the one asked for (the setting is read at startup from /settings).
+            wanted = variant[1] == "nodes2"
+            assert page_vue_mode(pg) == wanted, f"{variant}: {VUE_NODES_SETTING} is not {wanted} in the page"
             pg.js_errors = errors
+            pg.shots = shots
+            pg.variant = variant
             yield pg
             ctx.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def page_vue_mode(page) -> bool:
+    return bool(page.evaluate(f"() => app.extensionManager?.setting?.get('{VUE_NODES_SETTING}') ?? "
+                              f"app.ui.settings.getSettingValue('{VUE_NODES_SETTING}')"))
 
 
 def our_errors(page) -> list[str]:
@@ -109,12 +172,39 @@ def load(page, workflow: dict, name: str) -> None:
     page.wait_for_timeout(300)
 
 
+# Each node's box on screen (title bar included): the Vue node's element in Nodes 2.0, else the node's
+# graph bounds through the canvas transform.
+NODE_RECTS_JS = """() => {
+    const canvasRect = app.canvas.canvas.getBoundingClientRect();
+    const ds = app.canvas.ds;
+    return Object.fromEntries(app.graph.nodes.map(n => {
+        const el = document.querySelector(`[data-node-id="${n.id}"]`);
+        if (el) { const r = el.getBoundingClientRect(); return [n.id, [r.left, r.top, r.right, r.bottom]]; }
+        const title = n.collapsed ? 0 : (LiteGraph.NODE_TITLE_HEIGHT ?? 30);
+        const [x, y] = ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - title]);
+        const [x2, y2] = ds.convertOffsetToCanvas([n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+        return [n.id, [canvasRect.left + x, canvasRect.top + y, canvasRect.left + x2, canvasRect.top + y2]];
+    }));
+}"""
+
+
 def fit_and_shoot(page, name: str) -> Path:
-    page.evaluate("() => { app.canvas.deselectAll?.(); app.canvas.fitViewToSelectionAnimated?.({duration: 1}); "
-                  "app.graph.setDirtyCanvas(true, true); }")
-    page.wait_for_timeout(400)
-    path = SHOTS / f"{name}.png"
+    """Fit the whole graph into the view (the frontend's own "Zoom to fit", which knows Nodes 2.0's node
+    sizes), check that every node is on screen, and take a screenshot."""
+    page.evaluate("""async () => {
+        app.canvas.deselectAll?.();
+        const cmd = app.extensionManager?.command;
+        if (cmd) await cmd.execute('Comfy.Canvas.FitView'); else app.canvas.fitViewToSelectionAnimated?.({duration: 1});
+        app.graph.setDirtyCanvas(true, true);
+    }""")
+    page.wait_for_timeout(600)
+    path = page.shots / f"{name}.png"
     page.screenshot(path=str(path))
+    view = page.evaluate("() => { const r = app.canvas.canvas.getBoundingClientRect(); "
+                         "return [r.left, r.top, r.right, r.bottom]; }")
+    off_screen = {nid: r for nid, r in page.evaluate(NODE_RECTS_JS).items()
+                  if r[0] < view[0] - 1 or r[1] < view[1] - 1 or r[2] > view[2] + 1 or r[3] > view[3] + 1}
+    assert not off_screen, f"{name}: nodes outside the fitted view {view}: {off_screen}"
     return path
 
 
@@ -124,10 +214,25 @@ MISSING_NODES_JS = """() => ({
 })"""
 
 
+# Visible page text outside the graph's nodes (Nodes 2.0 draws nodes, widget labels included, as DOM) and
+# outside our reports: where the frontends put their missing-node notices (1.32.9: a dialog "This workflow
+# has missing nodes"; 1.58: a notice "Missing node: <type>").
+PAGE_NOTICES_JS = """() => {
+    const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+    const texts = [];
+    for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+        const el = n.parentElement;
+        if (!el || el.closest('[data-node-id], .weightsmith-report, script, style') || !el.checkVisibility()) continue;
+        if (n.textContent.trim()) texts.push(n.textContent.trim());
+    }
+    return texts;
+}"""
+MISSING_NOTICE = re.compile(r"missing nodes?\b|node types? .* not found", re.IGNORECASE)
+
+
 def missing_node_warnings(page) -> list[str]:
-    """The frontend's missing-nodes dialog/toast text, if shown."""
-    texts = page.locator(".p-dialog, .p-toast-message").all_inner_texts()
-    return [t for t in texts if "missing" in t.lower() or "not found" in t.lower()]
+    """The frontend's missing-nodes dialog/notice text, if shown."""
+    return [t for t in page.evaluate(PAGE_NOTICES_JS) if MISSING_NOTICE.search(t)]
 
 
 def test_the_extension_loads_without_errors(page):
@@ -179,6 +284,36 @@ def _report_workflow() -> Path | None:
     return None
 
 
+SHOWN_REPORTS_JS = """() => [...document.querySelectorAll('.weightsmith-report')].map(el => {
+    const r = el.getBoundingClientRect();
+    return { node: el.dataset.nodeId, summary: el.querySelector('.weightsmith-report-summary').textContent,
+             text: el.querySelector('textarea').value, rect: [r.left, r.top, r.right, r.bottom],
+             textHeight: el.querySelector('textarea').clientHeight,
+             textNeeded: el.querySelector('textarea').scrollHeight,
+             visible: r.height > 20 && el.checkVisibility(),
+             vueNode: el.closest('[data-node-id]')?.dataset.nodeId ?? null };
+})"""
+
+
+def shown_reports(page) -> list[dict]:
+    return page.evaluate(SHOWN_REPORTS_JS)
+
+
+def assert_reports_inside_their_nodes(page, shown: list[dict]) -> None:
+    """Each report panel is drawn within its node's box on screen (in Nodes 2.0: inside the node's own
+    DOM element), not floating elsewhere over the canvas."""
+    nodes = page.evaluate(NODE_RECTS_JS)
+    vue = page_vue_mode(page)
+    for item in shown:
+        box, r = nodes[item["node"]], item["rect"]
+        inside = r[0] >= box[0] - 2 and r[1] >= box[1] - 2 and r[2] <= box[2] + 2 and r[3] <= box[3] + 2
+        assert inside, f"{page.variant}: report of node {item['node']} at {r} is outside its node {box}"
+        if vue:
+            assert item["vueNode"] == item["node"], f"{page.variant}: report not inside the Vue node element: {item}"
+        # the text box shows the whole report, or at least several lines of it (then it scrolls)
+        assert item["textHeight"] >= min(item["textNeeded"], 80) - 2, f"{page.variant}: report text box too small {item}"
+
+
 def test_queued_workflow_shows_its_report_in_the_node(page, server):
     path = _report_workflow()
     if path is None:
@@ -193,7 +328,8 @@ def test_queued_workflow_shows_its_report_in_the_node(page, server):
     defs = page.evaluate("() => Object.fromEntries(app.graph.nodes.map(n => [n.id, !!n.constructor.nodeData?.output_node]))")
     reporters = [nid for nid, ntype, _ in before if ntype.startswith("Weightsmith") and defs[str(nid)]]
     assert reporters, f"{path.name}: no Weightsmith output node found in the loaded graph"
-    widgets_before = page.evaluate("() => app.graph.serialize().nodes.map(n => [n.id, n.widgets_values])")
+    # (a node without widgets may serialize [] or undefined depending on the frontend: both mean none)
+    widgets_before = page.evaluate("() => app.graph.serialize().nodes.map(n => [n.id, n.widgets_values ?? []])")
     t0 = time.monotonic()
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
     page.wait_for_function(
@@ -201,11 +337,9 @@ def test_queued_workflow_shows_its_report_in_the_node(page, server):
         arg=reporters, timeout=120_000)
     elapsed = time.monotonic() - t0
     shot = fit_and_shoot(page, f"report-{path.stem}")  # fitted: every node (and its report) is on screen
-    shown = page.evaluate("""() => [...document.querySelectorAll('.weightsmith-report')].map(el => ({
-        node: el.dataset.nodeId, summary: el.querySelector('.weightsmith-report-summary').textContent,
-        text: el.querySelector('textarea').value, visible: el.getBoundingClientRect().height > 20
-            && el.checkVisibility() }))""")
+    shown = shown_reports(page)
     assert shown, "no report element in the page"
+    assert_reports_inside_their_nodes(page, shown)
     latest = requests.get(server.url + "/history?max_items=1", timeout=10).json()
     (entry,) = latest.values()
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -214,7 +348,7 @@ def test_queued_workflow_shows_its_report_in_the_node(page, server):
         assert item["text"] == ui["weightsmith_report"][0], "the node shows a different text than the server sent"
         assert item["summary"].strip() and item["visible"], item
     # The report widget is display only: saved workflows and prompts are unchanged by it.
-    assert page.evaluate("() => app.graph.serialize().nodes.map(n => [n.id, n.widgets_values])") == widgets_before
+    assert page.evaluate("() => app.graph.serialize().nodes.map(n => [n.id, n.widgets_values ?? []])") == widgets_before
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     assert not any("weightsmith_report" in n["inputs"] for n in prompt.values())
     assert our_errors(page) == []
@@ -237,16 +371,33 @@ def test_outputs_restored_from_history_show_the_report(page, server):
     assert page.evaluate("() => document.querySelectorAll('.weightsmith-report').length") == 0
     page.evaluate("(outputs) => { app.nodeOutputs = outputs; }", outputs)
     page.wait_for_function("() => document.querySelectorAll('.weightsmith-report textarea').length > 0", timeout=10_000)
-    texts = page.evaluate("() => [...document.querySelectorAll('.weightsmith-report textarea')].map(t => t.value)")
     expected = [o["weightsmith_report"][0] for o in outputs.values() if "weightsmith_report" in o]
-    assert sorted(texts) == sorted(expected)
     fit_and_shoot(page, f"restored-{path.stem}")
+    shown = shown_reports(page)
+    assert sorted(item["text"] for item in shown) == sorted(expected)
+    assert_reports_inside_their_nodes(page, shown)
     assert our_errors(page) == []
+
+
+def test_newest_frontends_job_list_needs_an_api_comfyui_0375_lacks(page, server):
+    """What does not work with the newest frontend on ComfyUI 0.3.75 (README, "Frontends"): its queue and
+    job-history panels read GET /api/jobs, which this ComfyUI does not serve (404), so they stay empty and
+    the frontend logs "[Jobs API]" errors. Running workflows, outputs, reports in nodes and templates work
+    (the tests above). The pinned frontend never asks for /api/jobs."""
+    assert requests.get(server.url + "/api/jobs?status=completed&limit=1", timeout=10).status_code == 404
+    jobs_errors = [e for e in page.js_errors if "Jobs API" in e or "fetch jobs" in e]
+    if page.variant[0] == "newest":
+        assert jobs_errors, "the newest frontend no longer asks for /api/jobs: update README's Frontends section"
+    else:
+        assert jobs_errors == []
 
 
 def test_an_error_in_a_weightsmith_node_is_titled_with_its_display_name(page, server):
     """ComfyUI names a failed node by its class; the frontend titles its error dialog with that, so the
     extension hands it the display name the user sees on the node."""
+    if page.variant[0] == "newest":
+        pytest.skip("the newest frontend (1.58) shows execution errors in its own error panel, not the .p-dialog "
+                    "this test reads; its titles are not checked yet (known gap)")
     prompt = {"1": {"class_type": "WeightsmithMergeFiles", "inputs": {
         "model_a": "diffusion_models/weightsmith_demo/sd15-tiny-a.safetensors",
         "model_b": "diffusion_models/weightsmith_demo/sd15-tiny-b.safetensors", "method": "weighted_sum",

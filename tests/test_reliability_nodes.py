@@ -142,6 +142,7 @@ WRITERS = {
     "merge_files_diffusion_models": lambda nodes, f, prefix: merge_files(nodes, prefix, output_folder="diffusion_models"),
     "mix_files": lambda nodes, f, prefix: mix_files(nodes, prefix),
     "save_lora": lambda nodes, f, prefix: save_lora_node(nodes, f, prefix),
+    "save_model": lambda nodes, f, prefix: call(nodes, "WeightsmithSaveModel", model=_flux(), filename_prefix=prefix),
 }
 
 
@@ -223,7 +224,7 @@ class _Hook:
 
 
 @pytest.mark.parametrize("action", ["interrupt", "raise"])
-@pytest.mark.parametrize("writer", ["merge_files_diffusion_models", "mix_files", "bake"])
+@pytest.mark.parametrize("writer", ["merge_files_diffusion_models", "mix_files", "bake", "save_model"])
 def test_interrupt_or_crash_mid_write_leaves_no_file(nodes, folders, tmp_path, writer, action):
     import comfy.model_management as mm
     import comfy.utils
@@ -340,6 +341,7 @@ BAD_REQUESTS = {
     "WeightsmithBakeLoRAs": (lambda f: {"model": "diffusion_models/a.safetensors", "lora_1": _lora(f, "sd15_lora")},
                              "MismatchError"),
     "WeightsmithRerankLoRA": (lambda f: {"lora": _lora(f, "flux_lora"), "rank": 0, "energy": 0.0}, "ValueError"),
+    "WeightsmithSaveModel": (lambda f: {"model": _flux(), "dtype": "fp4"}, "WeightsmithError"),
     # ComfyUI's LORA_MODEL bridges: a state dict that is no LoRA, and a LoRA with nothing in it
     "WeightsmithLoRAFromLoraModel": (lambda f: {"lora_model": {"model.conv.weight": torch.zeros(4, 4)}},
                                      ("BadFileError", "MismatchError")),

@@ -107,7 +107,12 @@ function showReport(node, output) {
   // Grow the node to show the report, but never wider than MIN_WIDTH: wide tables scroll sideways in
   // the text box instead of pushing the node over its neighbours.
   const lines = report.text.split("\n").length;
-  const wanted = Math.min(MAX_TEXT_HEIGHT, 16 * lines + 16) + 24;
+  const textHeight = Math.min(MAX_TEXT_HEIGHT, 16 * lines + 16);
+  const wanted = textHeight + 24;
+  // The text box asks for its height itself: in "Nodes 2.0" (Vue nodes) a DOM widget is as tall as its
+  // content, not as the node's size, and would otherwise show a line or two. On the classic canvas the
+  // widget's area is fixed by the node and the box shrinks into it (flex-shrink), scrolling the rest.
+  text.style.height = `${textHeight}px`;
   const width = Math.max(node.size[0], MIN_WIDTH);
   const computed = node.computeSize([width, node.size[1]]);
   node.setSize([width, Math.max(node.size[1], computed[1], wanted)]);
