@@ -49,6 +49,7 @@ class Measurement:
     seconds: float
     peak_anon: int  # bytes, absolute
     baseline_anon: int  # bytes, RssAnon of the same process just before the work
+    cpu_seconds: float = 0.0  # user + system CPU time of the work (all threads): steadier than wall on a loaded machine
 
     @property
     def extra_anon(self) -> int:
@@ -60,11 +61,13 @@ def _child(fn, args, q) -> None:
 
     gc.collect()
     base = rss_anon_bytes()
+    cpu0 = os.times()
     with PeakSampler() as s:
         t0 = time.perf_counter()
         fn(*args)
         dt = time.perf_counter() - t0
-    q.put((dt, s.peak, base))
+    cpu1 = os.times()
+    q.put((dt, s.peak, base, (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)))
 
 
 def measure(name: str, fn: Callable, *args) -> Measurement:
@@ -77,8 +80,8 @@ def measure(name: str, fn: Callable, *args) -> Measurement:
     p.join()
     if p.exitcode != 0:
         raise RuntimeError(f"benchmark {name!r} failed in its subprocess (exit {p.exitcode})")
-    dt, peak, base = q.get()
-    return Measurement(name, dt, peak, base)
+    dt, peak, base, cpu = q.get()
+    return Measurement(name, dt, peak, base, cpu)
 
 
 def drop_page_cache_hint(paths) -> None:
@@ -95,10 +98,10 @@ def drop_page_cache_hint(paths) -> None:
 
 def table(rows: list[Measurement], baseline: str) -> str:
     base = next(r for r in rows if r.name == baseline)
-    lines = [f"{'method':<34} {'wall s':>8} {'x ' + baseline[:14]:>18} {'peak RssAnon MB':>16} {'+ over start MB':>16}"]
+    lines = [f"{'method':<34} {'wall s':>8} {'x ' + baseline[:14]:>18} {'peak RssAnon MB':>16} {'+ over start MB':>16} {'cpu s':>8}"]
     for r in rows:
         lines.append(
-            f"{r.name:<34} {r.seconds:8.2f} {r.seconds / base.seconds:18.2f} {r.peak_anon / 2**20:16.0f} {r.extra_anon / 2**20:16.0f}"
+            f"{r.name:<34} {r.seconds:8.2f} {r.seconds / base.seconds:18.2f} {r.peak_anon / 2**20:16.0f} {r.extra_anon / 2**20:16.0f} {r.cpu_seconds:8.2f}"
         )
     return "\n".join(lines)
 

@@ -42,9 +42,10 @@ from .devices import resolve_device
 from .dtypes import cast_for_output, dtype_name, itemsize
 from .encodings.encode import KeyOutput, OutputLayout, finite_amax, parse_output, source_encoding, write_encoded
 from .encodings.report import decoded_reads
+from .engine import KeyJob, all_finite, run_keys
 from .errors import BadFileError, MismatchError, OutputPathError, WeightsmithError
 from .mix_report import GROUPS, ChunkStats, MixReport, Totals, candidate_letters
-from .pipeline import TASK_ELEMS, KeyPipeline, WorkerBuffers, default_workers
+from .pipeline import TASK_ELEMS, WorkerBuffers
 from .progress import ProgressFn, no_progress
 from .safetensors_io import StreamingWriter
 from .sources import TensorSource, as_source, classify_keys, detect_diffusion_prefix, diffusion_layout
@@ -448,12 +449,6 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
         protect = [p for s in (a, *candidates) for p in s.paths()]
         writer = StreamingWriter(out, layout.writer_plan(), layout.metadata(metadata), protect=protect,
                                  overwrite=overwrite)
-        writer.__enter__()
-        try:
-            layout.write_extras(writer)
-        except BaseException as e:
-            writer.__exit__(type(e), e, e.__traceback__)
-            raise
     buffers = WorkerBuffers()
     task_elems = max(TASK_ELEMS, chunk)
 
@@ -467,42 +462,33 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
                     s.merge(part)
                 if s.nonfinite:  # rare: find out which inputs hold the NaN/Inf, for the report
                     for src, key, x in zip((a, *candidates), [kp.key, *kp.sources], inputs):
-                        if not bool(torch.isfinite(x.float() if x.dtype not in _PROMOTABLE else x).all()):
+                        if not all_finite(x):
                             nonfinite.setdefault(src.name, []).append(key)
                 for label in dict.fromkeys((kp.group, kp.block)):  # te/vae keys are their own block
                     totals.setdefault(label, Totals(len(candidates))).add(s)
-            finished.append(kp)
-            progress(len(finished), len(steps))
         return finish
 
-    finished: list[KeyPlan] = []
-    try:
-        with KeyPipeline(default_workers(device), single_threaded_torch=device.type == "cpu") as pipe:
-            for kp in steps:
-                if kp.action == "mix":
-                    # inputs are read here, on the calling thread: sources need not be thread-safe
-                    inputs = [a.get(kp.key)] + [c.get(k) for c, k in zip(candidates, kp.sources)]
-                    flat = [t.reshape(-1) for t in inputs]
-                    cd = compute_dtype(*(t.dtype for t in inputs))
-                    n = flat[0].numel()
-                    encoded = layout.keys[kp.key].fmt is not None
-                    # an encoded key's picks (decoded values) gather in fp32 and are quantized when all are in
-                    dest = torch.empty(n, dtype=torch.float32) if encoded and writer is not None else None
-                    dtype = torch.float32 if encoded else kp.dtype
-                    pipe.add([partial(_mix_task, flat, scales, mode, cd, dtype, device, chunk, lo,
-                                      min(n, lo + task_elems), kp.key, writer, buffers, full, dest)
-                              for lo in range(0, n, task_elems)], finisher(kp, inputs, dest))
-                elif writer is not None and layout.keys[kp.key].fmt is not None:
-                    pipe.add([partial(_encode_copy_task, a.get(kp.key), layout.keys[kp.key], writer)], finisher(kp, []))
-                else:
-                    tasks = [partial(_copy_task, a.get(kp.key), kp.dtype, kp.key, writer)] if writer is not None else []
-                    pipe.add(tasks, finisher(kp, []))
-    except BaseException as e:
-        if writer is not None:
-            writer.__exit__(type(e), e, e.__traceback__)
-        raise
-    if writer is not None:
-        writer.__exit__(None, None, None)
+    def job(kp: KeyPlan) -> KeyJob:
+        if kp.action == "mix":
+            # inputs are read here, on the calling thread: sources need not be thread-safe
+            inputs = [a.get(kp.key)] + [c.get(k) for c, k in zip(candidates, kp.sources)]
+            flat = [t.reshape(-1) for t in inputs]
+            cd = compute_dtype(*(t.dtype for t in inputs))
+            n = flat[0].numel()
+            encoded = layout.keys[kp.key].fmt is not None
+            # an encoded key's picks (decoded values) gather in fp32 and are quantized when all are in
+            dest = torch.empty(n, dtype=torch.float32) if encoded and writer is not None else None
+            dtype = torch.float32 if encoded else kp.dtype
+            return KeyJob([partial(_mix_task, flat, scales, mode, cd, dtype, device, chunk, lo, min(n, lo + task_elems),
+                                   kp.key, writer, buffers, full, dest) for lo in range(0, n, task_elems)],
+                          finisher(kp, inputs, dest))
+        if writer is not None and layout.keys[kp.key].fmt is not None:
+            return KeyJob([partial(_encode_copy_task, a.get(kp.key), layout.keys[kp.key], writer)], finisher(kp, []))
+        return KeyJob([partial(_copy_task, a.get(kp.key), kp.dtype, kp.key, writer)] if writer is not None else [],
+                      finisher(kp, []))
+
+    run_keys(map(job, steps), len(steps), writer=writer, device=device, progress=progress,
+             before=layout.write_extras)
     if not steps:
         for kp in plan.mixed():
             for label in dict.fromkeys((kp.group, kp.block)):

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from ..devices import resolve_device
-from ..dtypes import all_finite, cast_for_output, dtype_name, parse_dtype
+from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name, parse_dtype
+from ..engine import KeyJob, run_keys, written_finite
 from ..errors import WeightsmithError
 from ..lora.model import ModuleDelta
-from ..pipeline import TASK_ELEMS, KeyPipeline, default_workers, row_ranges
-from ..progress import ProgressFn, no_progress
+from ..pipeline import TASK_ELEMS, WorkerBuffers, row_ranges
+from ..progress import ProgressFn
 from ..safetensors_io import StreamingWriter
 from .plan import BakePlan, Patch
 
@@ -188,7 +189,6 @@ def execute_bake(
     except ValueError as e:
         raise WeightsmithError(str(e)) from None
     dev = resolve_device(device or "cpu")
-    progress = progress or no_progress
     src = plan.source
     keys = src.keys()
     encoded = next((e for k in keys if (e := src.encoding(k)) is not None), None)
@@ -206,85 +206,78 @@ def execute_bake(
         writer = StreamingWriter(out_path, layout, meta, protect=plan.protect_paths(), overwrite=overwrite)
     report = BakeReport(plan, Path(out_path) if out_path is not None else None,
                         "keep" if want is None else dtype_name(want), str(dev), 0.0, 0)
-    done = [0]
-    total = len(keys)
+    buffers = WorkerBuffers()
+    on_cpu = dev.type == "cpu"
+
+    def check_written(key: str, out: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> None:
+        """The values as written must be finite: a cheap sum over them, the exact passes only when it fails
+        (then the fp32 result `w` and the input `t` say whose fault it is)."""
+        if written_finite(out):
+            return
+        patches = plan.patches[key]
+        if not written_finite(w):
+            raise _nonfinite_error(plan, key, patches, written_finite(t), None)
+        raise _nonfinite_error(plan, key, patches, True, out.dtype)
 
     def patch_task(key: str, t: torch.Tensor) -> None:
-        patches = plan.patches[key]
-        w = apply_patches(t.to(dev, torch.float32, copy=True), patches)
-        out_dtype = layout[key][1]
-        if not all_finite(w):
-            raise _nonfinite_error(plan, key, patches, all_finite(t), None)
-        out = cast_for_output(w, out_dtype)
+        w = apply_patches(t.to(dev, torch.float32, copy=True), plan.patches[key])
+        out = cast_for_output(w, layout[key][1])
+        check_written(key, out, w, t)
         del w
-        if not all_finite(out):
-            raise _nonfinite_error(plan, key, patches, True, out_dtype)
         if writer is not None:
             writer.write(key, out.cpu())
 
     def rows_task(key: str, t: torch.Tensor, ops: _RowOps, r0: int, r1: int) -> None:
-        shape, out_dtype = layout[key]
-        block = t[r0:r1].to(dev, torch.float32, copy=True)
-        ops.apply(block.view(r1 - r0, -1), r0)
-        if not all_finite(block):
-            raise _nonfinite_error(plan, key, plan.patches[key], all_finite(t[r0:r1]), None)
-        out = cast_for_output(block, out_dtype)
-        del block
-        if not all_finite(out):
-            raise _nonfinite_error(plan, key, plan.patches[key], True, out_dtype)
+        """Rows [r0, r1) of a key: widened into this thread's fp32 buffer, patched in place, stored into its
+        staging buffer in the output dtype and written to their place (no fresh allocation per block)."""
+        out_dtype = layout[key][1]
+        rows = t[r0:r1].reshape(r1 - r0, -1)
+        if on_cpu:
+            block = buffers.get("w", rows.numel(), torch.float32).view(rows.shape).copy_(rows)
+        else:
+            block = rows.to(dev, torch.float32, copy=True)
+        ops.apply(block, r0)
+        if out_dtype == torch.float32:
+            out = block
+        elif on_cpu:
+            out = buffers.get("out", rows.numel(), out_dtype).view(rows.shape)
+            out.copy_(cast_for_output(block, out_dtype) if out_dtype in FP8_DTYPES else block)
+        else:
+            out = cast_for_output(block, out_dtype)
+        check_written(key, out, block, rows)
         if writer is not None:
-            cols = out[0].numel()
-            writer.write_at(key, r0 * cols * out.element_size(), out.cpu())
+            writer.write_at(key, r0 * rows.shape[1] * out.element_size(), out.cpu())
 
     def copy_task(key: str, t: torch.Tensor) -> None:
         out_dtype = layout[key][1]
         if t.dtype != out_dtype:
             out = cast_for_output(t.float(), out_dtype)
-            if not all_finite(out) and all_finite(t):
+            if not written_finite(out) and written_finite(t):
                 raise WeightsmithError(f"{key!r} of {plan.model_name} exceeds {dtype_name(out_dtype)}'s range; use a "
                                        "wider --dtype (bf16 or fp32). Nothing was written")
             t = out
         if writer is not None:
             writer.write(key, t)
 
-    def finish(_results) -> None:
-        done[0] += 1
-        progress(done[0], total)
+    def jobs():
+        for key in keys:
+            t = src.get(key)
+            if key in plan.patches and rowwise(plan.patches[key], tuple(t.shape)):
+                report.patched.append(key)
+                ops = _RowOps.of(plan.patches[key], t.shape[0], dev)
+                yield KeyJob([partial(rows_task, key, t, ops, r0, r1)
+                              for r0, r1 in row_ranges(t.shape[0], t[0].numel(), 1, task_elems)])
+            elif key in plan.patches:
+                report.patched.append(key)
+                yield KeyJob([partial(patch_task, key, t)])
+            else:
+                report.copied += t.dtype == layout[key][1]
+                report.cast += t.dtype != layout[key][1]
+                yield KeyJob([partial(copy_task, key, t)])
+            del t
 
-    policy = getattr(src, "nonfinite", "report")
-    src.nonfinite = "ignore"  # the output is checked instead (a full extra pass over every input otherwise)
     t0 = time.perf_counter()
-    progress(0, total)
-    try:
-        with torch.no_grad():
-            if writer is not None:
-                writer.__enter__()
-            try:
-                with KeyPipeline(threads or default_workers(dev), single_threaded_torch=dev.type == "cpu") as pipe:
-                    for key in keys:
-                        t = src.get(key)
-                        if key in plan.patches and rowwise(plan.patches[key], tuple(t.shape)):
-                            report.patched.append(key)
-                            ops = _RowOps.of(plan.patches[key], t.shape[0], dev)
-                            cols = t[0].numel()
-                            pipe.add([partial(rows_task, key, t, ops, r0, r1)
-                                      for r0, r1 in row_ranges(t.shape[0], cols, 1, task_elems)], finish)
-                        elif key in plan.patches:
-                            report.patched.append(key)
-                            pipe.add([partial(patch_task, key, t)], finish)
-                        else:
-                            report.copied += t.dtype == layout[key][1]
-                            report.cast += t.dtype != layout[key][1]
-                            pipe.add([partial(copy_task, key, t)], finish)
-                        del t
-            except BaseException as e:
-                if writer is not None:
-                    writer.__exit__(type(e), e, e.__traceback__)
-                raise
-            if writer is not None:
-                writer.__exit__(None, None, None)
-    finally:
-        src.nonfinite = policy
+    run_keys(jobs(), len(keys), writer=writer, sources=[src], device=dev, threads=threads, progress=progress)
     report.seconds = time.perf_counter() - t0
     report.bytes_written = writer.total_bytes if writer is not None else 0
     return report
