@@ -28,6 +28,32 @@ from .pipeline import KeyPipeline, default_workers
 from .progress import ProgressFn, no_progress
 
 
+@dataclass(frozen=True, slots=True)
+class OutputKey:
+    """The one planner shape every front end's plan can be read as (`plan.output_specs()`): an output key,
+    which inputs it reads and which function makes it. `dtype` is the dtype the plan gives the key (merge
+    and bake: the input's, before any output dtype chosen at execution; mix: its chosen output dtype)."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    reads: tuple[tuple[int, str], ...]  # (input index, raw key in that input), in input order
+    function: str  # "copy", a merge method ("weighted_sum", "lossless_min", …) or "bake"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def largest(keys: Iterable[OutputKey]) -> OutputKey | None:
+    """The output key with the most bytes (what bounds an executor's working memory)."""
+    return max(keys, key=lambda k: k.nbytes, default=None)
+
+
 @dataclass
 class KeyJob:
     """One output key's work. `tasks` run on the worker threads (results in task order go to `finish`, on

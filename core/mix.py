@@ -42,7 +42,7 @@ from .devices import resolve_device
 from .dtypes import cast_for_output, dtype_name, itemsize
 from .encodings.encode import KeyOutput, OutputLayout, finite_amax, parse_output, source_encoding, write_encoded
 from .encodings.report import decoded_reads
-from .engine import KeyJob, all_finite, run_keys
+from .engine import KeyJob, OutputKey, all_finite, run_keys
 from .errors import BadFileError, MismatchError, OutputPathError, WeightsmithError
 from .mix_report import GROUPS, ChunkStats, MixReport, Totals, candidate_letters
 from .pipeline import TASK_ELEMS, WorkerBuffers
@@ -286,6 +286,13 @@ class MixPlan:
 
     def copied(self, reason: str) -> list[KeyPlan]:
         return [k for k in self.keys if k.action == "copy" and k.reason == reason]
+
+    def output_specs(self, mode: str = "min") -> list[OutputKey]:
+        """Every output key in the engine's one shape (input 0 the reference, 1… the candidates): a mixed
+        key is the merge method lossless_<mode> over all inputs, any other key a copy of the reference's."""
+        return [OutputKey(k.key, tuple(k.shape), k.dtype,
+                          ((0, k.key), *enumerate(k.sources, 1)) if k.action == "mix" else ((0, k.key),),
+                          f"lossless_{mode}" if k.action == "mix" else "copy") for k in self.keys]
 
 
 def _canonical(source: TensorSource) -> tuple[dict[str, str], dict[str, str]]:
