@@ -21,15 +21,31 @@ import torch
 
 from ..devices import resolve_device
 from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name, parse_dtype
+from ..encodings.encode import KeyOutput, OutputLayout, source_encoding, write_encoded
 from ..engine import KeyJob, run_keys, written_finite
 from ..errors import WeightsmithError
 from ..lora.model import ModuleDelta
 from ..pipeline import TASK_ELEMS, WorkerBuffers, row_ranges
 from ..progress import ProgressFn
 from ..safetensors_io import StreamingWriter
+from ..sources import detect_diffusion_prefix, diffusion_layout
 from .plan import BakePlan, Patch
 
 PLAIN_DTYPES = ("keep", "fp32", "fp16", "bf16")
+DECODED_ALONE_BYTES = 64 << 20  # a decoded (fresh fp32) key larger than this is the only one in flight
+
+
+def keep_layout(plan: BakePlan) -> OutputLayout:
+    """`keep` for a quantized model: every key as the model stores it (encoded keys in their encoding, with
+    their activation scales and marker); raises before any work for an encoding weightsmith cannot write."""
+    src = plan.source
+    names = {raw: name for name, raw in diffusion_layout(src.keys()).names.items()}
+    layout = OutputLayout("keep", detect_diffusion_prefix(src.keys()))
+    for k in src.keys():
+        info = src.info(k)
+        layout.add(k, tuple(info.shape), info.dtype, names.get(k), source_encoding(src, k), src, k, plan.model_name)
+    layout.check()
+    return layout
 
 
 def apply_module(w: torch.Tensor, mod: ModuleDelta, strength: float) -> None:
@@ -112,6 +128,7 @@ class BakeReport:
     patched: list[str] = field(default_factory=list)
     copied: int = 0
     cast: int = 0
+    encodings: dict[str, int] = field(default_factory=dict)  # written tensors per encoding (keep on a quantized model)
 
     def to_dict(self) -> dict:
         return {
@@ -123,6 +140,7 @@ class BakeReport:
             "patched_keys": len(self.patched),
             "copied_keys": self.copied,
             "cast_keys": self.cast,
+            **({"encodings": self.encodings} if self.encodings else {}),
             "plan": self.plan.summary(),
         }
 
@@ -182,8 +200,9 @@ def execute_bake(
     by low-rank terms and full diffs alone go in row blocks of about `task_elems` elements (bounded memory,
     every core busy); keys with adapters whole."""
     if isinstance(dtype, str) and dtype.strip().lower() not in (*PLAIN_DTYPES, "same", "auto", ""):
-        raise WeightsmithError(f"bake output dtype {dtype!r}: choose one of {', '.join(PLAIN_DTYPES)} (quantized "
-                               "outputs are not supported by bake yet)")
+        raise WeightsmithError(f"bake output dtype {dtype!r}: choose one of {', '.join(PLAIN_DTYPES)} (explicit "
+                               "quantized outputs are not supported by bake yet; `keep` on a quantized model keeps "
+                               "its encoding, with fresh scales)")
     try:
         want = parse_dtype(dtype)
     except ValueError as e:
@@ -191,21 +210,28 @@ def execute_bake(
     dev = resolve_device(device or "cpu")
     src = plan.source
     keys = src.keys()
-    encoded = next((e for k in keys if (e := src.encoding(k)) is not None), None)
-    if encoded is not None and want is None:
-        raise WeightsmithError(f"{plan.model_name} is stored quantized ({encoded.label}); bake reads it decoded exactly "
-                               "but writes plain dtypes only for now: choose the output dtype bf16, fp16 or fp32 "
-                               "(quantize the baked file afterwards if you need fp8)")
+    # `keep` on a quantized model (ComfyUI scaled fp8, mixed precision): every key in the model's own
+    # encoding, a baked weight quantized with a fresh scale from its baked values (refused, before any
+    # work, for an encoding that cannot be written back)
+    encoded = any(src.encoding(k) is not None for k in keys) if want is None else False
+    enc_layout = keep_layout(plan) if encoded else None
     layout = {k: (src.info(k).shape, _out_dtype(src.info(k).dtype, want)) for k in keys}
+    if enc_layout is not None:
+        layout = {k: (ko.shape, ko.dtype) for k, ko in enc_layout.keys.items()}
     meta = {k: v for k, v in src.metadata.items() if isinstance(k, str) and isinstance(v, str)}
     meta["weightsmith.bake"] = json.dumps({"model": plan.model_name, "loras": [
         {"lora": Path(i.name).name, "strength": i.strength, "rules": [r.text for r in i.rules]} for i in plan.loras],
         "rules": [r.text for r in plan.rules], "dtype": "keep" if want is None else dtype_name(want)})
     writer = None
     if out_path is not None:
-        writer = StreamingWriter(out_path, layout, meta, protect=plan.protect_paths(), overwrite=overwrite)
+        if enc_layout is not None:
+            writer = StreamingWriter(out_path, enc_layout.writer_plan(), enc_layout.metadata(meta),
+                                     protect=plan.protect_paths(), overwrite=overwrite)
+        else:
+            writer = StreamingWriter(out_path, layout, meta, protect=plan.protect_paths(), overwrite=overwrite)
     report = BakeReport(plan, Path(out_path) if out_path is not None else None,
-                        "keep" if want is None else dtype_name(want), str(dev), 0.0, 0)
+                        "keep" if want is None else dtype_name(want), str(dev), 0.0, 0,
+                        encodings=enc_layout.summary() if enc_layout is not None else {})
     buffers = WorkerBuffers()
     on_cpu = dev.type == "cpu"
 
@@ -248,6 +274,18 @@ def execute_bake(
         if writer is not None:
             writer.write_at(key, r0 * rows.shape[1] * out.element_size(), out.cpu())
 
+    def encoded_task(key: str, t: torch.Tensor, ko: KeyOutput) -> None:
+        """A key written encoded: its decoded value (patched when a LoRA targets it) quantized with the fresh
+        scale amax / fp8 max of the values written (an unpatched key of a ComfyUI-made file comes back as
+        it was)."""
+        w = t.to(dev, torch.float32, copy=True)
+        if key in plan.patches:
+            apply_patches(w, plan.patches[key])
+            if not written_finite(w):
+                raise _nonfinite_error(plan, key, plan.patches[key], written_finite(t), None)
+        if writer is not None:
+            write_encoded(writer, ko, w.cpu())
+
     def copy_task(key: str, t: torch.Tensor) -> None:
         out_dtype = layout[key][1]
         if t.dtype != out_dtype:
@@ -262,7 +300,15 @@ def execute_bake(
     def jobs():
         for key in keys:
             t = src.get(key)
-            if key in plan.patches and rowwise(plan.patches[key], tuple(t.shape)):
+            ko = enc_layout.keys[key] if enc_layout is not None else None
+            if ko is not None and ko.fmt is not None:
+                if key in plan.patches:
+                    report.patched.append(key)
+                else:
+                    report.copied += 1  # re-encoded as it was
+                # decoded whole into fresh memory: a big one alone in flight
+                yield KeyJob([partial(encoded_task, key, t, ko)], drain=t.numel() * 4 > DECODED_ALONE_BYTES)
+            elif key in plan.patches and rowwise(plan.patches[key], tuple(t.shape)):
                 report.patched.append(key)
                 ops = _RowOps.of(plan.patches[key], t.shape[0], dev)
                 yield KeyJob([partial(rows_task, key, t, ops, r0, r1)
@@ -277,7 +323,8 @@ def execute_bake(
             del t
 
     t0 = time.perf_counter()
-    run_keys(jobs(), len(keys), writer=writer, sources=[src], device=dev, threads=threads, progress=progress)
+    run_keys(jobs(), len(keys), writer=writer, sources=[src], device=dev, threads=threads, progress=progress,
+             before=enc_layout.write_extras if enc_layout is not None else None)
     report.seconds = time.perf_counter() - t0
     report.bytes_written = writer.total_bytes if writer is not None else 0
     return report
