@@ -294,3 +294,18 @@ def test_scaled_fp8_model_is_decoded_and_baked_to_a_plain_dtype(tmp_path):
     for k, t in got.items():
         assert t.dtype == torch.float32
         torch.testing.assert_close(t, want[k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_keep_on_a_gguf_model_is_refused_before_any_work_and_bf16_works(tmp_path):
+    """GGUF is read decoded but bake cannot write it back: `keep` says what to choose, nothing is written."""
+    from gguf_support import write_reference_gguf
+
+    sd = flux_state_dict(CFG, "dev", seed=1)
+    model = tmp_path / "flux.gguf"
+    write_reference_gguf(model, sd, "Q8_0", "flux")
+    lora = random_lora(flux_shapes(CFG), "flux", rank=4, seed=7, scale=0.1)
+    with pytest.raises(WeightsmithError, match=r"stored as .*Q8_0.*'keep' cannot keep it: choose bf16, fp16 or fp32"):
+        bake(model, [lora], tmp_path / "keep.safetensors")
+    assert not (tmp_path / "keep.safetensors").exists()
+    rep = bake(model, [(lora, 0.5)], tmp_path / "out.safetensors", dtype="bf16")
+    assert rep.patched and {t.dtype for t in load_file(str(tmp_path / "out.safetensors")).values()} == {torch.bfloat16}

@@ -21,7 +21,7 @@ import torch
 
 from ..devices import resolve_device
 from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name, parse_dtype
-from ..encodings.encode import KeyOutput, OutputLayout, source_encoding, write_encoded
+from ..encodings.encode import WRITABLE, KeyOutput, OutputLayout, source_encoding, write_encoded
 from ..engine import KeyJob, run_keys, written_finite
 from ..errors import WeightsmithError
 from ..lora.model import ModuleDelta
@@ -43,6 +43,12 @@ def keep_layout(plan: BakePlan) -> OutputLayout:
     layout = OutputLayout("keep", detect_diffusion_prefix(src.keys()))
     for k in src.keys():
         info = src.info(k)
+        enc = source_encoding(src, k)
+        if enc is not None and (enc.format, enc.stored_dtype) not in WRITABLE:
+            raise WeightsmithError(f"{plan.model_name}: {k!r} is stored as {enc.format} ({dtype_name(enc.stored_dtype)}); "
+                                   "bake cannot write that encoding back, so the output dtype 'keep' cannot keep it: "
+                                   "choose bf16, fp16 or fp32 (quantize the baked file afterwards, e.g. `weightsmith "
+                                   "convert`). Nothing was written")
         layout.add(k, tuple(info.shape), info.dtype, names.get(k), source_encoding(src, k), src, k, plan.model_name)
     layout.check()
     return layout
