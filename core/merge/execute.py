@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,7 +34,7 @@ from ..encodings.encode import (
     scaled_rows,
     source_encoding,
 )
-from ..encodings.gguf_write import GGUFStreamWriter, gguf_output_type
+from ..encodings.gguf_write import GGUF_OUTPUT_TYPES, GGUFStreamWriter, gguf_output_type
 from ..engine import KeyJob, all_finite, has_nan, run_keys, sum_is_finite, written_finite
 from ..errors import BadFileError, WeightsmithError
 from ..pipeline import TASK_ELEMS, WorkerBuffers, row_ranges
@@ -355,6 +356,27 @@ def _then(first, then):
     return finish
 
 
+def kept_gguf_type(plan: MergePlan) -> str | None:
+    """`keep` for a GGUF model A: the GGML type A stores most of its quantized weights in (the writer keeps
+    the tensors GGUF files keep unquantized, as for an explicit gguf-… choice); None when A is not GGUF. A
+    type weightsmith cannot encode (K-quants, IQ) is refused before anything is read."""
+    counts: Counter[str] = Counter()
+    for kp in plan.output_keys():
+        i, raw = kp.reads[0]
+        enc = source_encoding(plan.sources[i], raw)
+        if i == 0 and enc is not None and enc.format.startswith("gguf:"):
+            counts[enc.format.split(":", 1)[1]] += 1
+    if not counts:
+        return None
+    qtype = counts.most_common(1)[0][0]
+    if qtype not in GGUF_OUTPUT_TYPES.values():
+        raise WeightsmithError(f"A ({plan.inputs[0].name}) is stored as GGUF {qtype}, which weightsmith cannot encode "
+                               "(the gguf package decodes K-quant and IQ types but cannot write them), so keep cannot "
+                               "keep it: choose gguf-q8_0, gguf-q5_1, gguf-q4_1 or gguf-f16, or a .safetensors output "
+                               "in bf16. Nothing was written")
+    return qtype
+
+
 def output_layout(plan: MergePlan, choice: OutputChoice) -> OutputLayout:
     """How every output key is written: `keep` takes each key's encoding from the input its value comes
     from (A for merged keys); errors for what cannot be written come here, before anything is read."""
@@ -442,6 +464,16 @@ def execute_merge(
         raise WeightsmithError(f"stats mode {stats!r}: choose one of {', '.join(STATS_MODES)}")
     sample_every = {"full": 1, "sample": STATS_SAMPLE_EVERY, "off": 0}[stats]
     gguf_type = gguf_output_type(dtype)  # a GGUF output: keys computed in fp32, quantized by its writer
+    if gguf_type is None and out_path is not None and Path(out_path).suffix.lower() == ".gguf":
+        if not parse_output(dtype).keep:
+            raise WeightsmithError(f"output {out_path}: a .gguf file is written with a GGUF output dtype (gguf-q8_0, "
+                                   "gguf-q5_1, gguf-q4_1, gguf-f16 …), or with keep when model A is a GGUF file")
+        gguf_type = kept_gguf_type(plan)
+        if gguf_type is None:
+            raise WeightsmithError(f"output {out_path}: keep writes a .gguf only when model A is a GGUF file; choose a "
+                                   "GGUF output dtype (gguf-q8_0, gguf-q5_1, gguf-q4_1, gguf-f16 …) or a .safetensors "
+                                   "output")
+        dtype = f"gguf-{gguf_type.lower()}"
     choice = parse_output(torch.float32 if gguf_type else dtype)
     out_dtype = choice.dtype
     layout = output_layout(plan, choice)
