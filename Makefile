@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench bench-full lint clean
 
 setup:
 	@bash scripts/setup_env.sh >/dev/null
@@ -21,6 +21,12 @@ test-fast: setup
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run_all.py $(ARGS)
+
+# Full-size Flux files (generated once into $WEIGHTSMITH_BENCH_CACHE, default ~/.cache/weightsmith-bench-full;
+# ~36 GB of disk at full size): not part of `make bench` or CI. ARGS="--blocks 2+2" for a quick run.
+bench-full: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/bench_full.py $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _util import drop_page_cache_hint, measure, table  # noqa: E402
+from _util import drop_page_cache_hint, estimate_line, in_child, measure, table  # noqa: E402
 from bench_merge import FULL, QUICK, write_input  # noqa: E402
 
 from weightsmith.safetensors_io import StreamingWriter, read_header  # noqa: E402
@@ -74,6 +74,14 @@ def run_weightsmith(model: str, loras: list[str], out: str, device: str) -> None
     from weightsmith.bake import bake
 
     bake(model, list(zip(loras, STRENGTHS)), out, device=device)
+
+
+def estimate_weightsmith(model: str, loras: list[str], out: str, device: str) -> dict:
+    """The pre-run estimate `weightsmith bake` prints for this run (headers + calibration only)."""
+    from weightsmith.bake import plan_bake
+    from weightsmith.estimate_work import bake_estimate
+
+    return bake_estimate(plan_bake(model, list(zip(loras, STRENGTHS))), out, None, device).to_dict()
 
 
 def run_comfyui(model: str, loras: list[str], out: str, device: str) -> None:
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{cfg.depth_single} single blocks); {N_LORAS} LoRAs rank {RANK} ({lora_mb:.0f} MB in all), generated in "
               f"{time.perf_counter() - t0:.1f} s; device {args.device}, torch threads {torch.get_num_threads()}, "
               f"load average {os.getloadavg()[0]:.1f}")
-        rows, cpu_seconds = [], {}
+        rows, cpu_seconds, estimates = [], {}, {}
         for name, fn in CONTENDERS:
             if "comfy" in skip and "ComfyUI" in name:
                 continue
@@ -150,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                 for f in out_dir.glob("*.safetensors"):
                     f.unlink()
                 drop_page_cache_hint([model, *loras])
+                if name.startswith("weightsmith") and name not in estimates:
+                    estimates[name] = in_child(estimate_weightsmith, str(model), [str(p) for p in loras], str(out),
+                                               args.device)
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 try:
                     m = measure(name, fn, str(model), [str(p) for p in loras], str(out), args.device)
@@ -165,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             m, cpu = best
             cpu_seconds[name] = cpu
             print(f"  {name}: {m.seconds:.2f} s wall, {cpu:.2f} s CPU, peak RssAnon {m.peak_anon / 2**20:.0f} MB")
+            if name in estimates:
+                print("  " + estimate_line(estimates[name], m))
             rows.append(m)
             if name.startswith("streaming"):
                 out.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _util import PeakSampler, rss_anon_bytes  # noqa: E402
+from _util import Measurement, PeakSampler, estimate_line, rss_anon_bytes  # noqa: E402
 
 from weightsmith.lora.extract import ExtractOptions, LayerPlan, extract_layer  # noqa: E402
 from weightsmith.lora.model import LoRA  # noqa: E402
@@ -187,6 +187,14 @@ def extract_files_job(base: str, tuned: str, rank: int) -> dict:
     return stats
 
 
+def estimate_files_job(base: str, tuned: str, rank: int) -> dict:
+    """The pre-run estimate `weightsmith extract` prints for this run (headers + calibration only)."""
+    from weightsmith.estimate_work import extract_estimate
+    from weightsmith.lora.validate import pair_models
+
+    return extract_estimate(pair_models(base, tuned), {"rank": rank}, "cpu", None).to_dict()
+
+
 def _warm_up() -> None:
     """First calls into MKL/LAPACK pay one-off setup; keep that out of every contender's clock."""
     a = torch.randn(256, 200)
@@ -238,11 +246,15 @@ def _bench_model(rank: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="ws_bench_extract_") as folder:
         base, tuned = spawn(write_pair_job, folder)
+        est = spawn(estimate_files_job, base, tuned, rank)
         r = spawn(extract_files_job, base, tuned, rank)
     print(f"\nwhole model (Flux hidden 3072, 1 double + 1 single block, bf16, {r['model_mb']:.0f} MB per file), rank {rank}:")
     print(f"  {r['seconds']:.1f} s, peak RssAnon {r['peak_mb']:.0f} MB (+{r['extra_mb']:.0f} MB over start; the files "
           f"are memory-mapped), {r['changed']} changed tensors: {r['lowrank']} low-rank {r['methods']}, {r['diff']} "
           f"diffs; error {r['error_global']:.4f} vs optimal {r['optimal_global']:.4f}")
+    peak = int(r["peak_mb"] * 2**20)
+    print("  " + estimate_line(est, Measurement("weightsmith extract", r["seconds"], peak,
+                                                peak - int(r["extra_mb"] * 2**20))))
     return r
 
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _util import drop_page_cache_hint, measure, table  # noqa: E402
+from _util import drop_page_cache_hint, estimate_line, in_child, measure, table  # noqa: E402
 
 from weightsmith.safetensors_io import StreamingWriter, read_header  # noqa: E402
 from weightsmith.testmodels import FluxConfig, flux_shapes  # noqa: E402
@@ -69,6 +69,14 @@ def run_weightsmith(a: str, b: str, out: str) -> None:
 
     plan = plan_merge([a, b], "weighted_sum", [0.5, 0.5])
     execute_merge(plan, out, dtype="bf16")
+
+
+def estimate_weightsmith(a: str, b: str, out: str) -> dict:
+    """The pre-run estimate `weightsmith merge` prints for this run (headers + calibration only)."""
+    from weightsmith.estimate_work import merge_estimate
+    from weightsmith.merge import plan_merge
+
+    return merge_estimate(plan_merge([a, b], "weighted_sum", [0.5, 0.5]), out, "bf16", "cpu").to_dict()
 
 
 def run_copy(a: str, b: str, out: str) -> None:
@@ -186,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{cfg.depth} double + {cfg.depth_single} single blocks), generated in {time.perf_counter() - t0:.1f} s; "
               f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
         rows = []
+        estimates: dict[str, dict] = {}
         cpu_seconds: dict[str, float] = {}
         for name, fn in CONTENDERS:
             if ("mecha" in skip and "mecha" in name) or ("comfy" in skip and "ComfyUI" in name) or \
@@ -199,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 for f in out_dir.glob("*.safetensors"):
                     f.unlink()
                 drop_page_cache_hint([a, b])  # every contender starts with warm inputs
+                if name.startswith("weightsmith") and name not in estimates:
+                    estimates[name] = in_child(estimate_weightsmith, str(a), str(b), str(out))
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 try:
                     m = measure(name, fn, str(a), str(b), str(out))
@@ -216,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             produced = list(out_dir.glob("*.safetensors"))
             print(f"  {name}: {m.seconds:.2f} s wall, {cpu:.2f} s CPU, peak RssAnon {m.peak_anon / 2**20:.0f} MB"
                   + ("" if produced else "  (no output file!)"))
+            if name in estimates:
+                print("  " + estimate_line(estimates[name], m))
             rows.append(m)
             if name.startswith("weightsmith") or name.startswith("naive"):
                 continue

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import drop_page_cache_hint, measure, table  # noqa: E402
+from _util import drop_page_cache_hint, estimate_line, in_child, measure, table  # noqa: E402
 
 from weightsmith.mix import lossless_mix  # noqa: E402
 from weightsmith.safetensors_io import StreamingWriter  # noqa: E402
@@ -60,6 +60,16 @@ def stream_copy(inputs: list[str], outputs: list[str]) -> None:
 
 def ours(a: str, b: str, c: str, out: str) -> None:
     lossless_mix(a, b, c, out=out)
+
+
+def estimate_ours(a: str, b: str, c: str, out: str) -> dict:
+    """The pre-run estimate `weightsmith mix` prints for this run (headers + calibration only)."""
+    from weightsmith.estimate_work import mix_estimate
+    from weightsmith.mix import plan_mix
+    from weightsmith.sources import as_source
+
+    sources = [as_source(p) for p in (a, b, c)]
+    return mix_estimate(plan_mix(sources[0], sources[1:]), sources, out, "cpu").to_dict()
 
 
 def whole_model_in_ram(a: str, b: str, c: str, out: str) -> None:
@@ -104,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         run("stream copy of a, b, c", stream_copy, [a, b, c], copies, outputs=copies)
         run("stream copy of a only", stream_copy, [a], copies[:1], outputs=copies[:1])
         out = str(t / "mix.safetensors")
+        est = in_child(estimate_ours, a, b, c, out)
         run("weightsmith lossless_mix", ours, a, b, c, out, outputs=[out])
         if not args.skip_ram:
             run("whole models in RAM + save_file", whole_model_in_ram, a, b, c, out, outputs=[out])
@@ -113,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print("load average over the last 1/5/15 min: " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
           + f" on {os.cpu_count()} CPUs (the mix is CPU-bound, the copies I/O-bound: contention moves the ratio)")
     mix = next(r for r in rows if r.name == "weightsmith lossless_mix")
+    print(estimate_line(est, mix))
     copy3 = rows[0]
     ok_mem = mix.peak_anon <= 2**30
     ok_time = mix.seconds <= 2 * copy3.seconds

@@ -42,29 +42,33 @@ QUICK = FluxConfig(hidden=3072, depth=1, depth_single=0, num_heads=24, context_i
 FP8 = torch.float8_e4m3fn
 
 
-def write_input(path: Path, cfg: FluxConfig, seed: int) -> None:
-    """A ComfyUI scaled-fp8 Flux-dev file (marker, fp8 Linear weights + scale_weight, bf16 rest), written
+def write_input(path: Path, cfg: FluxConfig, seed: int, variant: str = "dev", scaled: bool = True) -> None:
+    """A ComfyUI scaled-fp8 Flux file (marker, fp8 Linear weights + scale_weight, bf16 rest), written
     fast: payloads tile a block of random fp8 codes holding ±448 (as ComfyUI's quantizer leaves them),
-    shifted per key and seed, each with its own scale."""
-    shapes = flux_shapes(cfg, "dev")
+    shifted per key and seed, each with its own scale. `scaled=False`: a plain e4m3fn file (fp8 Linear
+    weights, no marker, no scales)."""
+    shapes = flux_shapes(cfg, variant)
     gen = torch.Generator().manual_seed(seed)
     base = (torch.randn(1 << 16, generator=gen) * 100).clamp(-448, 448)
     base[:2] = torch.tensor([448.0, -448.0])
     codes = base.to(FP8).view(torch.uint8)
-    plan = {"scaled_fp8": ((2,), FP8)}
+    plan = {"scaled_fp8": ((2,), FP8)} if scaled else {}
     for k, s in shapes.items():
         quant = k.endswith(".weight") and len(s) == 2
         plan[k] = (s, FP8 if quant else torch.bfloat16)
-        if quant:
+        if quant and scaled:
             plan[k[:-7] + ".scale_weight"] = ((), torch.float32)
     with StreamingWriter(path, plan) as w:
-        w.write("scaled_fp8", torch.zeros(2, dtype=FP8))
+        if scaled:
+            w.write("scaled_fp8", torch.zeros(2, dtype=FP8))
         for i, (k, s) in enumerate(shapes.items()):
             n = torch.Size(s).numel()
             tiled = codes.roll(7 * i + 13 * seed).repeat(n // codes.numel() + 1)[:n]
             if plan[k][1] == FP8:
                 w.write(k, tiled.view(FP8).reshape(s))
-                w.write(k[:-7] + ".scale_weight", torch.tensor(1e-4 * (1 + i % 7 + 3 * seed), dtype=torch.float32))
+                if scaled:
+                    w.write(k[:-7] + ".scale_weight",
+                            torch.tensor(1e-4 * (1 + i % 7 + 3 * seed), dtype=torch.float32))
             else:
                 w.write(k, (tiled.view(FP8).float() / 448).to(torch.bfloat16).reshape(s))
 

@@ -7,10 +7,15 @@ from comfy.weight_adapter import WeightAdapterBase
 
 from ..core.dtypes import MODEL_OUTPUT_CHOICES
 from ..core.errors import BadFileError, MismatchError
+from ..core.estimate_work import mix_estimate
 from ..core.mix import check_same_architecture, execute_mix, lossless_mix, pick_among, plan_mix
+from ..core.sources import as_source
 from .common import (
     CATEGORY,
     DIFFUSION_PREFIX,
+    MODEL_FILE_TOOLTIP,
+    MODEL_OUTPUT_FOLDER_TOOLTIP,
+    MODEL_OUTPUT_FOLDERS,
     PatcherSource,
     compute_device,
     effective_weight,
@@ -24,7 +29,6 @@ from .common import (
 )
 
 MODES = {"min_diff (nearest)": "min", "max_diff (farthest)": "max"}
-OUTPUT_FOLDERS = ["diffusion_models", "checkpoints", "output"]
 
 
 class LosslessMixAdapter(WeightAdapterBase):
@@ -63,7 +67,7 @@ class WeightsmithLosslessMix:
     )
     CATEGORY = f"{CATEGORY}/Mix"
     FUNCTION = "mix"
-    OUTPUT_NODE = True
+    OUTPUT_NODE = False
     RETURN_TYPES = ("MODEL", "STRING", "IMAGE")
     RETURN_NAMES = ("model", "report", "chart")
     OUTPUT_TOOLTIPS = (
@@ -148,8 +152,8 @@ class WeightsmithLosslessMixFiles:
         files = model_file_choices()
         return {
             "required": {
-                "model_a": (files, {"tooltip": "The reference file (diffusion_models/ or checkpoints/): each "
-                                               "element is compared against it; its keys and layout make the output."}),
+                "model_a": (files, {"tooltip": f"The reference file ({MODEL_FILE_TOOLTIP}): each element is "
+                                               "compared against it; its keys and layout make the output."}),
                 "model_b": (files, {"tooltip": "First candidate file: elements come from here where it wins."}),
                 "model_c": (files, {"tooltip": "Second candidate file: elements come from here where it wins."}),
                 "alpha": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
@@ -171,10 +175,8 @@ class WeightsmithLosslessMixFiles:
                                                    "model_a)."}),
                 "dry_run": ("BOOLEAN", {"default": False,
                                         "tooltip": "Only analyse and report; write no file."}),
-                "output_folder": (OUTPUT_FOLDERS, {"default": "diffusion_models",
-                                                   "tooltip": "Where the mixed file goes: diffusion_models (loadable "
-                                                              "by Load Diffusion Model), checkpoints (for full "
-                                                              "checkpoints) or ComfyUI's output folder."}),
+                "output_folder": (MODEL_OUTPUT_FOLDERS, {"default": "diffusion_models",
+                                                         "tooltip": MODEL_OUTPUT_FOLDER_TOOLTIP}),
                 "filename_prefix": ("STRING", {"default": "weightsmith/lossless_mix",
                                                "tooltip": "File name prefix inside the output folder; a counter "
                                                           "is added and nothing is overwritten."}),
@@ -198,10 +200,14 @@ class WeightsmithLosslessMixFiles:
             raise BadFileError("nothing to mix: enable at least one of mix_diffusion_model, mix_text_encoders, mix_vae")
         paths = [resolve_model_file(m) for m in (model_a, model_b, model_c)]
         out = None if dry_run else output_path(output_folder, filename_prefix)
+        device = compute_device(1 << 30)
+        sources = [as_source(p) for p in paths]
+        est = mix_estimate(plan_mix(sources[0], sources[1:], include), sources, out, device, dtype)
+        est.check_disk()  # before any work: the output does not fit
         rep = lossless_mix(paths[0], paths[1], paths[2], alpha=alpha, beta=beta, mode=MODES[mode], out=out,
-                           include=include, dry_run=dry_run, device=compute_device(1 << 30), out_dtype=dtype,
+                           include=include, dry_run=dry_run, device=device, out_dtype=dtype,
                            progress=progress(1, unique_id))
-        text = rep.text()
+        text = est.text() + "\n" + rep.text()
         return {"ui": ui_report(text, rep.to_json()),
                 "result": ("" if out is None else str(out), text, image_tensor(rep.chart()))}
 

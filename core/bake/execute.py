@@ -31,7 +31,7 @@ from ..safetensors_io import StreamingWriter
 from ..sources import detect_diffusion_prefix, diffusion_layout
 from .plan import BakePlan, Patch
 
-PLAIN_DTYPES = ("keep", "fp32", "fp16", "bf16")
+PLAIN_DTYPES = ("keep", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")  # plain casts: no scale tensors
 DECODED_ALONE_BYTES = 64 << 20  # a decoded (fresh fp32) key larger than this is the only one in flight
 
 
@@ -224,7 +224,14 @@ def execute_bake(
     layout = {k: (src.info(k).shape, _out_dtype(src.info(k).dtype, want)) for k in keys}
     if enc_layout is not None:
         layout = {k: (ko.shape, ko.dtype) for k, ko in enc_layout.keys.items()}
-    meta = {k: v for k, v in src.metadata.items() if isinstance(k, str) and isinstance(v, str)}
+    meta = {}
+    if out_path is not None:
+        from ..provenance import stamp
+
+        meta = stamp(src.metadata, output=out_path, operation="bake", arch=plan.arch.arch, details=plan.arch.details,
+                     sources=[src, *plan.lora_paths], merged=True, naming=plan.arch.naming,
+                     summary={"dtype": dtype_name(want) if want is not None else "keep",
+                              "strengths": [i.strength for i in plan.loras], "rules": [r.text for r in plan.rules]})
     meta["weightsmith.bake"] = json.dumps({"model": plan.model_name, "loras": [
         {"lora": Path(i.name).name, "strength": i.strength, "rules": [r.text for r in i.rules]} for i in plan.loras],
         "rules": [r.text for r in plan.rules], "dtype": "keep" if want is None else dtype_name(want)})

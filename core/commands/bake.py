@@ -9,6 +9,7 @@ from ..bake import execute_bake, plan_bake
 from ..bake.execute import PLAIN_DTYPES
 from ..devices import resolve_device
 from ..errors import WeightsmithError
+from ..estimate_work import bake_estimate
 from ..paths import check_new_output
 from ..progress import TerminalProgress
 
@@ -53,12 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true", help="refuse LoRAs with modules that match nothing in the model")
     p.add_argument("--report", type=Path, help="write the report as JSON here")
     p.add_argument("--dry-run", action="store_true", help="compute every patched key and report; write no model")
+    p.add_argument("--plan-only", action="store_true",
+                   help="print the estimate (output size, free disk, peak RAM, VRAM, time) and stop; headers only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.output is None and not args.dry_run:
+    if args.output is None and not (args.dry_run or args.plan_only):
         raise WeightsmithError("give an output file with -o OUT.safetensors (or use --dry-run)")
     if args.output is not None and args.output.suffix.lower() not in (".safetensors", ".sft"):
         raise WeightsmithError(f"output {args.output} must end in .safetensors")
@@ -73,6 +76,11 @@ def run(args: argparse.Namespace) -> int:
         check_new_output(args.report, "report", protect=inputs, others=[args.output])
     plan = plan_bake(args.model, loras, args.rule, strict=args.strict)
     out = None if args.dry_run else args.output
+    est = bake_estimate(plan, out, args.dtype, resolve_device(args.device))
+    print(est.text())
+    est.check_disk()  # before anything is read or written, --plan-only too
+    if args.plan_only:
+        return 0
     report = execute_bake(plan, out, args.dtype, args.device, TerminalProgress("bake"), overwrite=args.overwrite)
     print(report.table())
     if args.report:

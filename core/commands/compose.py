@@ -10,6 +10,8 @@ import torch
 
 from ..dtypes import FP8_DTYPES, dtype_name, parse_dtype
 from ..errors import MismatchError
+from ..estimate_work import compose_estimate
+from ..lora.budget import parse_size
 from ..paths import check_new_output, check_output_suffix, refuse_input_target
 from ..progress import TerminalProgress
 from ..report import write_json
@@ -22,6 +24,11 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=None, help="re-compress every module to at most this rank (optimal, from the factors)")
     p.add_argument("--energy", type=float, default=None,
                    help="re-compress keeping this fraction of each module's energy Σσ² (e.g. 0.99); with --rank, the smaller rank")
+    p.add_argument("--size", type=parse_size, default=None,
+                   help="size of the output file, e.g. 50MB: ranks allocated across modules to minimise the total "
+                        "error for that size (optimal per module, from the factors); --rank then caps each module")
+    p.add_argument("--plan-only", action="store_true",
+                   help="print the estimate (output size, free disk, peak RAM, time) and stop; nothing is written")
     p.add_argument("--format", default="comfy", choices=OUTPUT_FORMATS, help="key format of the output (default: comfy)")
     p.add_argument("--dtype", default="auto",
                    help="dtype of the stored factors: auto (the widest input dtype), fp32, bf16 or fp16. Exact mode "
@@ -149,6 +156,17 @@ def _finish(lora, report, args, inputs: list[Path], dtype: torch.dtype) -> int:
     return 0
 
 
+def _estimated(args: argparse.Namespace, loras, dtype: torch.dtype, inputs: list[Path], operation: str) -> bool:
+    """Print the estimate and refuse an output that does not fit on its disk; True with --plan-only."""
+    if args.size is not None and args.energy is not None:
+        raise MismatchError("--size and --energy do not go together: give one of them")
+    est = compose_estimate(loras, args.rank, args.energy, args.size, dtype, args.device, args.output, inputs,
+                           operation)
+    print(est.text())
+    est.check_disk()  # before anything is written, --plan-only too
+    return bool(args.plan_only)
+
+
 def run_compose(args: argparse.Namespace) -> int:
     from ..lora.compose import compose_loras
     from ..lora.formats import load_lora
@@ -165,9 +183,12 @@ def run_compose(args: argparse.Namespace) -> int:
                 loras[i], conv = flux_to_chroma(lora)
                 print(f"{pairs[i][0].name}: converted to Chroma ({conv})")
     dtype = _output_dtype(args.dtype, loras)  # a bad --dtype fails before any work; exact mode builds in it
+    if _estimated(args, loras, dtype, [p for p, _ in pairs], "compose"):
+        return 0
     lora, report = compose_loras(
         [(lo, s) for lo, (_, s) in zip(loras, pairs)], rank=args.rank, energy=args.energy, warn_rank=args.warn_rank,
         names=[p.name for p, _ in pairs], device=args.device, progress=TerminalProgress("compose"), dtype=dtype,
+        size=args.size,
     )
     return _finish(lora, report, args, [p for p, _ in pairs], dtype)
 
@@ -176,12 +197,14 @@ def run_rerank(args: argparse.Namespace) -> int:
     from ..lora.compose import rerank_lora
     from ..lora.formats import load_lora
 
-    if args.rank is None and args.energy is None:
-        raise MismatchError("rerank needs --rank R and/or --energy E")
+    if args.rank is None and args.energy is None and args.size is None:
+        raise MismatchError("rerank needs --rank R, --energy E or --size SIZE")
     _check_device(args.device)
     _check_report_path(args, [args.input])
     source = load_lora(args.input)
     dtype = _output_dtype(args.dtype, [source])  # a bad --dtype fails before any work
+    if _estimated(args, [source], dtype, [args.input], "rerank"):
+        return 0
     lora, report = rerank_lora(source, rank=args.rank, energy=args.energy, device=args.device,
-                               progress=TerminalProgress("rerank"), name=args.input.name)
+                               progress=TerminalProgress("rerank"), name=args.input.name, size=args.size, dtype=dtype)
     return _finish(lora, report, args, [args.input], dtype)

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from ..devices import resolve_device
 from ..errors import OutputPathError
-from ..lora.extract import DEFAULT_MIN_DELTA, extract_lora
+from ..estimate_work import extract_estimate
+from ..lora.budget import parse_size
+from ..lora.extract import DEFAULT_MIN_DELTA, SAME_AS_RANK, conv_rank_option, extract_lora
 from ..lora.formats import WRITABLE_FORMATS, check_writable, save_lora
-from ..lora.svd import METHODS, RANK_MODES
-from ..lora.validate import MISSING_POLICIES, ReconstructionReport, validate_lora
+from ..lora.svd import METHODS, RANK_MODES, OptionError
+from ..lora.validate import MISSING_POLICIES, ReconstructionReport, pair_models, validate_lora
 from ..paths import check_name_fits, check_new_output, check_output_suffix, refuse_input_target
 from ..progress import TerminalProgress
 from ..report import save_png, write_json
@@ -41,11 +43,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("tuned", help="the fine-tune of BASE")
     p.add_argument("-o", "--output", required=True, type=Path, help="output LoRA .safetensors")
     p.add_argument("--rank", type=int, default=64, help="rank of linear layers (fixed mode; default 64)")
-    p.add_argument("--conv-rank", type=int, default=None,
-                   help="rank of k×k convolutions (default: --rank; 0 leaves them out)")
-    p.add_argument("--rank-mode", choices=RANK_MODES, default="fixed",
-                   help="fixed: --rank; energy: smallest rank keeping --energy of |dW|^2; error: smallest rank "
-                        "with relative error <= --error; full: exact, every direction")
+    p.add_argument("--conv-rank", type=int, default=SAME_AS_RANK,
+                   help="rank of k×k convolutions: -1 (default) = the same as --rank, 0 leaves them out (as the "
+                        "node's conv_rank)")
+    p.add_argument("--rank-mode", choices=RANK_MODES, default=None,
+                   help="fixed (default): --rank; energy: smallest rank keeping --energy of |dW|^2; error: smallest "
+                        "rank with relative error <= --error; full: exact, every direction; budget: ranks allocated "
+                        "across layers for a file of --size (implied by --size); sv_ratio / sv_fro / sv_cumulative: "
+                        "kohya's dynamic modes with --dynamic-param")
+    p.add_argument("--size", type=parse_size, default=None,
+                   help="size of the LoRA file, e.g. 100MB or 1.5GiB: ranks are allocated across all layers to "
+                        "minimise the total error for that size (rank mode budget; --max-rank caps each layer)")
+    p.add_argument("--dynamic-param", type=float, default=None,
+                   help="kohya's --dynamic_param for the sv_* modes: sv_ratio keeps σ > σ1/PARAM; sv_fro keeps a "
+                        "Frobenius fraction PARAM; sv_cumulative a fraction PARAM of Σσ")
     p.add_argument("--energy", type=float, default=0.99, help="energy to keep in energy mode (default 0.99)")
     p.add_argument("--error", type=float, default=0.05, help="relative error target in error mode (default 0.05)")
     p.add_argument("--max-rank", type=_positive_or_none, default=None, help="per-layer rank cap for every mode")
@@ -60,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="comfy", choices=WRITABLE_FORMATS,
                    help="file format (comfy: diffusion_model.*.lora_up/down/alpha; kohya: lora_unet_*)")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (results are deterministic)")
+    p.add_argument("--plan-only", action="store_true",
+                   help="print the estimate (output size, free disk, peak RAM, VRAM, time) and stop; nothing is read "
+                        "beyond the headers, nothing is written")
     _report_args(p)
     p.set_defaults(func=run_extract)
 
@@ -100,15 +114,23 @@ def run_extract(args: argparse.Namespace) -> int:
     if not args.output.parent.is_dir():
         raise OutputPathError(f"folder {args.output.parent} does not exist; create it or choose another path "
                               f"for {args.output.name}")
+    rank_mode = args.rank_mode or ("budget" if args.size is not None else "fixed")
+    if args.size is not None and rank_mode != "budget":
+        raise OptionError(f"--size allocates ranks for a file size (rank mode budget); it does not go with "
+                          f"--rank-mode {rank_mode}: leave one of them out")
     base, tuned = as_source(args.base), as_source(args.tuned)
     _check_outputs(args, [*base.paths(), *tuned.paths()], args.output)
     refuse_input_target(args.output, [*base.paths(), *tuned.paths()])
-    lora, report = extract_lora(
-        base, tuned, rank=args.rank, conv_rank=args.conv_rank, rank_mode=args.rank_mode, energy=args.energy,
-        error=args.error, max_rank=args.max_rank, min_delta=args.min_delta, store_diff=args.store_diff,
-        device=args.device, progress=TerminalProgress("extract"), clamp_quantile=args.clamp_quantile,
-        dtype=args.dtype, method=args.method, seed=args.seed, missing=args.missing,
-    )
+    settings = dict(rank=args.rank, conv_rank=conv_rank_option(args.conv_rank), rank_mode=rank_mode, energy=args.energy,
+                    error=args.error, max_rank=args.max_rank, min_delta=args.min_delta, store_diff=args.store_diff,
+                    clamp_quantile=args.clamp_quantile, dtype=args.dtype, method=args.method, seed=args.seed,
+                    missing=args.missing, dynamic_param=args.dynamic_param, size=args.size)
+    est = extract_estimate(pair_models(base, tuned, args.missing), settings, resolve_device(args.device), args.output)
+    print(est.text())
+    est.check_disk()  # refused before any tensor is read, --plan-only too
+    if args.plan_only:
+        return 0
+    lora, report = extract_lora(base, tuned, device=args.device, progress=TerminalProgress("extract"), **settings)
     for src in (base, tuned):  # where in a checkpoint the tensors were found, stray keys read as the model's
         for note in src.notes:
             print(f"note: {Path(src.name).name}: {note}")

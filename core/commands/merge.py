@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..devices import resolve_device
 from ..dtypes import MODEL_OUTPUT_CHOICES
 from ..encodings.gguf_write import GGUF_OUTPUT_TYPES
 from ..errors import WeightsmithError
+from ..estimate_work import merge_estimate
 from ..merge.execute import execute_merge
 from ..merge.methods import describe_methods
 from ..merge.plan import MISSING_POLICIES, OTHERS_POLICIES, plan_merge
@@ -53,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", type=Path, help="write the merge report as JSON here")
     p.add_argument("--chart", type=Path, help="write the per-group chart as PNG here")
     p.add_argument("--dry-run", action="store_true", help="compute the merge and the report, write no model")
-    p.add_argument("--plan-only", action="store_true", help="print the plan (headers only, instant) and stop")
+    p.add_argument("--plan-only", action="store_true",
+                   help="print the plan and the estimate (output size, free disk, peak RAM, VRAM, time; headers only, "
+                        "instant) and stop")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--list-methods", action="store_true", help="list merge methods and their parameters")
     p.add_argument("--list-presets", action="store_true", help="list presets")
@@ -91,14 +95,19 @@ def run(args: argparse.Namespace) -> int:
         check_new_output(args.chart, "chart", protect=args.models, others=[args.output])
     plan = plan_merge(args.models, args.method, args.weights, args.rule, args.missing, "\n".join(args.param),
                       args.preset, args.others)
+    out = None if args.dry_run else args.output
+    est = merge_estimate(plan, out, None if args.dtype == "keep" else args.dtype, resolve_device(args.device))
     if args.plan_only:
         print(plan.describe())
+        print(est.text())
+        est.check_disk()
         if args.report:
             from ..report import write_json
 
-            write_json(args.report, {"plan": plan.summary()})
+            write_json(args.report, {"plan": plan.summary(), "estimate": est.to_dict()})
         return 0
-    out = None if args.dry_run else args.output
+    print(est.text())
+    est.check_disk()  # before anything is read or written
     report = execute_merge(plan, out, None if args.dtype == "keep" else args.dtype, args.device,
                            TerminalProgress("merge"), overwrite=args.overwrite)
     print(report.table())

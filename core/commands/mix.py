@@ -9,10 +9,12 @@ from pathlib import Path
 from ..dtypes import MODEL_OUTPUT_CHOICES
 from ..encodings.encode import parse_output
 from ..errors import WeightsmithError
-from ..mix import GROUPS, lossless_mix, resolve_device
+from ..estimate_work import mix_estimate
+from ..mix import GROUPS, lossless_mix, plan_mix, resolve_device
 from ..paths import check_new_output, check_output_suffix
 from ..progress import TerminalProgress
 from ..report import save_png, write_json
+from ..sources import as_source
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(ComfyUI scaled fp8 for the diffusion model's Linear weights)")
     p.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:1 …)")
     p.add_argument("--dry-run", action="store_true", help="write nothing; report similarity and shares per block")
+    p.add_argument("--plan-only", action="store_true",
+                   help="print the estimate (output size, free disk, peak RAM, VRAM, time) and stop; headers only")
     p.add_argument("--stats", action="store_true",
                    help="on a real run, also compute cosine similarities, ties and mean |change| (a dry run "
                         "always does; the shares taken from each model are always reported)")
@@ -54,6 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _estimate(args: argparse.Namespace, include: list[str], output):
+    sources = [as_source(p) for p in (args.reference, *args.candidates)]
+    plan = plan_mix(sources[0], sources[1:], include, args.on_mismatch)
+    return mix_estimate(plan, sources, output, resolve_device(args.device), args.dtype)
+
+
 def run(args: argparse.Namespace) -> int:
     include = [g.strip() for g in args.include.split(",") if g.strip()]
     bad = [g for g in include if g not in GROUPS]
@@ -61,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
         raise WeightsmithError(f"--include takes a comma-separated list of {', '.join(GROUPS)}, not {args.include!r}")
     if len(args.candidates) < 2:
         raise WeightsmithError("give a reference and at least two candidates: weightsmith mix A B C -o OUT")
-    if not args.dry_run and args.output is None:
+    if not (args.dry_run or args.plan_only) and args.output is None:
         raise WeightsmithError("name the output with -o OUT.safetensors, or ask for --dry-run")
-    if not args.dry_run:
+    if args.output is not None:
         check_output_suffix(args.output)
     resolve_device(args.device)  # a missing GPU fails here, before any file is opened
     parse_output(args.dtype)  # so does an unknown output dtype
@@ -79,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
             scales = [float(s) for s in args.scales.split(",")]
         except ValueError:
             raise WeightsmithError(f"--scales must be numbers separated by commas, not {args.scales!r}") from None
+    est = _estimate(args, include, output)
+    print(est.text())
+    est.check_disk()  # before anything is read or written, --plan-only too
+    if args.plan_only:
+        return 0
     report = lossless_mix(
         args.reference, candidates=args.candidates, alpha=args.alpha, beta=args.beta, scales=scales,
         mode="max" if args.maxdiff else "min", out=output, include=include,

@@ -20,6 +20,7 @@ from ..dtypes import dtype_name
 from ..errors import UnsupportedEncodingError
 from ..safetensors_io import TensorInfo
 from ..sources import TensorSource
+from .fp8 import decode_fp8, fast_decodable, fold_shift
 
 FP8_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2"}
 
@@ -123,10 +124,24 @@ class ScaledWeight:
         return self.encoding.stored_shape
 
     def decode(self, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
-        w = read(self.weight_key).to(torch.float32, copy=True)
+        q = read(self.weight_key)
+        if fast_decodable(q):  # fp8 on the CPU: same bits, several times faster (fp8.py)
+            return self._decode_fp8(q, None if self.scale_key is None else read(self.scale_key))
+        w = q.to(torch.float32, copy=True)
         if self.scale_key is None:
             return w
         return apply_scale(w, read(self.scale_key), self.broadcast)
+
+    def _decode_fp8(self, q: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        if s is None or self.broadcast == "tensor":
+            return decode_fp8(q, s)
+        w = decode_fp8(q, shifted=True)  # exact values, e4m3 ones / 2^8: the scale's multiply is the rounding
+        if q.dtype != torch.float8_e4m3fn:
+            return apply_scale(w, s, self.broadcast)
+        folded, then = fold_shift(s)
+        if then is not None:  # 2^8 · s overflows: two multiplies, the first exact
+            return apply_scale(w.mul_(folded), then, self.broadcast)
+        return apply_scale(w, folded, self.broadcast)
 
 
 def check_scale(source: TensorSource, layer: str, fmt: str, weight_key: str, scale_key: str) -> str:

@@ -31,6 +31,7 @@ from ..dtypes import MODEL_OUTPUT_CHOICES, dtype_name, parse_dtype
 from ..errors import WeightsmithError
 from ..sources import detect_diffusion_prefix
 from .base import KeyEncoding
+from .fp8 import decode_fp8, fast_decodable
 
 FP8_MAX: dict[torch.dtype, float] = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 QUANT_METADATA_KEY = "_quantization_metadata"
@@ -85,11 +86,22 @@ class ScaledRows:
         self.dtype = torch.float32
 
     def __getitem__(self, rows) -> torch.Tensor:
-        return self.payload[rows].float().mul_(self.scale)
+        q = self.payload[rows]
+        if fast_decodable(q):
+            return decode_fp8(q, self.scale)
+        return q.float().mul_(self.scale)
 
-    def rows(self, r0: int, r1: int, device: torch.device) -> torch.Tensor:
-        """Rows [r0, r1) decoded on `device`: only the fp8 bytes travel (a quarter of fp32's)."""
-        return self.payload[r0:r1].to(device).float().mul_(self.scale.to(device))
+    def rows(self, r0: int, r1: int, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [r0, r1) decoded on `device`: only the fp8 bytes travel (a quarter of fp32's). `out`: a
+        contiguous fp32 CPU buffer of at least that many elements to decode into (a worker's reused
+        buffer: a fresh one costs more in page faults than the decoding); the result is a view of it."""
+        q = self.payload[r0:r1]
+        if torch.device(device).type == "cpu" and fast_decodable(q):
+            if out is not None:
+                out = out.view(-1)[: q.numel()].view(q.shape)
+            return decode_fp8(q, self.scale, out=out)
+        y = q.to(device).float().mul_(self.scale.to(device))
+        return y if out is None or out.device != y.device else out.view(-1)[: y.numel()].view(y.shape).copy_(y)
 
     def to(self, device=None, dtype=torch.float32) -> torch.Tensor:
         return self[:].to(device, dtype)
@@ -118,6 +130,8 @@ def scaled_rows(source, raw_key: str) -> ScaledRows | None:
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """W = q.float() * scale, the way ComfyUI dequantizes both layouts."""
+    if fast_decodable(q) and scale.numel() == 1:
+        return decode_fp8(q, scale.float()).reshape(torch.broadcast_shapes(q.shape, scale.shape))
     return q.float() * scale.float()
 
 

@@ -264,8 +264,8 @@ def _exact_terms(plan: _ModulePlan, storage: torch.dtype | None) -> list[LoraTer
     return terms
 
 
-def _recompressed_terms(plan: _ModulePlan, rank: int | None, energy: float | None, device, rep: ModuleReport,
-                        names: Sequence[str]) -> list[LoraTerm]:
+def stacked_factors(plan: _ModulePlan, device, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_all, D_all) whose product is the module's composed low-rank ΔW, in fp32 on `device`."""
     groups = clusters(plan.pieces)
     stacks = [stack_cluster(g, balanced_factors([p.coef for p in g]), torch.float32, device) for g in groups]
     if len(stacks) == 1:
@@ -277,6 +277,13 @@ def _recompressed_terms(plan: _ModulePlan, rank: int | None, energy: float | Non
         down_all = torch.cat([d for _, d in stacks], dim=0)
     if not (all_finite(up_all) and all_finite(down_all)):
         raise _nonfinite_recompression_error(plan, names)
+    return up_all, down_all
+
+
+def _recompressed_terms(plan: _ModulePlan, rank: int | None, energy: float | None, device, rep: ModuleReport,
+                        names: Sequence[str]) -> list[LoraTerm]:
+    groups = clusters(plan.pieces)
+    up_all, down_all = stacked_factors(plan, device, names)
     rc = recompress(up_all, down_all, rank, energy)
     rep.norm, rep.abs_error, rep.rel_error, rep.energy_kept = rc.norm, rc.abs_error, rc.rel_error, rc.energy_kept
     rep.rank_out = rc.rank
@@ -302,8 +309,10 @@ def _dense_pieces(plan: _ModulePlan, shape: tuple[int, ...], device) -> torch.Te
     return out
 
 
-def _execute_module(plan: _ModulePlan, rank: int | None, energy: float | None, device, names: Sequence[str],
-                    storage: torch.dtype | None = None) -> tuple[ModuleDelta, ModuleReport]:
+def _execute_module(plan: _ModulePlan, rank: int | dict[str, int] | None, energy: float | None, device,
+                    names: Sequence[str], storage: torch.dtype | None = None) -> tuple[ModuleDelta, ModuleReport]:
+    if isinstance(rank, dict):  # a size budget's rank per module (compose_budget); the rest composed exactly
+        rank = rank.get(plan.name)
     if plan.adapters:
         from .compose_adapters import execute_adapter_module
 
@@ -357,7 +366,7 @@ def _execute_module(plan: _ModulePlan, rank: int | None, energy: float | None, d
     return out, rep
 
 
-def _execute_all(plans: list[_ModulePlan], rank: int | None, energy: float | None, device: torch.device,
+def _execute_all(plans: list[_ModulePlan], rank: int | dict[str, int] | None, energy: float | None, device: torch.device,
                  names: Sequence[str], storage: torch.dtype | None,
                  progress: ProgressFn) -> list[tuple[ModuleDelta, ModuleReport]]:
     """Every module's (delta, report), in plan order; progress is reported in order, on this thread.
@@ -369,7 +378,7 @@ def _execute_all(plans: list[_ModulePlan], rank: int | None, energy: float | Non
     def run(plan: _ModulePlan) -> tuple[ModuleDelta, ModuleReport]:
         return _execute_module(plan, rank, energy, device, names, storage)
 
-    exact_on_cpu = rank is None and energy is None and device.type == "cpu"
+    exact_on_cpu = rank is None and energy is None and device.type == "cpu"  # (a budget's dict: not exact)
     workers = default_workers(device) if exact_on_cpu else 1
     if workers < 2 or len(plans) < 2:
         results = []
@@ -400,9 +409,12 @@ def compose_loras(
     device: torch.device | str | None = None,
     progress: ProgressFn | None = None,
     dtype: torch.dtype | None = None,
+    size: int | None = None,
 ) -> tuple[LoRA, ComposeReport]:
     """One LoRA equal to applying each input with its strength (exact mode, `rank=None, energy=None`), or
-    the optimal rank-`rank` / `energy`-fraction approximation of that composition per module.
+    the optimal rank-`rank` / `energy`-fraction approximation of that composition per module, or (`size`
+    bytes) ranks allocated across modules to minimise the total error for a file of that size (`rank`
+    then caps each module; see compose_budget).
     `names` label the inputs in errors and reports; math runs in fp32 on `device`, results land on the CPU.
 
     `dtype` is the dtype the caller will store the factors in, if it knows. In exact mode a bf16/fp32/fp64
@@ -421,10 +433,18 @@ def compose_loras(
     device = torch.device(device) if device is not None else torch.device("cpu")
     progress = progress or no_progress
     arch, plans = plan_compose(items, names)
+    budget: dict = {}
+    ranks: int | dict[str, int] | None = rank
+    if size is not None:
+        from .compose_budget import budget_ranks
+
+        if energy is not None:
+            raise MismatchError("a size budget and an energy target do not go together: give one of them")
+        ranks, budget = budget_ranks(plans, size, dtype or torch.float32, rank, device, names)
 
     out = LoRA(arch=arch, source_format=_common_format([lo for lo, _ in items]))
     reports = []
-    for plan, (delta, rep) in zip(plans, _execute_all(plans, rank, energy, device, names, dtype, progress)):
+    for plan, (delta, rep) in zip(plans, _execute_all(plans, ranks, energy, device, names, dtype, progress)):
         if not delta.is_empty():
             out.modules[plan.name] = delta
         reports.append(rep)
@@ -451,8 +471,8 @@ def compose_loras(
     inputs = [{"name": n, "strength": float(s), "arch": lo.arch, "format": lo.source_format,
                "modules": len(lo.modules), "rank_max": max((m.rank for m in lo.modules.values()), default=0)}
               for (lo, s), n in zip(items, names)]
-    report = ComposeReport(mode=mode_name(rank, energy), inputs=inputs, modules=reports, warnings=warnings,
-                           seconds=time.perf_counter() - t0)
+    report = ComposeReport(mode=mode_name(rank, energy, size), inputs=inputs, modules=reports, warnings=warnings,
+                           seconds=time.perf_counter() - t0, budget=budget)
     out.metadata = {**_shared_metadata([lo for lo, _ in items]), "weightsmith.compose": _recipe(inputs, report.mode)}
     return out, report
 
@@ -464,13 +484,17 @@ def rerank_lora(
     device: torch.device | str | None = None,
     progress: ProgressFn | None = None,
     name: str = "LoRA",
+    size: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[LoRA, ComposeReport]:
-    """`lora` reduced to rank ≤ `rank` (and/or an energy fraction) per module, optimally, from its
-    factors alone; modules already at or below the rank are kept exactly."""
-    if rank is None and energy is None:
-        raise MismatchError("re-rank needs a target rank or an energy fraction")
+    """`lora` reduced to rank ≤ `rank` (and/or an energy fraction, or ranks allocated for a file of `size`
+    bytes stored in `dtype`) per module, optimally, from its factors alone; modules already at or below
+    the rank are kept exactly."""
+    if rank is None and energy is None and size is None:
+        raise MismatchError("re-rank needs a target rank, an energy fraction or a file size")
     out, report = compose_loras([(lora, 1.0)], rank=rank, energy=energy, names=[name], device=device,
-                                progress=progress, warn_rank=max(rank or 0, DEFAULT_WARN_RANK))
+                                progress=progress, warn_rank=max(rank or 0, DEFAULT_WARN_RANK), size=size,
+                                dtype=dtype)
     out.source_format = lora.source_format
     return out, report
 

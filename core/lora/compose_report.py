@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..report import format_table
+from .budget import format_size
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ComposeReport:
     modules: list[ModuleReport]
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    budget: dict = field(default_factory=dict)  # the size budget's allocation (compose_budget), if any
 
     @property
     def rank_max(self) -> int:
@@ -62,7 +64,10 @@ class ComposeReport:
         }
 
     def to_dict(self) -> dict:
-        return {**self.summary(), "per_module": [m.__dict__ for m in self.modules]}
+        out = {**self.summary(), "per_module": [m.__dict__ for m in self.modules]}
+        if self.budget:
+            out["budget"] = {k: v for k, v in self.budget.items() if k != "lines"}
+        return out
 
     def table(self, limit: int | None = None) -> str:
         """Per-module rows (the worst errors / highest ranks first when cut to `limit`)."""
@@ -85,11 +90,13 @@ class ComposeReport:
                         f"{i['modules']} modules, rank ≤ {i['rank_max']}")
         if self.mode != "exact":
             head.append(f"error vs exact composition: total {self.total_rel_error:.3e}, worst module {self.max_rel_error:.3e}")
+        head += self.budget.get("lines", [])
         head += [f"warning: {w}" for w in self.warnings]
         title = "per module" if len(self.modules) <= limit else f"per module ({limit} worst of {len(self.modules)})"
         return "\n".join(head) + "\n\n" + title + "\n" + self.table(limit)
 
 
-def mode_name(rank: int | None, energy: float | None) -> str:
+def mode_name(rank: int | None, energy: float | None, size: int | None = None) -> str:
     parts = ([f"rank {rank}"] if rank is not None else []) + ([f"energy {energy:g}"] if energy is not None else [])
+    parts += [f"size {format_size(size)}"] if size is not None else []
     return ", ".join(parts) or "exact"

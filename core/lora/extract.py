@@ -29,8 +29,31 @@ from ..dtypes import cast_for_output, dtype_name, parse_dtype
 from ..errors import WeightsmithError
 from ..progress import ProgressFn, no_progress
 from . import keymaps
+from .budget import (
+    HEADER_SLACK,
+    METADATA_ALLOWANCE,
+    Allocation,
+    LayerSpectrum,
+    allocate,
+    format_size,
+    initial_width,
+    tensor_header_bytes,
+)
 from .model import LoRA, LoraTerm
-from .svd import METHODS, OptionError, RankPolicy, clamp_factors, frobenius, low_rank, residual_sq_norm, subtract_
+from .svd import (
+    METHODS,
+    RANK_MODES,
+    OptionError,
+    RankPolicy,
+    check_dynamic_param,
+    clamp_factors,
+    frobenius,
+    low_rank,
+    oversampling,
+    randomized_svd,
+    residual_sq_norm,
+    subtract_,
+)
 from .validate import (
     ExtractionReport,
     ModelPair,
@@ -43,6 +66,13 @@ from .validate import (
 )
 
 DEFAULT_MIN_DELTA = 1e-6
+SAME_AS_RANK = -1  # conv_rank as the user gives it (node widget and CLI alike): -1 = same as rank, 0 = leave out
+
+
+def conv_rank_option(value: int | None) -> int | None:
+    """The user's conv_rank (node widget or --conv-rank, one meaning for both) as ExtractOptions takes it:
+    -1 (or None) = the same as rank, 0 = leave k×k convolutions out, n > 0 = rank n."""
+    return None if value is None or value == SAME_AS_RANK else value
 
 
 @dataclass(frozen=True)
@@ -59,24 +89,36 @@ class ExtractOptions:
     dtype: torch.dtype = torch.bfloat16
     method: str = "auto"  # auto | randomized | exact
     seed: int = 0
+    dynamic_param: float | None = None  # kohya's --dynamic_param (sv_ratio / sv_fro / sv_cumulative)
+    size: int | None = None  # bytes of the whole LoRA file (rank mode "budget")
+
+    def _policy(self, rank: int, cap: int | None) -> RankPolicy:
+        if self.rank_mode == "budget":  # the cap only: each layer's rank comes from the allocation
+            return RankPolicy("fixed", cap or 1 << 30, max_rank=cap)
+        return RankPolicy(self.rank_mode, rank, self.energy, self.error, cap, self.dynamic_param)
 
     def linear_policy(self) -> RankPolicy:
-        return RankPolicy(self.rank_mode, self.rank, self.energy, self.error, self.max_rank)
+        return self._policy(self.rank, self.max_rank)
 
     def conv_policy(self) -> RankPolicy:
         rank = self.conv_rank or self.rank
         cap = self.max_rank
-        if self.conv_rank and self.rank_mode in ("energy", "error"):
+        if self.conv_rank and self.rank_mode not in ("fixed", "full"):
             cap = self.conv_rank if cap is None else min(cap, self.conv_rank)
-        return RankPolicy(self.rank_mode, rank, self.energy, self.error, cap)
+        return self._policy(rank, cap)
 
     def as_metadata(self) -> dict:
-        return {
+        out = {
             "rank": self.rank, "conv_rank": self.conv_rank, "rank_mode": self.rank_mode, "energy": self.energy,
             "error": self.error, "max_rank": self.max_rank, "min_delta": self.min_delta,
             "store_diff": self.store_diff, "clamp_quantile": self.clamp_quantile,
             "dtype": dtype_name(self.dtype), "method": self.method, "seed": self.seed,
         }
+        if self.dynamic_param is not None:
+            out["dynamic_param"] = self.dynamic_param
+        if self.size is not None:
+            out["size"] = self.size
+        return out
 
 
 @dataclass(frozen=True)
@@ -101,10 +143,18 @@ def _output_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 def check_options(opts: ExtractOptions) -> ExtractOptions:
     """Refuse out-of-range settings before any tensor is read (OptionError: a WeightsmithError)."""
+    if opts.rank_mode not in RANK_MODES:
+        raise OptionError(f"unknown rank mode {opts.rank_mode!r}; choose one of {', '.join(RANK_MODES)}")
+    if opts.rank_mode == "budget" and (opts.size is None or opts.size <= 0):
+        raise OptionError("rank mode budget needs a file size (--size 100MB, or the node's size_mb); give the size "
+                          "the LoRA file should have")
+    if opts.rank_mode in ("sv_ratio", "sv_fro", "sv_cumulative"):
+        check_dynamic_param(opts.rank_mode, opts.dynamic_param)
     opts.linear_policy()  # the rank settings
     opts.conv_policy()
     if opts.conv_rank is not None and opts.conv_rank < 0:
-        raise OptionError(f"conv_rank must be ≥ 0 (got {opts.conv_rank}); give 0 to leave k×k convolutions out")
+        raise OptionError(f"conv_rank {opts.conv_rank}: give -1 for the same as rank, 0 to leave k×k convolutions out, "
+                          "or a rank above 0")
     if not (isinstance(opts.min_delta, (int, float)) and opts.min_delta >= 0 and math.isfinite(opts.min_delta)):
         raise OptionError(f"min_delta must be a finite number ≥ 0 (got {opts.min_delta}); give e.g. "
                           f"{DEFAULT_MIN_DELTA:g}, or 0 to keep every changed layer")
@@ -206,13 +256,18 @@ def extract_lora(
     method: str = "auto",
     seed: int = 0,
     missing: str = "auto",
+    dynamic_param: float | None = None,
+    size: int | None = None,
 ) -> tuple[LoRA, ExtractionReport]:
     """The LoRA taking `base` to `tuned` (paths, state dicts or TensorSources; checkpoint prefixes do not
     matter), and its reconstruction report. Identical models give an empty LoRA and a report saying so;
     models of different architectures raise MismatchError naming the keys; `missing` decides keys only one
-    model has (auto: skipped and listed between related bases such as Flux dev and schnell; skip; error)."""
+    model has (auto: skipped and listed between related bases such as Flux dev and schnell; skip; error).
+    rank_mode "budget" allocates ranks across layers for a file of `size` bytes (see budget.py): a first
+    pass sketches every layer's spectrum, a second extracts at the allocated ranks."""
     opts = check_options(ExtractOptions(rank, conv_rank, rank_mode, energy, error, max_rank, min_delta, store_diff,
-                                        clamp_quantile or None, _output_dtype(dtype), method, seed))
+                                        clamp_quantile or None, _output_dtype(dtype), method, seed, dynamic_param,
+                                        size))
     device = resolve_device(device)  # a missing GPU fails here, before any file is read
     progress = progress or no_progress
     t0 = time.perf_counter()
@@ -221,29 +276,23 @@ def extract_lora(
     lora = LoRA(arch=lora_arch(pair.arch), source_format="extracted")
     report = ExtractionReport("extraction", pair.arch, settings=opts.as_metadata() | {"device": str(device)},
                               decoded=pair.decoded(), unpaired=pair.unpaired)
+    steps = 2 * len(plans) if opts.rank_mode == "budget" else len(plans)
+    if opts.rank_mode == "budget":
+        plans, report.budget = budget_plans(pair, plans, opts, device, lambda i, _n: progress(i, steps))
+    done = steps - len(plans)
     for i, plan in enumerate(plans):
-        progress(i, len(plans))
+        progress(done + i, steps)
         report.compared += 1
-        b = pair.base.get(plan.key)  # stored dtype; a file's tensor stays memory-mapped on the CPU
-        delta = subtract_(pair.tuned.get(plan.key).to(device, torch.float32, copy=True), b)  # one fp32 copy
-        norm = frobenius(delta)
-        base_norm = frobenius(b)
-        del b
-        shape = tuple(delta.shape)
-        where = nonfinite_inputs(pair, plan.key, delta, norm)
-        if where:  # skipped and reported (the SVD would fail); strict sources refused it on reading
-            report.modules.append(nonfinite_module(plan.key, shape, plan.kind, where))
-        elif norm == 0.0:
+        delta, norm, base_norm = _layer_delta(pair, plan, device)
+        verdict = _verdict(pair, plan, delta, norm, base_norm, opts)
+        if verdict == "unchanged":
             report.unchanged += 1
-        elif norm <= opts.min_delta * base_norm:
-            report.modules.append(ModuleReport(plan.key, shape, plan.kind, "skipped", norm, 1.0,
-                                               note=f"|dW|/|W| = {norm / base_norm:.3g} below min_delta"))
-        elif plan.action == "drop":
-            report.modules.append(ModuleReport(plan.key, shape, plan.kind, "dropped", norm, 1.0, note=plan.reason))
+        elif verdict is not None:
+            report.modules.append(verdict)
         else:
             report.modules.append(extract_layer(plan, delta, norm, opts, lora))
         del delta
-    progress(len(plans), len(plans))
+    progress(steps, steps)
     report.seconds = time.perf_counter() - t0
     if not report.modules:
         report.message = (f"base and tuned are identical on all {report.compared} tensors: "
@@ -252,8 +301,135 @@ def extract_lora(
         report.message = (f"no layer changed enough to extract ({len(report.modules)} changed tensors, all "
                           "skipped or left out): the LoRA is empty")
     lora.metadata = {"weightsmith.extract": json.dumps(opts.as_metadata()),
-                     "weightsmith.extract_summary": json.dumps(_metadata_summary(report))}
+                     "weightsmith.extract_summary": json.dumps(_metadata_summary(report)),
+                     "weightsmith.base_arch": pair.arch}
     return lora, report
+
+
+def _layer_delta(pair: ModelPair, plan: LayerPlan, device: torch.device) -> tuple[torch.Tensor, float, float]:
+    """(ΔW in fp32 on `device`, ‖ΔW‖, ‖W_base‖) of one layer."""
+    b = pair.base.get(plan.key)  # stored dtype; a file's tensor stays memory-mapped on the CPU
+    delta = subtract_(pair.tuned.get(plan.key).to(device, torch.float32, copy=True), b)  # one fp32 copy
+    return delta, frobenius(delta), frobenius(b)
+
+
+def _verdict(pair: ModelPair, plan: LayerPlan, delta: torch.Tensor, norm: float, base_norm: float,
+             opts: ExtractOptions) -> ModuleReport | str | None:
+    """What happens to a layer other than extraction: its report (non-finite, skipped, dropped), the string
+    "unchanged", or None when it is to be extracted."""
+    shape = tuple(delta.shape)
+    where = nonfinite_inputs(pair, plan.key, delta, norm)
+    if where:  # skipped and reported (the SVD would fail); strict sources refused it on reading
+        return nonfinite_module(plan.key, shape, plan.kind, where)
+    if norm == 0.0:
+        return "unchanged"
+    if norm <= opts.min_delta * base_norm:
+        return ModuleReport(plan.key, shape, plan.kind, "skipped", norm, 1.0,
+                            note=f"|dW|/|W| = {norm / base_norm:.3g} below min_delta")
+    if plan.action == "drop":
+        return ModuleReport(plan.key, shape, plan.kind, "dropped", norm, 1.0, note=plan.reason)
+    return None
+
+
+ALPHA_BYTES = 4  # alphas are stored as fp32 scalars
+
+
+def _lowrank_overhead(module: str, m: int, n: int, cap: int, size: int) -> int:
+    """Header entries and alpha of one low-rank module (ComfyUI key names; others are as long)."""
+    return ALPHA_BYTES + sum(tensor_header_bytes(f"{module}.{part}", shape, size) for part, shape in
+                             (("lora_up.weight", (m, cap)), ("lora_down.weight", (cap, n)), ("alpha", ())))
+
+
+def _sketch(pair: ModelPair, plan: LayerPlan, width: int, opts: ExtractOptions, device: torch.device,
+            delta: torch.Tensor | None = None) -> LayerSpectrum:
+    """A layer's leading `width` singular values from a randomized sketch (never a full SVD)."""
+    if delta is None:
+        delta, _, _ = _layer_delta(pair, plan, device)
+    mat = delta.reshape(delta.shape[0], -1)
+    m, n = mat.shape
+    cap = plan.policy.cap(min(m, n))
+    width = min(width, cap)
+    _, s, _ = randomized_svd(mat, width + oversampling(width), seed=_key_seed(opts.seed, plan.key))
+    total_sq = frobenius(delta) ** 2
+    return LayerSpectrum(plan.key, m, n, cap, total_sq, s[:width].double().cpu(), complete=width >= cap,
+                         overhead=_lowrank_overhead(plan.module, m, n, cap, opts.size or 0))
+
+
+@torch.no_grad()
+def budget_plans(pair: ModelPair, plans: list[LayerPlan], opts: ExtractOptions, device: torch.device,
+                 progress: ProgressFn) -> tuple[list[LayerPlan], dict]:
+    """The extraction plans with each low-rank layer's rank allocated for a file of `opts.size` bytes, and
+    the allocation's report. Pass over every layer: ΔW, the fixed part of the file (full diffs, alphas,
+    header), a randomized sketch of each changed low-rank layer; then the greedy allocation, widening the
+    sketches of layers it would give more rank than they show (see budget.py)."""
+    assert opts.size is not None
+    elem = opts.dtype.itemsize
+    fixed = HEADER_SLACK + METADATA_ALLOWANCE
+    candidates: list[LayerPlan] = []
+    shapes: dict[str, tuple[int, int]] = {}
+    for plan in plans:
+        info = pair.info(plan.key)
+        if plan.action in ("diff", "diff_b"):
+            fixed += info.numel * elem + tensor_header_bytes(f"{plan.module}.{plan.action}", info.shape, opts.size)
+        elif plan.action == "lowrank":
+            m = info.shape[0]
+            n = info.numel // max(m, 1)
+            candidates.append(plan)
+            shapes[plan.key] = (m, n)
+    budget = opts.size - fixed
+    if budget <= 0:
+        raise OptionError(f"size {format_size(opts.size)} leaves nothing for the LoRA's ranks: its fixed part (full "
+                          f"diffs of 1-D weights and biases, header) takes {format_size(fixed)}; give a "
+                          "larger --size, or leave the diffs out (--no-diff / store_diff off)")
+    width0 = initial_width([(m, n, p.policy.cap(min(m, n))) for p in candidates
+                            for m, n in [shapes[p.key]]], budget, elem)
+    spectra: dict[str, LayerSpectrum] = {}
+    for i, plan in enumerate(plans):
+        progress(i, len(plans))
+        if plan.action not in ("lowrank", "diff", "diff_b"):
+            continue
+        delta, norm, base_norm = _layer_delta(pair, plan, device)
+        stored = _verdict(pair, plan, delta, norm, base_norm, opts) is None
+        if stored and plan.action == "lowrank":
+            spectra[plan.key] = _sketch(pair, plan, width0, opts, device, delta)
+        elif not stored and plan.action != "lowrank":  # an unchanged diff: its bytes go to the ranks
+            info = pair.info(plan.key)
+            budget += info.numel * elem + tensor_header_bytes(f"{plan.module}.{plan.action}", info.shape, opts.size)
+            fixed -= info.numel * elem + tensor_header_bytes(f"{plan.module}.{plan.action}", info.shape, opts.size)
+        del delta
+    by_key = {p.key: p for p in plans}
+    alloc = allocate(list(spectra.values()), budget, elem)
+    while alloc.limited:  # an allocation reached a sketch's width: sketch those layers twice as wide
+        for key in alloc.limited:
+            progress(len(plans), len(plans))  # (a node's Interrupt is honoured here too)
+            spectra[key] = _sketch(pair, by_key[key], 2 * spectra[key].width, opts, device)
+        alloc = allocate(list(spectra.values()), budget, elem)
+    new_plans = []
+    for plan in plans:
+        r = alloc.ranks.get(plan.key)
+        if r is None:
+            new_plans.append(plan)
+        elif r == 0:
+            new_plans.append(LayerPlan(plan.key, plan.module, plan.kind, "drop",
+                                       reason="the size budget left no rank for this layer"))
+        else:
+            new_plans.append(LayerPlan(plan.key, plan.module, plan.kind, "lowrank", RankPolicy("fixed", r)))
+    return new_plans, _budget_report(alloc, opts.size, fixed)
+
+
+def _budget_report(alloc: Allocation, size: int, fixed: int) -> dict:
+    ranks = [r for r in alloc.ranks.values() if r]
+    estimated = fixed + alloc.rank_bytes
+    rank_range = f"{min(ranks)}-{max(ranks)}" if ranks else "none"
+    lines = [f"size budget {format_size(size)}: ranks {rank_range} over {len(ranks)} layers "
+             f"({format_size(alloc.rank_bytes)} of factors + {format_size(fixed)} fixed, about "
+             f"{format_size(estimated)}); estimated relative error {alloc.relative_error:.4g} vs "
+             f"{alloc.uniform_relative_error:.4g} at the best uniform rank of that size ({alloc.uniform_rank})"
+             + (" (the uniform ranks were better here and are used)" if alloc.chose == "uniform" else "")]
+    return {"size": size, "fixed_bytes": fixed, "rank_bytes": alloc.rank_bytes, "estimated_bytes": estimated,
+            "allocation": alloc.chose, "relative_error": alloc.relative_error,
+            "uniform_rank": alloc.uniform_rank, "uniform_relative_error": alloc.uniform_relative_error,
+            "ranks": dict(alloc.ranks), "lines": lines}
 
 
 def leave_out(lora: LoRA, report: ExtractionReport, modules: list[str], reason: str, bias_only: bool = False) -> None:

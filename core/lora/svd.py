@@ -27,7 +27,13 @@ import torch
 
 from ..errors import WeightsmithError
 
-RANK_MODES = ("fixed", "energy", "error", "full")
+# Per-layer rank policies. sv_ratio / sv_fro / sv_cumulative are kohya sd-scripts' dynamic modes
+# (networks/resize_lora.py), with its exact definitions (`kohya_rank`); "budget" (a rank per layer from one
+# file-size budget for the whole LoRA) is decided across layers in `budget.py`, not here.
+LAYER_RANK_MODES = ("fixed", "energy", "error", "full", "sv_ratio", "sv_fro", "sv_cumulative")
+RANK_MODES = (*LAYER_RANK_MODES, "budget")
+SV_MODES = ("sv_ratio", "sv_fro", "sv_cumulative")
+KOHYA_MIN_SV = 1e-6  # kohya's MIN_SV: a layer whose largest singular value is at most this gets rank 1
 METHODS = ("auto", "randomized", "exact")
 
 # Randomized when the sketch (rank + oversampling) is at most this fraction of min(m, n); beyond that
@@ -101,6 +107,7 @@ class RankPolicy:
     energy: the smallest rank keeping ≥ `energy` of ‖ΔW‖²_F
     error:  the smallest rank with relative Frobenius error ≤ `error`
     full:   every direction (exact SVD): reconstructs ΔW up to fp32 rounding
+    sv_ratio / sv_fro / sv_cumulative: kohya's dynamic modes with `dynamic_param` (see `kohya_rank`)
     `max_rank` caps every mode (the per-layer cap)."""
 
     mode: str = "fixed"
@@ -108,10 +115,13 @@ class RankPolicy:
     energy: float = 0.99
     error: float = 0.05
     max_rank: int | None = None
+    dynamic_param: float | None = None  # kohya's --dynamic_param for the sv_* modes
 
     def __post_init__(self) -> None:
-        if self.mode not in RANK_MODES:
-            raise OptionError(f"unknown rank mode {self.mode!r}; choose one of {', '.join(RANK_MODES)}")
+        if self.mode not in LAYER_RANK_MODES:
+            raise OptionError(f"unknown rank mode {self.mode!r}; choose one of {', '.join(LAYER_RANK_MODES)}")
+        if self.mode in SV_MODES:
+            check_dynamic_param(self.mode, self.dynamic_param)
         if self.mode == "fixed" and self.rank < 1:
             raise OptionError(f"rank must be ≥ 1 (got {self.rank}); give a positive rank, e.g. 16")
         if self.mode == "energy" and not 0.0 < self.energy <= 1.0:
@@ -123,12 +133,22 @@ class RankPolicy:
 
     @property
     def target_energy(self) -> float | None:
-        """Fraction of ‖ΔW‖² to keep for the adaptive modes; None for fixed and full."""
+        """Fraction of ‖ΔW‖² to keep for the adaptive modes; None for fixed, full and the sv_* modes."""
         if self.mode == "energy":
             return self.energy
         if self.mode == "error":
             return 1.0 - self.error**2
         return None
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the rank depends on the spectrum (a sketch grown until the rule is decided)."""
+        return self.target_energy is not None or self.mode in ("sv_ratio", "sv_fro")
+
+    @property
+    def needs_whole_spectrum(self) -> bool:
+        """sv_cumulative compares against Σ of every singular value, which no partial sketch knows."""
+        return self.mode == "sv_cumulative"
 
     def cap(self, full_rank: int) -> int:
         """The largest rank this policy may use on a matrix of rank ≤ full_rank."""
@@ -241,10 +261,53 @@ def exact_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return torch.linalg.svd(a, full_matrices=False)
 
 
+def check_dynamic_param(mode: str, param: float | None) -> None:
+    """kohya's ranges: sv_ratio takes a ratio σ₁/σ_k ≥ 1, sv_fro and sv_cumulative a fraction in (0, 1]."""
+    if param is None or not math.isfinite(param):
+        raise OptionError(f"rank mode {mode} needs dynamic_param (kohya's --dynamic_param): a ratio ≥ 1 for "
+                          "sv_ratio (e.g. 10), a fraction in (0, 1] for sv_fro / sv_cumulative (e.g. 0.9)")
+    if mode == "sv_ratio" and param < 1.0:
+        raise OptionError(f"sv_ratio keeps singular values above σ₁ / dynamic_param, so dynamic_param must be ≥ 1 "
+                          f"(got {param}); give e.g. 10")
+    if mode in ("sv_fro", "sv_cumulative") and not 0.0 < param <= 1.0:
+        raise OptionError(f"{mode} takes a fraction in (0, 1] as dynamic_param (got {param}); give e.g. 0.9")
+
+
+def kohya_rank(singular_values: torch.Tensor, mode: str, param: float, max_rank: int | None = None) -> int:
+    """The rank kohya sd-scripts' resize_lora.py (`rank_resize` with `index_sv_*`) picks from a whole
+    spectrum S (descending), with its definitions exactly:
+
+    sv_ratio:      the number of σ > σ₁ / param (at least 1)
+    sv_cumulative: the smallest k with Σ_{i≤k} σ_i / Σ σ ≥ param
+    sv_fro:        the smallest k with Σ_{i≤k} σ_i² / Σ σ² ≥ param²  (the Frobenius norm kept ≥ param)
+
+    each at most len(S), then capped by `max_rank` (kohya's --new_rank); a spectrum with σ₁ ≤ 1e-6 gets
+    rank 1. Computed in fp64 (kohya's fp32 cumulative sums can differ by one right at a boundary)."""
+    s = singular_values.double().reshape(-1)
+    n = s.numel()
+    if n == 0:
+        return 0
+    if mode == "sv_ratio":
+        index = int((s > s[0] / param).sum()) - 1
+    elif mode == "sv_cumulative":
+        index = int(torch.searchsorted(torch.cumsum(s, 0) / float(s.sum()), torch.tensor([param], dtype=s.dtype)))
+    elif mode == "sv_fro":
+        sq = s.square()
+        index = int(torch.searchsorted(torch.cumsum(sq, 0) / float(sq.sum()), torch.tensor([param**2], dtype=s.dtype)))
+    else:
+        raise OptionError(f"unknown kohya dynamic mode {mode!r}; choose one of {', '.join(SV_MODES)}")
+    rank = max(0, min(index, n - 1)) + 1
+    if float(s[0]) <= KOHYA_MIN_SV:
+        return 1
+    return rank if max_rank is None else min(rank, max_rank)
+
+
 def choose_rank(singular_values: torch.Tensor, total_sq: float, policy: RankPolicy, full_rank: int) -> tuple[int, bool]:
     """(rank, target met) for `policy` given the leading singular values of a matrix with ‖·‖² = total_sq."""
     s = singular_values.double()
     cap = min(policy.cap(full_rank), s.numel())
+    if policy.mode in SV_MODES:
+        return _sv_rank(s, total_sq, policy, full_rank, cap)
     target = policy.target_energy
     if target is None:
         return cap, True
@@ -253,6 +316,30 @@ def choose_rank(singular_values: torch.Tensor, total_sq: float, policy: RankPoli
     if reached.numel():
         return int(reached[0]) + 1, True
     return cap, False
+
+
+def _sv_rank(s: torch.Tensor, total_sq: float, policy: RankPolicy, full_rank: int, cap: int) -> tuple[int, bool]:
+    """kohya's sv_* rank from the leading singular values `s` of a matrix with min(m, n) = full_rank.
+    "met" says whether these values decide it: sv_ratio once a computed σ falls to σ₁ / param, sv_fro once
+    the kept energy reaches param² of the known ‖ΔW‖² (kohya's rule with Σσ² = ‖ΔW‖²_F), sv_cumulative
+    only from the whole spectrum."""
+    param = float(policy.dynamic_param)
+    whole = s.numel() >= full_rank
+    if policy.mode == "sv_cumulative" or whole:
+        if not whole:
+            return cap, False
+        return min(kohya_rank(s, policy.mode, param, policy.max_rank), policy.cap(full_rank)), True
+    if float(s[0]) <= KOHYA_MIN_SV:
+        return 1, True
+    if policy.mode == "sv_ratio":
+        count = int((s > s[0] / param).sum())
+        decided = count < s.numel()
+        return min(max(count, 1), cap), decided or cap <= count
+    kept = torch.cumsum(s.square(), 0)
+    reached = torch.nonzero(kept / total_sq >= param**2)
+    if reached.numel():
+        return min(int(reached[0]) + 1, cap), True
+    return cap, cap <= s.numel()
 
 
 def _numerical_rank(s: torch.Tensor, rank: int) -> int:
@@ -288,9 +375,10 @@ def low_rank(
     if total_sq == 0.0:
         return LowRank(a.new_zeros((m, 0)), a.new_zeros((0, n)), torch.zeros(0), 0.0, "exact")
     cap = policy.cap(full)
-    adaptive = policy.target_energy is not None
+    adaptive = policy.adaptive
     width = min(cap, ADAPTIVE_START) if adaptive else cap
-    if policy.mode == "full" or method == "exact" or (method == "auto" and not use_randomized(m, n, width)):
+    if policy.mode == "full" or policy.needs_whole_spectrum or method == "exact" or (
+            method == "auto" and not use_randomized(m, n, width)):
         return _finish(*exact_svd(a), total_sq, policy, full, "exact")
     while True:
         u, s, vh = randomized_svd(a, width + oversampling(width), power_iterations, seed)

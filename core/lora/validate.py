@@ -313,8 +313,19 @@ class ReconstructionReport:
         )
 
 
+@dataclass
 class ExtractionReport(ReconstructionReport):
-    pass
+    budget: dict = field(default_factory=dict)  # size-budget allocation (rank mode "budget"), else empty
+
+    def text(self, per_module: bool = False) -> str:
+        text = super().text(per_module)
+        return "\n".join([*self.budget.get("lines", []), text]) if self.budget else text
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if self.budget:
+            out["budget"] = {k: v for k, v in self.budget.items() if k != "lines"}
+        return out
 
 
 class ValidationReport(ReconstructionReport):
