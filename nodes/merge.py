@@ -9,7 +9,7 @@ from ..core.dtypes import MODEL_OUTPUT_CHOICES
 from ..core.encodings.gguf_write import GGUF_OUTPUT_TYPES
 from ..core.errors import WeightsmithError
 from ..core.estimate_work import merge_estimate
-from ..core.merge.execute import execute_merge
+from ..core.merge.execute import execute_merge, kept_gguf_type
 from ..core.merge.methods import METHODS, derive_seed, format_params
 from ..core.merge.plan import MISSING_POLICIES, OTHERS_POLICIES, MergePlan, plan_merge
 from ..core.merge.rules import PRESETS, parse_params, parse_rules, parse_weights
@@ -321,8 +321,8 @@ class WeightsmithMergeFiles:
                           other_keys)
         largest = max((kp.numel for kp in plan.keys), default=0)
         device = compute_device(largest * 4 * (len(chosen) + 3))
-        out = None if dry_run else output_path(output_folder, filename_prefix,
-                                               ".gguf" if dtype in GGUF_OUTPUT_TYPES else ".safetensors")
+        gguf = dtype in GGUF_OUTPUT_TYPES or (dtype == "keep" and kept_gguf_type(plan) is not None)  # A is GGUF
+        out = None if dry_run else output_path(output_folder, filename_prefix, ".gguf" if gguf else ".safetensors")
         est = merge_estimate(plan, out, None if dtype == "keep" else dtype, device)
         est.check_disk()  # before any work: the output does not fit
         rep = execute_merge(plan, out, None if dtype == "keep" else dtype, device, progress(len(plan.keys), unique_id))

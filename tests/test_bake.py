@@ -269,7 +269,9 @@ def test_lora_objects_and_strength_zero(tmp_path):
 
 def test_scaled_fp8_model_is_decoded_and_baked_to_a_plain_dtype(tmp_path):
     """A ComfyUI scaled-fp8 model reads decoded (weight · scale, exactly); the LoRA is added in fp32 and the
-    result written in the dtype asked for; `keep` (a quantized output) is refused, saying what to choose."""
+    result written in the dtype asked for; `keep` writes scaled fp8 again: every fp8 weight with a fresh
+    scale from its baked values (an unpatched one comes back bit for bit), the rest as the model has it."""
+    from weightsmith.encodings.encode import dequantize_fp8
     from weightsmith.encodings.testfiles import scaled_fp8
     from weightsmith.sources import open_model
 
@@ -278,9 +280,22 @@ def test_scaled_fp8_model_is_decoded_and_baked_to_a_plain_dtype(tmp_path):
     save_file(enc.tensors, str(model))
     decoded = open_model(model)
     lora = random_lora(flux_shapes(CFG), "flux", rank=4, seed=7, scale=0.1)
-    with pytest.raises(WeightsmithError, match="stored quantized.*bf16, fp16 or fp32"):
-        bake(model, [lora], tmp_path / "keep.safetensors")
-    assert not (tmp_path / "keep.safetensors").exists()
+    keep = tmp_path / "keep.safetensors"
+    rep = bake(model, [(lora, 0.5), ], keep, rules=[r"@single=0"])
+    assert rep.encodings and rep.to_dict()["encodings"] == rep.encodings
+    raw, stored = load_file(str(keep)), load_file(str(model))
+    assert set(raw) == set(stored) and raw["scaled_fp8"].dtype == stored["scaled_fp8"].dtype
+    want_keep = _reference({k: decoded.get(k) for k in decoded.keys()}, [(lora, 0.5)],
+                           lambda i, k: 0.0 if k.startswith("single_blocks.") else 1.0)
+    fp8 = [k for k, t in stored.items() if t.dtype == torch.float8_e4m3fn and k != "scaled_fp8"]
+    assert fp8 and all(raw[k].dtype == torch.float8_e4m3fn for k in fp8)
+    for k in fp8:
+        got = dequantize_fp8(raw[k], raw[k[: -len("weight")] + "scale_weight"])
+        if k in rep.patched:  # within fp8 rounding of the baked values: half a step of e4m3 (3 mantissa bits)
+            torch.testing.assert_close(got, want_keep[k], rtol=2 ** -4, atol=float(want_keep[k].abs().max()) * 2 ** -9)
+        else:
+            assert torch.equal(raw[k].view(torch.uint8), stored[k].view(torch.uint8)), k
+    assert any(k in rep.patched for k in fp8) and any(k not in rep.patched for k in fp8)
     out = tmp_path / "out.safetensors"
     bake(model, [(lora, 0.5)], out, dtype="fp32")
     got = load_file(str(out))
@@ -289,3 +304,18 @@ def test_scaled_fp8_model_is_decoded_and_baked_to_a_plain_dtype(tmp_path):
     for k, t in got.items():
         assert t.dtype == torch.float32
         torch.testing.assert_close(t, want[k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_keep_on_a_gguf_model_is_refused_before_any_work_and_bf16_works(tmp_path):
+    """GGUF is read decoded but bake cannot write it back: `keep` says what to choose, nothing is written."""
+    from gguf_support import write_reference_gguf
+
+    sd = flux_state_dict(CFG, "dev", seed=1)
+    model = tmp_path / "flux.gguf"
+    write_reference_gguf(model, sd, "Q8_0", "flux")
+    lora = random_lora(flux_shapes(CFG), "flux", rank=4, seed=7, scale=0.1)
+    with pytest.raises(WeightsmithError, match=r"stored as .*Q8_0.*'keep' cannot keep it: choose bf16, fp16 or fp32"):
+        bake(model, [lora], tmp_path / "keep.safetensors")
+    assert not (tmp_path / "keep.safetensors").exists()
+    rep = bake(model, [(lora, 0.5)], tmp_path / "out.safetensors", dtype="bf16")
+    assert rep.patched and {t.dtype for t in load_file(str(tmp_path / "out.safetensors")).values()} == {torch.bfloat16}

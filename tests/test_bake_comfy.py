@@ -153,3 +153,38 @@ def test_bake_node_writes_reports_and_interrupts_cleanly(folders, tmp_path):
     assert sorted(p for p in folders.rglob("*") if p.is_file()) == before
     with pytest.raises(Exception, match="match nothing"):
         node().bake("diffusion_models/flux.safetensors", l2, 1.0, "", "keep", True, "diffusion_models", "baked/y")
+
+
+@pytest.mark.parametrize("encoding", ["scaled_fp8", "mixed"])
+def test_keep_on_a_quantized_model_writes_its_encoding_that_comfyui_loads(comfy, tmp_path, encoding):
+    """`keep` on a ComfyUI scaled-fp8 / mixed-precision model: the baked file is in the model's encoding
+    (fresh scales from the baked weights), UNETLoader's load_diffusion_model loads it, the weights ComfyUI
+    dequantizes are exactly ours, and they equal, within fp8 rounding, what a LoraLoaderModelOnly chain
+    patches into the model's decoded weights."""
+    import comfy.sd
+    from quant_support import dequantized, write_mixed, write_scaled_fp8
+    from test_quant_encode_comfy import assert_comfy_equals_ours
+
+    from weightsmith.sdunet import sd_unet_state_dict
+
+    model = tmp_path / "model.safetensors"
+    (write_scaled_fp8 if encoding == "scaled_fp8" else write_mixed)(model, sd_unet_state_dict("sd15", "tiny", seed=4))
+    lora = tmp_path / "lora.safetensors"
+    save_lora(random_lora(sd_unet_shapes("sd15", "tiny"), "sd15", rank=4, seed=2, scale=0.1), lora, fmt="kohya")
+    out = tmp_path / "baked.safetensors"
+    rep = bake(model, [(lora, 0.7)], out)
+    assert rep.dtype == "keep" and rep.encodings and rep.patched
+    config = assert_comfy_equals_ours(out, torch.float8_e4m3fn, legacy=encoding == "scaled_fp8")
+    assert type(config).__name__ == "SD15"
+    base, ours = dequantized(model), dequantized(out)
+    assert set(ours) == set(base)
+    plain = tmp_path / "decoded.safetensors"
+    save_file(base, str(plain))
+    want = effective_weights(comfy_chain(comfy.sd.load_diffusion_model(str(plain)), [(lora, 0.7)]))
+    checked = 0
+    for k, w in want.items():
+        if k in rep.patched and k in ours:
+            w = w.detach().float()
+            torch.testing.assert_close(ours[k], w, rtol=2 ** -3, atol=float(w.abs().max()) * 2 ** -7, msg=k)
+            checked += 1
+    assert checked >= len(rep.patched) // 2

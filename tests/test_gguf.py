@@ -470,3 +470,39 @@ def test_merge_files_node_reads_and_writes_gguf(comfy, tmp_path, monkeypatch, fl
     merge([dm / "a.gguf", dm / "b.safetensors"], want, dtype="gguf-q5_1")
     assert _data_section(Path(path)) == _data_section(want)  # the same tensors; each recipe names its run
     check_comfyui_gguf_layout(Path(path), base, "flux")
+
+
+def test_merge_keep_of_a_gguf_model_writes_its_gguf_type(tmp_path, flux_pair, capsys):
+    """`keep` with a GGUF model A and a .gguf output: A's GGML type, the tensors an explicit gguf-q8_0 makes;
+    a K-quant A is refused (cannot be encoded), and keep with a .gguf output needs a GGUF A."""
+    base, tuned = flux_pair
+    a, b = tmp_path / "a.gguf", tmp_path / "b.safetensors"
+    write_reference_gguf(a, base, "Q8_0", "flux")
+    save_file({k: v.bfloat16() for k, v in tuned.items()}, str(b))
+    kept, explicit = tmp_path / "kept.gguf", tmp_path / "explicit.gguf"
+    run = _cli(capsys, "merge", a, b, "-o", kept, "--weights", "0.4,0.6")
+    assert run.returncode == 0, run.stderr
+    merge([a, b], explicit, weights=[0.4, 0.6], dtype="gguf-q8_0")
+    # the same tensors and types (the metadata differ: provenance names each file and its dtype choice)
+    intended = {k: v.float() for k, v in base.items()}
+    types = check_comfyui_gguf_layout(kept, intended, "flux")
+    assert "Q8_0" in types.values() and types == check_comfyui_gguf_layout(explicit, intended, "flux")
+    got, want = reference_values(kept), reference_values(explicit)
+    assert set(got) == set(want) and all(np.array_equal(bits(got[k]), bits(want[k])) for k in want)
+    plain_a = tmp_path / "plain.safetensors"
+    save_file({k: v.bfloat16() for k, v in base.items()}, str(plain_a))
+    with pytest.raises(WeightsmithError, match="keep writes a .gguf only when model A is a GGUF file"):
+        merge([plain_a, b], tmp_path / "no.gguf", weights=[0.4, 0.6])
+    key = "double_blocks.0.img_attn.proj.weight"
+    raw = random_blocks("Q4_K", 8 * 2, seed=3).reshape(8, -1)  # 8 rows of 512 values
+    w = gguf.GGUFWriter(path=None, arch="flux")
+    w.add_tensor(key, raw, raw_dtype=T["Q4_K"])
+    k_quant = tmp_path / "k.gguf"
+    w.write_header_to_file(path=k_quant)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    save_file({key: torch.zeros(8, 512)}, str(tmp_path / "k_b.safetensors"))
+    with pytest.raises(WeightsmithError, match="stored as GGUF Q4_K, which weightsmith cannot encode"):
+        merge([k_quant, tmp_path / "k_b.safetensors"], tmp_path / "no.gguf")
+    assert not (tmp_path / "no.gguf").exists()

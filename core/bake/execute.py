@@ -20,15 +20,38 @@ from pathlib import Path
 import torch
 
 from ..devices import resolve_device
-from ..dtypes import all_finite, cast_for_output, dtype_name, parse_dtype
+from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name, parse_dtype
+from ..encodings.encode import WRITABLE, KeyOutput, OutputLayout, source_encoding, write_encoded
+from ..engine import KeyJob, run_keys, written_finite
 from ..errors import WeightsmithError
 from ..lora.model import ModuleDelta
-from ..pipeline import TASK_ELEMS, KeyPipeline, default_workers, row_ranges
-from ..progress import ProgressFn, no_progress
+from ..pipeline import TASK_ELEMS, WorkerBuffers, row_ranges
+from ..progress import ProgressFn
 from ..safetensors_io import StreamingWriter
+from ..sources import detect_diffusion_prefix, diffusion_layout
 from .plan import BakePlan, Patch
 
 PLAIN_DTYPES = ("keep", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")  # plain casts: no scale tensors
+DECODED_ALONE_BYTES = 64 << 20  # a decoded (fresh fp32) key larger than this is the only one in flight
+
+
+def keep_layout(plan: BakePlan) -> OutputLayout:
+    """`keep` for a quantized model: every key as the model stores it (encoded keys in their encoding, with
+    their activation scales and marker); raises before any work for an encoding weightsmith cannot write."""
+    src = plan.source
+    names = {raw: name for name, raw in diffusion_layout(src.keys()).names.items()}
+    layout = OutputLayout("keep", detect_diffusion_prefix(src.keys()))
+    for k in src.keys():
+        info = src.info(k)
+        enc = source_encoding(src, k)
+        if enc is not None and (enc.format, enc.stored_dtype) not in WRITABLE:
+            raise WeightsmithError(f"{plan.model_name}: {k!r} is stored as {enc.format} ({dtype_name(enc.stored_dtype)}); "
+                                   "bake cannot write that encoding back, so the output dtype 'keep' cannot keep it: "
+                                   "choose bf16, fp16 or fp32 (quantize the baked file afterwards, e.g. `weightsmith "
+                                   "convert`). Nothing was written")
+        layout.add(k, tuple(info.shape), info.dtype, names.get(k), source_encoding(src, k), src, k, plan.model_name)
+    layout.check()
+    return layout
 
 
 def apply_module(w: torch.Tensor, mod: ModuleDelta, strength: float) -> None:
@@ -111,6 +134,7 @@ class BakeReport:
     patched: list[str] = field(default_factory=list)
     copied: int = 0
     cast: int = 0
+    encodings: dict[str, int] = field(default_factory=dict)  # written tensors per encoding (keep on a quantized model)
 
     def to_dict(self) -> dict:
         return {
@@ -122,6 +146,7 @@ class BakeReport:
             "patched_keys": len(self.patched),
             "copied_keys": self.copied,
             "cast_keys": self.cast,
+            **({"encodings": self.encodings} if self.encodings else {}),
             "plan": self.plan.summary(),
         }
 
@@ -181,22 +206,24 @@ def execute_bake(
     by low-rank terms and full diffs alone go in row blocks of about `task_elems` elements (bounded memory,
     every core busy); keys with adapters whole."""
     if isinstance(dtype, str) and dtype.strip().lower() not in (*PLAIN_DTYPES, "same", "auto", ""):
-        raise WeightsmithError(f"bake output dtype {dtype!r}: choose one of {', '.join(PLAIN_DTYPES)} (quantized "
-                               "outputs are not supported by bake yet)")
+        raise WeightsmithError(f"bake output dtype {dtype!r}: choose one of {', '.join(PLAIN_DTYPES)} (explicit "
+                               "quantized outputs are not supported by bake yet; `keep` on a quantized model keeps "
+                               "its encoding, with fresh scales)")
     try:
         want = parse_dtype(dtype)
     except ValueError as e:
         raise WeightsmithError(str(e)) from None
     dev = resolve_device(device or "cpu")
-    progress = progress or no_progress
     src = plan.source
     keys = src.keys()
-    encoded = next((e for k in keys if (e := src.encoding(k)) is not None), None)
-    if encoded is not None and want is None:
-        raise WeightsmithError(f"{plan.model_name} is stored quantized ({encoded.label}); bake reads it decoded exactly "
-                               "but writes plain dtypes only for now: choose the output dtype bf16, fp16 or fp32 "
-                               "(quantize the baked file afterwards if you need fp8)")
+    # `keep` on a quantized model (ComfyUI scaled fp8, mixed precision): every key in the model's own
+    # encoding, a baked weight quantized with a fresh scale from its baked values (refused, before any
+    # work, for an encoding that cannot be written back)
+    encoded = any(src.encoding(k) is not None for k in keys) if want is None else False
+    enc_layout = keep_layout(plan) if encoded else None
     layout = {k: (src.info(k).shape, _out_dtype(src.info(k).dtype, want)) for k in keys}
+    if enc_layout is not None:
+        layout = {k: (ko.shape, ko.dtype) for k, ko in enc_layout.keys.items()}
     meta = {}
     if out_path is not None:
         from ..provenance import stamp
@@ -210,88 +237,107 @@ def execute_bake(
         "rules": [r.text for r in plan.rules], "dtype": "keep" if want is None else dtype_name(want)})
     writer = None
     if out_path is not None:
-        writer = StreamingWriter(out_path, layout, meta, protect=plan.protect_paths(), overwrite=overwrite)
+        if enc_layout is not None:
+            writer = StreamingWriter(out_path, enc_layout.writer_plan(), enc_layout.metadata(meta),
+                                     protect=plan.protect_paths(), overwrite=overwrite)
+        else:
+            writer = StreamingWriter(out_path, layout, meta, protect=plan.protect_paths(), overwrite=overwrite)
     report = BakeReport(plan, Path(out_path) if out_path is not None else None,
-                        "keep" if want is None else dtype_name(want), str(dev), 0.0, 0)
-    done = [0]
-    total = len(keys)
+                        "keep" if want is None else dtype_name(want), str(dev), 0.0, 0,
+                        encodings=enc_layout.summary() if enc_layout is not None else {})
+    buffers = WorkerBuffers()
+    on_cpu = dev.type == "cpu"
+
+    def check_written(key: str, out: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> None:
+        """The values as written must be finite: a cheap sum over them, the exact passes only when it fails
+        (then the fp32 result `w` and the input `t` say whose fault it is)."""
+        if written_finite(out):
+            return
+        patches = plan.patches[key]
+        if not written_finite(w):
+            raise _nonfinite_error(plan, key, patches, written_finite(t), None)
+        raise _nonfinite_error(plan, key, patches, True, out.dtype)
 
     def patch_task(key: str, t: torch.Tensor) -> None:
-        patches = plan.patches[key]
-        w = apply_patches(t.to(dev, torch.float32, copy=True), patches)
-        out_dtype = layout[key][1]
-        if not all_finite(w):
-            raise _nonfinite_error(plan, key, patches, all_finite(t), None)
-        out = cast_for_output(w, out_dtype)
+        w = apply_patches(t.to(dev, torch.float32, copy=True), plan.patches[key])
+        out = cast_for_output(w, layout[key][1])
+        check_written(key, out, w, t)
         del w
-        if not all_finite(out):
-            raise _nonfinite_error(plan, key, patches, True, out_dtype)
         if writer is not None:
             writer.write(key, out.cpu())
 
     def rows_task(key: str, t: torch.Tensor, ops: _RowOps, r0: int, r1: int) -> None:
-        shape, out_dtype = layout[key]
-        block = t[r0:r1].to(dev, torch.float32, copy=True)
-        ops.apply(block.view(r1 - r0, -1), r0)
-        if not all_finite(block):
-            raise _nonfinite_error(plan, key, plan.patches[key], all_finite(t[r0:r1]), None)
-        out = cast_for_output(block, out_dtype)
-        del block
-        if not all_finite(out):
-            raise _nonfinite_error(plan, key, plan.patches[key], True, out_dtype)
+        """Rows [r0, r1) of a key: widened into this thread's fp32 buffer, patched in place, stored into its
+        staging buffer in the output dtype and written to their place (no fresh allocation per block)."""
+        out_dtype = layout[key][1]
+        rows = t[r0:r1].reshape(r1 - r0, -1)
+        if on_cpu:
+            block = buffers.get("w", rows.numel(), torch.float32).view(rows.shape).copy_(rows)
+        else:
+            block = rows.to(dev, torch.float32, copy=True)
+        ops.apply(block, r0)
+        if out_dtype == torch.float32:
+            out = block
+        elif on_cpu:
+            out = buffers.get("out", rows.numel(), out_dtype).view(rows.shape)
+            out.copy_(cast_for_output(block, out_dtype) if out_dtype in FP8_DTYPES else block)
+        else:
+            out = cast_for_output(block, out_dtype)
+        check_written(key, out, block, rows)
         if writer is not None:
-            cols = out[0].numel()
-            writer.write_at(key, r0 * cols * out.element_size(), out.cpu())
+            writer.write_at(key, r0 * rows.shape[1] * out.element_size(), out.cpu())
+
+    def encoded_task(key: str, t: torch.Tensor, ko: KeyOutput) -> None:
+        """A key written encoded: its decoded value (patched when a LoRA targets it) quantized with the fresh
+        scale amax / fp8 max of the values written (an unpatched key of a ComfyUI-made file comes back as
+        it was)."""
+        w = t.to(dev, torch.float32, copy=True)
+        if key in plan.patches:
+            apply_patches(w, plan.patches[key])
+            if not written_finite(w):
+                raise _nonfinite_error(plan, key, plan.patches[key], written_finite(t), None)
+        if writer is not None:
+            write_encoded(writer, ko, w.cpu())
 
     def copy_task(key: str, t: torch.Tensor) -> None:
         out_dtype = layout[key][1]
         if t.dtype != out_dtype:
             out = cast_for_output(t.float(), out_dtype)
-            if not all_finite(out) and all_finite(t):
+            if not written_finite(out) and written_finite(t):
                 raise WeightsmithError(f"{key!r} of {plan.model_name} exceeds {dtype_name(out_dtype)}'s range; use a "
                                        "wider --dtype (bf16 or fp32). Nothing was written")
             t = out
         if writer is not None:
             writer.write(key, t)
 
-    def finish(_results) -> None:
-        done[0] += 1
-        progress(done[0], total)
+    def jobs():
+        for key in keys:
+            t = src.get(key)
+            ko = enc_layout.keys[key] if enc_layout is not None else None
+            if ko is not None and ko.fmt is not None:
+                if key in plan.patches:
+                    report.patched.append(key)
+                else:
+                    report.copied += 1  # re-encoded as it was
+                # decoded whole into fresh memory: a big one alone in flight
+                yield KeyJob([partial(encoded_task, key, t, ko)], drain=t.numel() * 4 > DECODED_ALONE_BYTES)
+            elif key in plan.patches and rowwise(plan.patches[key], tuple(t.shape)):
+                report.patched.append(key)
+                ops = _RowOps.of(plan.patches[key], t.shape[0], dev)
+                yield KeyJob([partial(rows_task, key, t, ops, r0, r1)
+                              for r0, r1 in row_ranges(t.shape[0], t[0].numel(), 1, task_elems)])
+            elif key in plan.patches:
+                report.patched.append(key)
+                yield KeyJob([partial(patch_task, key, t)])
+            else:
+                report.copied += t.dtype == layout[key][1]
+                report.cast += t.dtype != layout[key][1]
+                yield KeyJob([partial(copy_task, key, t)])
+            del t
 
-    policy = getattr(src, "nonfinite", "report")
-    src.nonfinite = "ignore"  # the output is checked instead (a full extra pass over every input otherwise)
     t0 = time.perf_counter()
-    progress(0, total)
-    try:
-        with torch.no_grad():
-            if writer is not None:
-                writer.__enter__()
-            try:
-                with KeyPipeline(threads or default_workers(dev), single_threaded_torch=dev.type == "cpu") as pipe:
-                    for key in keys:
-                        t = src.get(key)
-                        if key in plan.patches and rowwise(plan.patches[key], tuple(t.shape)):
-                            report.patched.append(key)
-                            ops = _RowOps.of(plan.patches[key], t.shape[0], dev)
-                            cols = t[0].numel()
-                            pipe.add([partial(rows_task, key, t, ops, r0, r1)
-                                      for r0, r1 in row_ranges(t.shape[0], cols, 1, task_elems)], finish)
-                        elif key in plan.patches:
-                            report.patched.append(key)
-                            pipe.add([partial(patch_task, key, t)], finish)
-                        else:
-                            report.copied += t.dtype == layout[key][1]
-                            report.cast += t.dtype != layout[key][1]
-                            pipe.add([partial(copy_task, key, t)], finish)
-                        del t
-            except BaseException as e:
-                if writer is not None:
-                    writer.__exit__(type(e), e, e.__traceback__)
-                raise
-            if writer is not None:
-                writer.__exit__(None, None, None)
-    finally:
-        src.nonfinite = policy
+    run_keys(jobs(), len(keys), writer=writer, sources=[src], device=dev, threads=threads, progress=progress,
+             before=enc_layout.write_extras if enc_layout is not None else None)
     report.seconds = time.perf_counter() - t0
     report.bytes_written = writer.total_bytes if writer is not None else 0
     return report

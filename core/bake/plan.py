@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..arch import ArchInfo, detect_arch
+from ..engine import OutputKey
 from ..errors import MismatchError, WeightsmithError
 from ..lora import keymaps as km
 from ..lora.formats import infer_arch, load_lora
@@ -128,6 +129,15 @@ class BakePlan:
 
     def protect_paths(self) -> list[Path]:
         return [*self.source.paths(), *self.lora_paths]
+
+    def output_specs(self) -> list[OutputKey]:
+        """Every output key in the engine's one shape: the model's keys in its order, each read from the
+        model (input 0); a patched key's function is "bake" (the adapters' ΔW added), the others "copy"."""
+        out = []
+        for k in self.source.keys():
+            info = self.source.info(k)
+            out.append(OutputKey(k, tuple(info.shape), info.dtype, ((0, k),), "bake" if k in self.patches else "copy"))
+        return out
 
     def summary(self) -> dict:
         return {

@@ -78,11 +78,14 @@ def run(args: argparse.Namespace) -> int:
         raise WeightsmithError("give at least two models to merge")
     if args.output is None and not (args.dry_run or args.plan_only):
         raise WeightsmithError("give an output file with -o OUT.safetensors (or use --dry-run / --plan-only)")
-    gguf_out = args.dtype in GGUF_OUTPUT_TYPES
+    # keep with a .gguf output: model A's GGUF type (execute_merge checks that A is a GGUF file)
+    gguf_out = args.dtype in GGUF_OUTPUT_TYPES or (args.dtype == "keep" and args.output is not None
+                                                   and args.output.suffix.lower() == ".gguf"
+                                                   and Path(args.models[0]).suffix.lower() == ".gguf")
     if args.output is not None and gguf_out and args.output.suffix.lower() != ".gguf":
         raise WeightsmithError(f"output {args.output} must end in .gguf with --dtype {args.dtype}")
     if args.output is not None and not gguf_out and args.output.suffix.lower() not in (".safetensors", ".sft"):
-        hint = " (for a GGUF file give --dtype gguf-q8_0, gguf-q5_1, gguf-q4_1, gguf-f16 …)" \
+        hint = " (for a GGUF file give --dtype gguf-q8_0, gguf-q5_1, gguf-q4_1, gguf-f16 …, or keep with a .gguf model A)" \
             if args.output.suffix.lower() == ".gguf" else ""
         raise WeightsmithError(f"output {args.output} must end in .safetensors{hint}")
     # --report/--chart are outputs too: a bad path (an input, an existing file) fails now, not after the merge

@@ -10,10 +10,10 @@ cache run on every core, and no whole merged tensor is held.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -34,10 +34,11 @@ from ..encodings.encode import (
     scaled_rows,
     source_encoding,
 )
-from ..encodings.gguf_write import GGUFStreamWriter, gguf_output_type
+from ..encodings.gguf_write import GGUF_OUTPUT_TYPES, GGUFStreamWriter, gguf_output_type
+from ..engine import KeyJob, all_finite, has_nan, run_keys, sum_is_finite, written_finite
 from ..errors import BadFileError, WeightsmithError
-from ..pipeline import TASK_ELEMS, KeyPipeline, WorkerBuffers, default_workers, row_ranges
-from ..progress import ProgressFn, no_progress
+from ..pipeline import TASK_ELEMS, WorkerBuffers, row_ranges
+from ..progress import ProgressFn
 from ..safetensors_io import StreamingWriter
 from .methods import METHODS, derive_seed
 from .plan import KeyPlan, MergePlan, plan_merge
@@ -66,24 +67,10 @@ def _store(dst: torch.Tensor, y: torch.Tensor) -> None:
 STATS_SAMPLE_EVERY = 16  # with stats="sample", every 16th row block of a large tensor feeds the report's sums
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    if t.dtype in FP8_DTYPES:
-        t = t.to(torch.float16)
-    return bool(torch.isfinite(t).all())
 
 
-def _has_nan(t: torch.Tensor) -> bool:
-    if t.dtype in FP8_DTYPES:
-        t = t.to(torch.float16)
-    return bool(torch.isnan(t).any())
 
 
-def _sum_is_finite(t: torch.Tensor) -> bool:
-    """A cheap test that `t` holds only finite values: NaN/Inf propagate into its sum. A sum beyond the
-    dtype's range fails it too, so a failure is confirmed with `_all_finite`. Checking the block as
-    written (after the cast) also catches the cast's overflow (1e5 is inf in fp16); measured ~3% of the
-    compute, where an isfinite pass over each block added ~8%."""
-    return math.isfinite(float(t.sum()))
 
 
 def _block_sums(xs: list[torch.Tensor], y: torch.Tensor) -> tuple[list[float], list[float], float]:
@@ -118,9 +105,9 @@ def _check_written(stored: torch.Tensor, y: torch.Tensor | None, result: _TaskRe
     probe = y if (stored.dtype in FP8_DTYPES and y is not None) else stored
     if probe.dtype in FP8_DTYPES:
         probe = probe.to(torch.float16)
-    if not _sum_is_finite(probe) and not _all_finite(stored):
+    if not sum_is_finite(probe) and not all_finite(stored):
         result.nonfinite = True
-        result.nan = _has_nan(stored)
+        result.nan = has_nan(stored)
 
 
 class _MergeContext:
@@ -136,6 +123,33 @@ class _MergeContext:
         self.sample_every = sample_every
         self.writer = writer
         self.buffers = WorkerBuffers()
+
+    def job(self, kp: KeyPlan, finish) -> KeyJob:
+        """A key's work for the engine: which task computes it, by row blocks or whole, plain or encoded."""
+        drain = kp.action in ("take", "merge") and self.decoded_and_large(kp)
+        ko = self.layout.keys.get(kp.out_key) if self.layout is not None else None
+        encoded = ko is not None and ko.fmt is not None
+        big = kp.numel * 4 * len(kp.reads) > ALONE_BYTES  # whole-tensor and big: alone, with all cores
+        if kp.action == "take":
+            task = partial(self.encode_take, ko, self.inputs(kp)[0]) if encoded else \
+                partial(self.take_task, kp, self.inputs(kp)[0])
+            return KeyJob([task], finish, drain=drain)
+        if kp.action != "merge":
+            return KeyJob([], finish)
+        if self.blockwise(kp):
+            full = self.row_inputs(kp)
+            cols = kp.numel // kp.shape[0]
+            step = max(1, self.chunk // cols)
+            ranges = row_ranges(kp.shape[0], cols, step, max(self.chunk, TASK_ELEMS))
+            if encoded:  # row blocks into one fp32 result; quantized when all are in (amax of the whole)
+                y = torch.empty(kp.numel, dtype=torch.float32)
+                return KeyJob([partial(self.encode_rows_task, kp, full, y, r0, r1, step) for r0, r1 in ranges],
+                              _then(partial(self.finish_encoded, ko, y), finish), drain=drain)
+            # decoded inputs are freed with the key's last task, not at the next key
+            return KeyJob([partial(self.rows_task, kp, full, r0, r1, step) for r0, r1 in ranges], finish, drain=drain)
+        task = partial(self.encoded_task, kp, ko, self.inputs(kp)) if encoded else \
+            partial(self.whole_task, kp, self.inputs(kp))
+        return KeyJob([] if big else [task], finish, alone=task if big else None, drain=drain)
 
     def inputs(self, kp: KeyPlan) -> list[torch.Tensor]:
         """The key's input tensors (memory-mapped views; read on the calling thread, so sources need not
@@ -307,11 +321,11 @@ class _MergeContext:
         if t.dtype != want:
             cast = cast_for_output(t.float(), want)
             # a narrower dtype can turn finite values into inf; the input's own NaN/Inf are copied
-            if not _sum_is_finite(cast.float() if want in FP8_DTYPES else cast) and not _all_finite(cast) \
-                    and _all_finite(t):
+            if not sum_is_finite(cast.float() if want in FP8_DTYPES else cast) and not all_finite(cast) \
+                    and all_finite(t):
                 raise _overflow_error(kp, self.plan, want)
             t = cast
-        if self.writer is not None and t.is_floating_point() and not _written_finite(t):
+        if self.writer is not None and t.is_floating_point() and not written_finite(t):
             raise _nonfinite_error(kp, self.plan, [self.plan.inputs[kp.reads[0][0]].label])
         if self.writer is not None:
             self.writer.write(kp.out_key, t)
@@ -342,6 +356,27 @@ def _then(first, then):
     return finish
 
 
+def kept_gguf_type(plan: MergePlan) -> str | None:
+    """`keep` for a GGUF model A: the GGML type A stores most of its quantized weights in (the writer keeps
+    the tensors GGUF files keep unquantized, as for an explicit gguf-… choice); None when A is not GGUF. A
+    type weightsmith cannot encode (K-quants, IQ) is refused before anything is read."""
+    counts: Counter[str] = Counter()
+    for kp in plan.output_keys():
+        i, raw = kp.reads[0]
+        enc = source_encoding(plan.sources[i], raw)
+        if i == 0 and enc is not None and enc.format.startswith("gguf:"):
+            counts[enc.format.split(":", 1)[1]] += 1
+    if not counts:
+        return None
+    qtype = counts.most_common(1)[0][0]
+    if qtype not in GGUF_OUTPUT_TYPES.values():
+        raise WeightsmithError(f"A ({plan.inputs[0].name}) is stored as GGUF {qtype}, which weightsmith cannot encode "
+                               "(the gguf package decodes K-quant and IQ types but cannot write them), so keep cannot "
+                               "keep it: choose gguf-q8_0, gguf-q5_1, gguf-q4_1 or gguf-f16, or a .safetensors output "
+                               "in bf16. Nothing was written")
+    return qtype
+
+
 def output_layout(plan: MergePlan, choice: OutputChoice) -> OutputLayout:
     """How every output key is written: `keep` takes each key's encoding from the input its value comes
     from (A for merged keys); errors for what cannot be written come here, before anything is read."""
@@ -360,7 +395,7 @@ def _check_inputs_finite(plan: MergePlan, kp: KeyPlan, policies: list[str]) -> l
     inputs scanned); a source whose policy is "error" stops the merge, naming file and key."""
     bad = []
     for i, raw in kp.reads:
-        if not _all_finite(plan.sources[i].get(raw)):
+        if not all_finite(plan.sources[i].get(raw)):
             bad.append(plan.inputs[i].label)
             if policies[i] == "error":
                 raise BadFileError(f"{plan.sources[i].name}: tensor {raw!r} contains NaN or Inf values (the file is "
@@ -370,8 +405,6 @@ def _check_inputs_finite(plan: MergePlan, kp: KeyPlan, policies: list[str]) -> l
     return bad
 
 
-def _written_finite(t: torch.Tensor) -> bool:
-    return _sum_is_finite(t.to(torch.float16) if t.dtype in FP8_DTYPES else t) or _all_finite(t)
 
 
 def _nonfinite_error(kp: KeyPlan, plan: MergePlan, bad_inputs: list[str]) -> WeightsmithError:
@@ -441,14 +474,21 @@ def execute_merge(
         raise WeightsmithError(f"stats mode {stats!r}: choose one of {', '.join(STATS_MODES)}")
     sample_every = {"full": 1, "sample": STATS_SAMPLE_EVERY, "off": 0}[stats]
     gguf_type = gguf_output_type(dtype)  # a GGUF output: keys computed in fp32, quantized by its writer
+    if gguf_type is None and out_path is not None and Path(out_path).suffix.lower() == ".gguf":
+        if not parse_output(dtype).keep:
+            raise WeightsmithError(f"output {out_path}: a .gguf file is written with a GGUF output dtype (gguf-q8_0, "
+                                   "gguf-q5_1, gguf-q4_1, gguf-f16 …), or with keep when model A is a GGUF file")
+        gguf_type = kept_gguf_type(plan)
+        if gguf_type is None:
+            raise WeightsmithError(f"output {out_path}: keep writes a .gguf only when model A is a GGUF file; choose a "
+                                   "GGUF output dtype (gguf-q8_0, gguf-q5_1, gguf-q4_1, gguf-f16 …) or a .safetensors "
+                                   "output")
+        dtype = f"gguf-{gguf_type.lower()}"
     choice = parse_output(torch.float32 if gguf_type else dtype)
     out_dtype = choice.dtype
     layout = output_layout(plan, choice)
     dev = resolve_device(device or "cpu")
     chunk = chunk_elems or (CUDA_CHUNK_ELEMS if dev.type == "cuda" else CPU_CHUNK_ELEMS)
-    progress = progress or no_progress
-    key_plans = plan.keys
-    total = len(key_plans)
     key_stats: list[KeyStats] = []
     writer = None
     if out_path is not None:
@@ -460,8 +500,6 @@ def execute_merge(
     policies = [getattr(s, "nonfinite", "report") for s in plan.sources]
     ctx = _MergeContext(plan, dev, out_dtype, chunk, sample_every, writer, layout)
     t0 = time.perf_counter()
-    progress(0, total)
-    progress_step = max(1, total // 1000)  # 10^5 tiny keys need not make 10^5 progress (and UI) updates
 
     def finisher(kp: KeyPlan, ks: KeyStats):
         def finish(results: list) -> None:
@@ -490,75 +528,20 @@ def execute_merge(
                     ks.finite = False
                     ks.nonfinite_inputs = bad_inputs
             key_stats.append(ks)
-            done = len(key_stats)
-            if done == total or done % progress_step == 0:
-                progress(done, total)
         return finish
 
-    for s in plan.sources:
-        s.nonfinite = "ignore"
-    workers = threads or default_workers(dev)
-    try:
-        with torch.no_grad():  # MODEL weights are Parameters; nothing here needs autograd
-            if writer is not None:
-                writer.__enter__()
-            try:
-                if writer is not None:
-                    layout.write_extras(writer)
-                with KeyPipeline(workers, single_threaded_torch=dev.type == "cpu") as pipe:
-                    labels: dict[tuple[int, ...], list[str]] = {}  # one list per combination of inputs read
-                    for kp in key_plans:
-                        which = tuple(i for i, _ in kp.reads)
-                        reads = labels.get(which)
-                        if reads is None:
-                            reads = labels[which] = [plan.inputs[i].label for i in which]
-                        ks = KeyStats(kp.name, kp.group, kp.action, kp.method, kp.numel, reads=reads,
-                                      decided_by=kp.decided_by)
-                        finish = finisher(kp, ks)
-                        if kp.action in ("take", "merge") and ctx.decoded_and_large(kp):
-                            pipe.drain()
-                        ko = layout.keys.get(kp.out_key)
-                        if ko is not None and ko.fmt is not None and kp.action == "take":
-                            pipe.add([partial(ctx.encode_take, ko, ctx.inputs(kp)[0])], finish)
-                        elif ko is not None and ko.fmt is not None and kp.action == "merge" and ctx.blockwise(kp):
-                            # row blocks into one fp32 result; quantized when all are in (amax of the whole)
-                            full = ctx.row_inputs(kp)
-                            cols = kp.numel // kp.shape[0]
-                            step = max(1, chunk // cols)
-                            y = torch.empty(kp.numel, dtype=torch.float32)
-                            pipe.add([partial(ctx.encode_rows_task, kp, full, y, r0, r1, step)
-                                      for r0, r1 in row_ranges(kp.shape[0], cols, step, max(chunk, TASK_ELEMS))],
-                                     _then(partial(ctx.finish_encoded, ko, y), finish))
-                        elif ko is not None and ko.fmt is not None and kp.action == "merge":
-                            task = partial(ctx.encoded_task, kp, ko, ctx.inputs(kp))
-                            if kp.numel * 4 * len(kp.reads) > ALONE_BYTES:  # big: alone, with all cores
-                                finish([pipe.run_alone(task)])
-                            else:
-                                pipe.add([task], finish)
-                        elif kp.action == "take":
-                            pipe.add([partial(ctx.take_task, kp, ctx.inputs(kp)[0])], finish)
-                        elif kp.action != "merge":
-                            finish([])
-                        elif ctx.blockwise(kp):
-                            full = ctx.row_inputs(kp)
-                            cols = kp.numel // kp.shape[0]
-                            step = max(1, chunk // cols)
-                            pipe.add([partial(ctx.rows_task, kp, full, r0, r1, step)
-                                      for r0, r1 in row_ranges(kp.shape[0], cols, step, max(chunk, TASK_ELEMS))], finish)
-                            del full  # decoded inputs are freed with the key's last task, not at the next key
-                        elif kp.numel * 4 * len(kp.reads) > ALONE_BYTES:
-                            finish([pipe.run_alone(partial(ctx.whole_task, kp, ctx.inputs(kp)))])
-                        else:
-                            pipe.add([partial(ctx.whole_task, kp, ctx.inputs(kp))], finish)
-            except BaseException as e:
-                if writer is not None:
-                    writer.__exit__(type(e), e, e.__traceback__)
-                raise
-            if writer is not None:
-                writer.__exit__(None, None, None)
-    finally:
-        for s, pol in zip(plan.sources, policies):
-            s.nonfinite = pol
+    def jobs():
+        labels: dict[tuple[int, ...], list[str]] = {}  # one list per combination of inputs read
+        for kp in plan.keys:
+            which = tuple(i for i, _ in kp.reads)
+            reads = labels.get(which)
+            if reads is None:
+                reads = labels[which] = [plan.inputs[i].label for i in which]
+            ks = KeyStats(kp.name, kp.group, kp.action, kp.method, kp.numel, reads=reads, decided_by=kp.decided_by)
+            yield ctx.job(kp, finisher(kp, ks))
+
+    run_keys(jobs(), len(plan.keys), writer=writer, sources=plan.sources, device=dev, threads=threads,
+             progress=progress, before=layout.write_extras)
     seconds = time.perf_counter() - t0
     return MergeReport(
         plan=plan,

@@ -24,6 +24,7 @@ from types import MappingProxyType
 import torch
 
 from ..arch import detect_arch
+from ..engine import OutputKey
 from ..errors import MismatchError, WeightsmithError
 from ..sources import DiffusionLayout, TensorSource, as_source, diffusion_layout, key_group
 from .methods import METHODS, MergeMethod, format_params, get_method
@@ -91,6 +92,11 @@ class MergePlan:
 
     def protect_paths(self) -> list[Path]:
         return [p for s in self.sources for p in s.paths()]
+
+    def output_specs(self) -> list[OutputKey]:
+        """Every output key in the engine's one shape (input indices: A = 0, B = 1, …)."""
+        return [OutputKey(k.out_key, k.shape, k.in_dtype, k.reads, k.method if k.action == "merge" else "copy")
+                for k in self.output_keys()]
 
     def summary(self) -> dict:
         return {

@@ -1,0 +1,121 @@
+"""The one streaming engine behind merge, lossless mix and bake (core/engine.py): every plan reads as the
+same per-key shape (output key, shape, dtype, inputs read, function), and that shape is what the file
+holds; one loop aborts a run on an error or interrupt (no file, no temp file, the sources' NaN/Inf
+policies restored); the lossless pick's integer blend is torch.where bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from weightsmith.bake import bake, plan_bake
+from weightsmith.engine import KeyJob, largest, run_keys
+from weightsmith.lora.formats import save_lora
+from weightsmith.lora.testloras import random_lora
+from weightsmith.merge import execute_merge, plan_merge
+from weightsmith.mix import _select, lossless_mix, plan_mix
+from weightsmith.safetensors_io import StreamingWriter
+from weightsmith.sources import open_model
+from weightsmith.testmodels import FluxConfig, finetune, flux_shapes, flux_state_dict
+
+CFG = FluxConfig()
+
+
+def _header(path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    with safe_open(str(path), "pt") as f:
+        return {k: (tuple(f.get_slice(k).get_shape()), f.get_tensor(k).dtype) for k in f.keys()}
+
+
+@pytest.fixture()
+def trio(tmp_path):
+    a = {k: v.to(torch.bfloat16) for k, v in flux_state_dict(CFG, "dev", seed=1).items()}
+    paths = []
+    for name, sd in (("a", a), ("b", finetune(a, seed=2)), ("c", finetune(a, seed=3))):
+        paths.append(tmp_path / f"{name}.safetensors")
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(paths[-1]))
+    return paths
+
+
+def test_every_plan_reads_as_the_engine_shape_and_the_file_holds_it(tmp_path, trio):
+    a, b, c = trio
+    plan = plan_merge([a, b], "weighted_sum", [0.5, 0.5], rules=[r"^final_layer\..*=drop"])
+    specs = plan.output_specs()
+    assert not any(s.key.startswith("final_layer.") for s in specs)
+    assert {s.function for s in specs} == {"weighted_sum"}
+    assert all(s.reads == ((0, s.key), (1, s.key)) for s in specs)
+    execute_merge(plan, tmp_path / "m.safetensors")
+    assert _header(tmp_path / "m.safetensors") == {s.key: (s.shape, s.dtype) for s in specs}
+
+    with open_model(a) as sa, open_model(b) as sb, open_model(c) as sc:
+        mix_specs = plan_mix(sa, [sb, sc]).output_specs("max")
+    assert {s.function for s in mix_specs} == {"lossless_max"}
+    assert all(len(s.reads) == 3 for s in mix_specs)
+    lossless_mix(a, b, c, out=tmp_path / "x.safetensors", mode="max")
+    assert _header(tmp_path / "x.safetensors") == {s.key: (s.shape, s.dtype) for s in mix_specs}
+
+    lora = tmp_path / "l.safetensors"
+    save_lora(random_lora(flux_shapes(CFG), "flux", rank=4, seed=1, scale=0.1), lora, fmt="comfy")
+    bplan = plan_bake(a, [(lora, 0.5)])
+    bake_specs = bplan.output_specs()
+    assert {s.key for s in bake_specs if s.function == "bake"} == set(bplan.patches)
+    bake(a, [(lora, 0.5)], tmp_path / "baked.safetensors")
+    assert _header(tmp_path / "baked.safetensors") == {s.key: (s.shape, s.dtype) for s in bake_specs}
+    big = largest(bake_specs)
+    assert big is not None and big.nbytes == max(s.numel * 2 for s in bake_specs)
+
+
+def test_an_error_in_a_task_aborts_the_run_and_restores_the_sources(tmp_path, trio):
+    out = tmp_path / "o.safetensors"
+    src = open_model(trio[0])
+    assert src.nonfinite == "report"
+    keys = src.keys()
+    writer = StreamingWriter(out, {k: (src.info(k).shape, src.info(k).dtype) for k in keys})
+    seen = []
+
+    def task(k):
+        if k == keys[3]:
+            raise RuntimeError("boom")
+        writer.write(k, src.get(k))
+
+    def jobs():
+        for k in keys:
+            assert src.nonfinite == "ignore"  # outputs are checked instead of every read
+            yield KeyJob([lambda k=k: task(k)], lambda results, k=k: seen.append(k))
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_keys(jobs(), len(keys), writer=writer, sources=[src])
+    assert src.nonfinite == "report"
+    assert seen == keys[:3]  # finishes ran in key order up to the failing key
+    assert not out.exists() and list(tmp_path.glob("*.tmp*")) == [] and list(tmp_path.glob(".*")) == []
+
+
+def test_an_interrupt_from_progress_leaves_no_file(tmp_path, trio):
+    out = tmp_path / "o.safetensors"
+
+    def stop(done, total):
+        if done >= 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lossless_mix(*trio, out=out, progress=stop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_integer_blend_is_torch_where_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4099, generator=g).to(dtype)
+    y = torch.randn(4099, generator=g).to(dtype)
+    x[:4] = torch.tensor([-0.0, float("nan"), float("inf"), -float("inf")], dtype=torch.float64).to(dtype)
+    y[:4] = torch.tensor([0.0, -float("nan"), 1.0, -0.0], dtype=torch.float64).to(dtype)
+    take = torch.rand(4099, generator=g) > 0.5
+    take[:4] = torch.tensor([True, True, True, False])
+    want = torch.where(take, x, y)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[want.element_size()]
+    got = _select(take, x, y, torch.empty_like(x))
+    assert torch.equal(got.view(bits), want.view(bits))
+    in_place = y.clone()
+    _select(take, x, in_place, in_place)  # out may be the if-false operand itself
+    assert torch.equal(in_place.view(bits), want.view(bits))
