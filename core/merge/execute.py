@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,7 +39,7 @@ from ..encodings.fp8 import decode_fp8, fast_decodable
 from ..encodings.gguf_write import GGUF_OUTPUT_TYPES, GGUFStreamWriter, gguf_output_type
 from ..engine import KeyJob, all_finite, has_nan, run_keys, sum_is_finite, written_finite
 from ..errors import BadFileError, WeightsmithError
-from ..pipeline import TASK_ELEMS, WorkerBuffers, row_ranges
+from ..pipeline import TASK_ELEMS, WorkerBuffers, default_workers, row_ranges
 from ..progress import ProgressFn
 from ..safetensors_io import StreamingWriter
 from .methods import METHODS, derive_seed
@@ -50,6 +51,7 @@ CUDA_CHUNK_ELEMS = 1 << 24  # 64 MB of fp32 per input: keeps a GPU busy; the few
 # A whole-tensor (non-row-wise) merge whose fp32 inputs exceed this runs alone, with all cores and
 # nothing else in memory beside it, instead of as one task among others.
 ALONE_BYTES = 64 << 20
+QUANT_ELEMS = 1 << 22  # elements per quantization range of a key written encoded (4 MB of fp8 written at once)
 
 
 def output_dtype(kp: KeyPlan, dtype: torch.dtype | None) -> torch.dtype:
@@ -115,7 +117,8 @@ class _MergeContext:
     """What every task of one merge shares: the plan, device, dtype, writer and per-thread buffers."""
 
     def __init__(self, plan: MergePlan, dev: torch.device, out_dtype: torch.dtype | None, chunk: int,
-                 sample_every: int, writer: StreamingWriter | None, layout: OutputLayout | None = None):
+                 sample_every: int, writer: StreamingWriter | None, layout: OutputLayout | None = None,
+                 workers: int = 1):
         self.plan = plan
         self.layout = layout
         self.dev = dev
@@ -125,6 +128,9 @@ class _MergeContext:
         self.writer = writer
         self.buffers = WorkerBuffers()
         self.results = _ResultBuffers()
+        self.workers = workers
+        self.inference = torch.is_inference_mode_enabled()
+        self._pool: ThreadPoolExecutor | None = None
 
     def job(self, kp: KeyPlan, finish) -> KeyJob:
         """A key's work for the engine: which task computes it, by row blocks or whole, plain or encoded."""
@@ -285,19 +291,45 @@ class _MergeContext:
 
     def finish_encoded(self, ko: KeyOutput, y: torch.Tensor, results: list[_TaskResult]) -> None:
         """Quantize a key's whole fp32 result with the fresh scale amax / fp8 max and write payload + scale,
-        block by block in place (no second fp32 copy of the tensor)."""
+        range by range in place (no second fp32 copy of the tensor), the ranges spread over the cores
+        (elementwise: the same bytes as one pass)."""
         assert ko.fmt is not None
         scale = fp8_scale(max((r.amax for r in results), default=0.0), ko.fmt.fp8)
         saturate = any(r.nonfinite for r in results)  # finite values divided by amax / max stay in range
-        stage = torch.empty(min(y.numel(), 1 << 22), dtype=ko.fmt.fp8)
-        for lo in range(0, y.numel(), stage.numel()):
-            hi = min(y.numel(), lo + stage.numel())
-            q = quantize_fp8(y[lo:hi], scale, ko.fmt.fp8, out=stage[:hi - lo], saturate=saturate, inplace=True)
-            if self.writer is not None:
-                self.writer.write_at(ko.key, lo, q)
+        step = QUANT_ELEMS
+        ranges = [(lo, min(y.numel(), lo + step)) for lo in range(0, y.numel(), step)]
+        quantize = partial(self._quantize_range, ko, y, scale, saturate)
+        if len(ranges) > 1 and self.workers > 1:
+            for f in [self._quant_pool().submit(quantize, lo, hi) for lo, hi in ranges]:
+                f.result()
+        else:
+            for lo, hi in ranges:
+                quantize(lo, hi)
         if self.writer is not None:
             self.writer.write(ko.scale_key, scale)
         self.results.give_back(y)
+
+    def _quantize_range(self, ko: KeyOutput, y: torch.Tensor, scale: torch.Tensor, saturate: bool,
+                        lo: int, hi: int) -> None:
+        """Quantize y[lo:hi] into this thread's fp8 staging buffer and write it at its place."""
+        assert ko.fmt is not None
+        with torch.inference_mode(self.inference), torch.no_grad():  # the mode y was made in (per thread)
+            stage = self.buffers.get("quant", hi - lo, ko.fmt.fp8)
+            q = quantize_fp8(y[lo:hi], scale, ko.fmt.fp8, out=stage, saturate=saturate, inplace=True)
+            if self.writer is not None:
+                self.writer.write_at(ko.key, lo, q)
+
+    def _quant_pool(self) -> ThreadPoolExecutor:
+        """Threads for the quantization of encoded keys, which runs when a key's rows are all in (the key
+        pipeline's workers are busy with the next keys then; the operating system shares the cores)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="weightsmith-quant")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def encoded_task(self, kp: KeyPlan, ko: KeyOutput, full: list[torch.Tensor]) -> _TaskResult:
         """Merge a key written encoded with a method that needs the whole tensor: the fp32 result once,
@@ -547,7 +579,8 @@ def execute_merge(
     # Inputs are not scanned for NaN/Inf up front (a full extra pass over every tensor): a non-finite
     # input shows in the merged output, which is checked for free, and only then are its inputs scanned.
     policies = [getattr(s, "nonfinite", "report") for s in plan.sources]
-    ctx = _MergeContext(plan, dev, out_dtype, chunk, sample_every, writer, layout)
+    # the worker count is read here: inside the run torch is held to one thread per worker
+    ctx = _MergeContext(plan, dev, out_dtype, chunk, sample_every, writer, layout, threads or default_workers(dev))
     t0 = time.perf_counter()
 
     def finisher(kp: KeyPlan, ks: KeyStats):
@@ -589,8 +622,11 @@ def execute_merge(
             ks = KeyStats(kp.name, kp.group, kp.action, kp.method, kp.numel, reads=reads, decided_by=kp.decided_by)
             yield ctx.job(kp, finisher(kp, ks))
 
-    run_keys(jobs(), len(plan.keys), writer=writer, sources=plan.sources, device=dev, threads=threads,
-             progress=progress, before=layout.write_extras)
+    try:
+        run_keys(jobs(), len(plan.keys), writer=writer, sources=plan.sources, device=dev, threads=threads,
+                 progress=progress, before=layout.write_extras)
+    finally:
+        ctx.close()
     seconds = time.perf_counter() - t0
     return MergeReport(
         plan=plan,
