@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..arch import ArchInfo, detect_arch
+from ..arch import ArchInfo, arch_family, detect_arch
 from ..engine import OutputKey
 from ..errors import MismatchError, WeightsmithError
 from ..lora import keymaps as km
@@ -168,10 +168,6 @@ def _as_spec(item) -> tuple[LoraInput, float, list[StrengthRule]]:
     return item, 1.0, []
 
 
-def _family(arch: str) -> str:
-    return {"flux": "flux", "chroma": "flux", "sdxl": "sd", "sd15": "sd"}.get(arch, "unknown")
-
-
 def _lora_label(lora: LoraInput, i: int) -> str:
     if isinstance(lora, (str, os.PathLike)):
         return Path(lora).name
@@ -196,7 +192,7 @@ def _read_lora(lora: LoraInput, arch: ArchInfo, label: str, model_name: str) -> 
         except MismatchError as e:
             raise MismatchError(f"{label} does not fit the model {model_name} ({arch.arch}): {e}") from e
         own = infer_arch(lo)
-    if own != "unknown" and _family(own) != _family(hint):
+    if own != "unknown" and arch_family(own) != arch_family(hint):
         raise MismatchError(f"{label} is a {own} LoRA and {model_name} is a {arch.arch} model: it cannot be baked "
                             "into it; give a model of the LoRA's architecture")
     if hint == "chroma" and own == "flux" and any(km.is_flux_modulation(n[len(km.DIFFUSION):]) for n in lo.modules):

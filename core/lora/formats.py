@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..arch import arch_family
 from ..errors import BadFileError, MismatchError
 from ..safetensors_io import write_safetensors
 from ..sources import DictSource, TensorSource, as_source, open_model
@@ -297,15 +298,6 @@ def flux_generation(lora: LoRA) -> str | None:
     return None
 
 
-_FAMILIES = {"flux": "flux", "chroma": "flux", "sdxl": "sd", "sd15": "sd"}
-
-
-def _family(arch: str) -> str:
-    """LoRAs of one family share a key space: Flux and Chroma; SD1.5 and SDXL (told apart by the caller). Every
-    other known architecture is its own family."""
-    return _FAMILIES.get(arch, arch if arch in LORA_ARCHES else "unknown")
-
-
 def _checked_arch(lora: LoRA, hint: str | None, where: str) -> str:
     found = infer_arch(lora)
     if hint is None:
@@ -314,7 +306,7 @@ def _checked_arch(lora: LoRA, hint: str | None, where: str) -> str:
         return hint  # names and shapes both fit: an attention-only LoRA on either generation
     if hint in ("flux", "chroma", "flux2", "qwen-image") and _inputs_only_and_undecided(lora):
         return hint  # img_in alone (width 64) fits Flux and Qwen-Image alike
-    if found != "unknown" and _family(found) != _family(hint):
+    if found != "unknown" and arch_family(found) != arch_family(hint):
         raise MismatchError(f"{where}: this is a {found} LoRA, not a {hint} one; use it with a {found} model")
     names = [n[len(km.DIFFUSION):] for n in lora.modules if n.startswith(km.DIFFUSION)]
     if hint == "chroma" and (mod := [n for n in names if km.is_flux_modulation(n)]):

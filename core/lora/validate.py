@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..arch import detect_arch
+from ..arch import arch_family, detect_arch
 from ..dtypes import all_finite
 from ..encodings.report import decoded_line, decoded_reads
 from ..errors import BadFileError, MismatchError
@@ -397,10 +397,6 @@ def optimal_at_rank(delta: torch.Tensor, rank: int, seed: int = 0) -> tuple[floa
 # Validation of any LoRA
 
 
-def _family(arch: str) -> str:
-    return {"flux": "flux", "chroma": "flux", "sdxl": "sd", "sd15": "sd"}.get(arch, "unknown")
-
-
 def _as_lora(lora, arch: str) -> LoRA:
     """`lora` as a canonical LoRA, checked to be for the models' architecture family."""
     hint = arch if arch in LORA_ARCHES else None
@@ -408,7 +404,7 @@ def _as_lora(lora, arch: str) -> LoRA:
         return load_lora(lora, arch=hint)
     if not isinstance(lora, LoRA):
         raise TypeError(f"expected a LoRA, a path or a state dict, got {type(lora).__name__}")
-    if hint and "unknown" not in (lora.arch, hint) and _family(lora.arch) != _family(hint):
+    if hint and "unknown" not in (lora.arch, hint) and arch_family(lora.arch) != arch_family(hint):
         raise MismatchError(f"the LoRA is for {lora.arch} but the models are {arch}; validate it against the "
                             f"{lora.arch} models it was made from, or pick a LoRA made for {arch}")
     return lora
