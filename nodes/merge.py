@@ -10,7 +10,7 @@ from ..core.encodings.gguf_write import GGUF_OUTPUT_TYPES
 from ..core.merge.execute import execute_merge
 from ..core.merge.methods import METHODS, derive_seed, format_params
 from ..core.merge.plan import MISSING_POLICIES, OTHERS_POLICIES, MergePlan, plan_merge
-from ..core.merge.rules import PRESETS
+from ..core.merge.rules import PRESETS, InputCountError, InputNames
 from .common import (
     CATEGORY,
     DIFFUSION_PREFIX,
@@ -27,6 +27,20 @@ from .common import (
 
 OUTPUT_FOLDERS = ["output", "diffusion_models", "checkpoints"]
 NONE = "none"
+SOCKETS = ("model_a", "model_b", "model_c", "model_d")
+
+
+def plan_for_sockets(connected: list[str], files: bool, *args, **kwargs) -> MergePlan:
+    """`plan_merge` of the connected (or chosen) inputs, whose errors about a missing or extra input name the
+    node's sockets (`connect a model to model_c`) instead of the CLI's letters."""
+    try:
+        return plan_merge(*args, **kwargs)
+    except InputCountError as e:
+        order = list(connected) + [s for s in SOCKETS if s not in connected]  # missing ones: the free sockets
+        name = lambda i: order[i] if i < len(order) else f"input {i + 1}"  # noqa: E731
+        names = (InputNames(name, "chosen", "choose a model file in", "set to none") if files
+                 else InputNames(name, "connected", "connect a model to", "disconnect"))
+        raise e.renamed(names) from None
 
 METHODS_TOOLTIP = "Merge method. " + " | ".join(
     f"{m.name} ({m.inputs_text()} models{'; ' + format_params(m.defaults) if m.defaults else ''}): {m.description}"
@@ -170,7 +184,8 @@ class WeightsmithMergeModels:
         models = [m for m in (model_a, model_b, model_c, model_d) if m is not None]
         device = compute_device()
         sources = [PatcherSource(m, device, name=f"model_{'abcd'[i]}") for i, m in enumerate(models)]
-        plan = plan_merge(sources, method, weights or None, rules, missing, params, [preset], others="drop")
+        connected = [n for n, m in zip(SOCKETS, (model_a, model_b, model_c, model_d)) if m is not None]
+        plan = plan_for_sockets(connected, False, sources, method, weights or None, rules, missing, params, [preset], others="drop")
         merged, notes = build_patches(plan, models)
         plan.notes.extend(notes)
         if report:
@@ -263,8 +278,9 @@ class WeightsmithMergeFiles:
     def merge(self, model_a, model_b, method, weights, rules, params, preset, missing, other_keys, dtype, dry_run,
               output_folder, filename_prefix, model_c=NONE, model_d=NONE, unique_id=None):
         chosen = [m for m in (model_a, model_b, model_c, model_d) if m and m != NONE]
-        plan = plan_merge([resolve_model_file(m) for m in chosen], method, weights or None, rules, missing, params, [preset],
-                          other_keys)
+        connected = [n for n, m in zip(SOCKETS, (model_a, model_b, model_c, model_d)) if m and m != NONE]
+        plan = plan_for_sockets(connected, True, [resolve_model_file(m) for m in chosen], method, weights or None,
+                                rules, missing, params, [preset], other_keys)
         largest = max((kp.numel for kp in plan.keys), default=0)
         device = compute_device(largest * 4 * (len(chosen) + 3))
         out = None if dry_run else output_path(output_folder, filename_prefix,

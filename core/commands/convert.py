@@ -23,6 +23,7 @@ from ..lora.reproject import REPROJECT_METHODS
 from ..paths import check_new_output, check_output_suffix, refuse_input_target
 from ..report import format_table, write_json
 from ..sources import open_model
+from ._roles import has_adapter_keys
 
 
 class UsageError(WeightsmithError):
@@ -200,13 +201,6 @@ def _inspect_model(path: Path) -> dict:
             "parts": {r["part"]: r for r in rows}, "dtypes": dtypes, "encodings": encodings}
 
 
-def _has_adapter_keys(keys: list[str]) -> bool:
-    from ..lora.formats_base import KOHYA_SUFFIXES, PEFT_SUFFIXES
-
-    suffixes = tuple(suf for suf, _ in KOHYA_SUFFIXES + PEFT_SUFFIXES + [(".down.weight", ""), (".up.weight", "")])
-    return any(k.endswith(suffixes) for k in keys)
-
-
 def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         check_new_output(args.json, "JSON summary", protect=[args.file])
@@ -215,9 +209,13 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     for note in src.notes:  # where in a trainer's checkpoint the tensors were found
         print(f"note: {note}")
+    if not src.keys():  # a valid header with no tensor in it: neither a model nor a LoRA
+        print(f"{args.file}: empty: a valid file that holds no tensors (an export or download that wrote only "
+              "the header?); nothing to inspect: re-export or download it again")
+        data: dict = {"kind": "empty"}
     # a full checkpoint's `model.diffusion_model.` keys also look like ComfyUI LoRA keys: a model is a model; so is
     # a file of plain weights no adapter suffix marks (an unknown model: explained, not read as a LoRA)
-    if detect_format(src.keys()) == "unknown" or detect_arch(src).arch != "unknown" or not _has_adapter_keys(src.keys()):
+    elif detect_format(src.keys()) == "unknown" or detect_arch(src).arch != "unknown" or not has_adapter_keys(src.keys()):
         data = _inspect_model(args.file)
     else:
         lora = load_lora(src)
