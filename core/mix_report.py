@@ -118,8 +118,8 @@ class MixReport:
         rule = "nearest to a" if self.mode == "min" else "farthest from a"
         lines = [f"lossless mix ({self.mode}: per element the candidate {rule}"
                  f"{', scales ' + ', '.join(f'{s:g}' for s in self.scales) if any(s != 1 for s in self.scales) else ''})",
-                 f"a = {Path(self.names[0]).name}"]
-        lines += [f"{x} = {Path(n).name}" for x, n in zip(letters, self.names[1:])]
+                 f"a = {_shown(self.names[0])}"]
+        lines += [f"{x} = {_shown(n)}" for x, n in zip(letters, self.names[1:])]
         lines += [f"note: {n}" for n in self.notes]
         lines.append(self.table())
         top = self.rows[0] if self.rows else {}
@@ -166,7 +166,7 @@ class MixReport:
         if not series:  # a plan-only report: how many keys each block mixes
             series = {"keys mixed": [r["keys"] for r in rows]}
         title = f"lossless mix ({self.mode}){' - dry run' if self.dry_run else ''}: similarity and share per block"
-        labels = [r["group"].replace("_blocks.", ".").replace("_block", "") for r in rows]
+        labels = [r["group"] for r in rows]  # the report table's names: one label set
         return bar_chart(labels, dict(list(series.items())[:6]), title=title)
 
 
@@ -179,6 +179,11 @@ def _blend(s: ChunkStats) -> tuple[float, float]:
     if ac2 <= 0 or bc2 <= 0:
         return float("nan"), float("nan")
     return cross / bc2, max(0.0, 1.0 - cross * cross / (ac2 * bc2))
+
+
+def _shown(name: str) -> str:
+    """A file input by its file name; a node's input as the node names it (`model_a: … (#3)`, kept whole)."""
+    return name if ": " in name else Path(name).name
 
 
 def _nan(v) -> bool:

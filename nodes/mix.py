@@ -22,6 +22,7 @@ from .common import (
     resolve_model_file,
     ui_report,
 )
+from .graph_names import input_names
 
 MODES = {"min_diff (nearest)": "min", "max_diff (farthest)": "max"}
 OUTPUT_FOLDERS = ["diffusion_models", "checkpoints", "output"]
@@ -93,15 +94,16 @@ class WeightsmithLosslessMix:
                                        "tooltip": "Compute the similarity report and chart now (one pass over the "
                                                   "three models on the compute device). Off: only the plan."}),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
-    def mix(self, model_a, model_b, model_c, alpha, beta, mode, report=True, unique_id=None):
+    def mix(self, model_a, model_b, model_c, alpha, beta, mode, report=True, unique_id=None, prompt=None):
         mode = MODES[mode]
         check_same_architecture([(n, model_arch(m)) for m, n in ((model_a, "model_a"), (model_b, "model_b"),
                                                                  (model_c, "model_c"))])
         device = compute_device(1 << 30)  # the report pass holds three fp32 copies of one weight at a time
-        sources = [PatcherSource(m, device, name=n) for m, n in ((model_a, "a"), (model_b, "b"), (model_c, "c"))]
+        names = input_names(prompt, unique_id, ["model_a", "model_b", "model_c"])  # what the report calls them
+        sources = [PatcherSource(m, device, name=n) for m, n in zip((model_a, model_b, model_c), names)]
         # Compare in fp32 whatever the in-memory dtypes are: the patch runs on fp32 weights too.
         plan = plan_mix(sources[0], sources[1:], include=("unet",), out_dtype=torch.float32)
         if not plan.mixed():

@@ -163,7 +163,7 @@ def test_arch_mismatch_refused_before_any_work(tmp_path):
     sd_lora = random_lora(sd_unet_shapes("sd15", "tiny"), "sd15", rank=2)
     save_lora(sd_lora, tmp_path / "sd.safetensors", fmt="kohya")
     out = tmp_path / "out.safetensors"
-    with pytest.raises(MismatchError, match="sd15.*flux|flux.*sd15"):
+    with pytest.raises(MismatchError, match="SD1.5.*Flux|Flux.*SD1.5"):
         bake(model, [tmp_path / "sd.safetensors"], out)
     assert not out.exists()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadFileError, MismatchError
+from ..report import an_arch
 from ..safetensors_io import write_safetensors
 from ..sources import DictSource, TensorSource, as_source, open_model
 from . import formats_kohya, formats_peft  # noqa: F401  (they register the formats)
@@ -221,7 +222,7 @@ def _checked_arch(lora: LoRA, hint: str | None, where: str) -> str:
     if hint is None:
         return found
     if found != "unknown" and _family(found) != _family(hint):
-        raise MismatchError(f"{where}: this is a {found} LoRA, not a {hint} one; use it with a {found} model")
+        raise MismatchError(f"{where}: this is {an_arch(found)} LoRA, not {an_arch(hint)} one; use it with {an_arch(found)} model")
     names = [n[len(km.DIFFUSION):] for n in lora.modules if n.startswith(km.DIFFUSION)]
     if hint == "chroma" and (mod := [n for n in names if km.is_flux_modulation(n)]):
         raise MismatchError(f"{where}: this Flux LoRA targets layers Chroma does not have ({', '.join(mod[:4])}…); "

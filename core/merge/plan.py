@@ -131,12 +131,33 @@ class MergePlan:
             lines.append(format_table([{"rule": r.text, "does": r.describe(), "keys": self.rule_hits.get(r.text, 0)}
                                        for r in self.rules], title="rules (first match wins)"))
         if self.only_in:
-            items = list(self.only_in.items())
-            shown = ", ".join(f"{k} [{'+'.join(v)}]" for k, v in items[:limit])
-            more = f" … and {len(items) - limit} more" if len(items) > limit else ""
-            lines.append(f"{len(items)} keys not in every input ({self.missing}): {shown}{more}")
+            lines.append(f"{len(self.only_in)} keys not in every input:")
+            for outcome, names in self.partial_outcomes().items():
+                shown = ", ".join(f"{k} [only {'+'.join(self.only_in[k])}]" for k in names[:limit])
+                more = f" … and {len(names) - limit} more" if len(names) > limit else ""
+                lines.append(f"  {len(names)} {outcome}: {shown}{more}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def partial_outcomes(self) -> dict[str, list[str]]:
+        """What became of the keys not every input has, as it happened (a rule may have decided them rather
+        than the missing-key policy): outcome text -> key names."""
+        plans = {k.name: k for k in self.keys if k.name in self.only_in}
+        out: dict[str, list[str]] = {}
+        for name in self.only_in:
+            kp = plans.get(name)
+            if kp is None:
+                what = "left out"
+            elif kp.decided_by.startswith("missing: "):
+                what = f"{kp.decided_by[len('missing: '):]} (missing-key policy {self.missing})"
+            elif kp.action == "drop":
+                what = f"dropped by the rule {kp.decided_by!r}"
+            elif kp.action == "take":
+                what = f"taken from {input_label(kp.reads[0][0])} by the rule {kp.decided_by!r}"
+            else:
+                what = f"merged from {'+'.join(input_label(i) for i, _ in kp.reads)} by the rule {kp.decided_by!r}"
+            out.setdefault(what, []).append(name)
+        return out
 
 
 def _public_params(params: dict) -> dict:
