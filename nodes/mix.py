@@ -8,6 +8,7 @@ from comfy.weight_adapter import WeightAdapterBase
 from ..core.dtypes import MODEL_OUTPUT_CHOICES
 from ..core.errors import BadFileError, MismatchError
 from ..core.mix import check_same_architecture, execute_mix, lossless_mix, pick_among, plan_mix
+from ..core.mix_report import sampled_tie_warning
 from .common import (
     CATEGORY,
     DIFFUSION_PREFIX,
@@ -122,6 +123,8 @@ class WeightsmithLosslessMix:
         rep = execute_mix(plan, sources[0], sources[1:], [alpha, beta], mode, dry_run=True, device=device,
                           progress=progress(len(plan.mixed()), unique_id), stats=bool(report))
         rep.out = None
+        if not report:  # no statistics of its own: the ties are checked on a sample
+            rep.tie_warning = sampled_tie_warning(sources[0], sources[1:], [alpha, beta], mode, device=device)
         text = rep.text().replace("dry run: nothing written", "patched lazily (nothing written)")
         return {"ui": ui_report(text, rep.to_json()), "result": (mixed, text, image_tensor(rep.chart()))}
 
@@ -200,9 +203,14 @@ class WeightsmithLosslessMixFiles:
             raise BadFileError("nothing to mix: enable at least one of mix_diffusion_model, mix_text_encoders, mix_vae")
         paths = [resolve_model_file(m) for m in (model_a, model_b, model_c)]
         out = None if dry_run else output_path(output_folder, filename_prefix)
+        device = compute_device(1 << 30)
+        # a real run computes no statistics: its ties are checked on a sample (a dry run has them all)
+        sampled = "" if dry_run else sampled_tie_warning(paths[0], paths[1:], [alpha, beta], MODES[mode], include,
+                                                         device)
         rep = lossless_mix(paths[0], paths[1], paths[2], alpha=alpha, beta=beta, mode=MODES[mode], out=out,
-                           include=include, dry_run=dry_run, device=compute_device(1 << 30), out_dtype=dtype,
+                           include=include, dry_run=dry_run, device=device, out_dtype=dtype,
                            progress=progress(1, unique_id))
+        rep.tie_warning = rep.tie_warning or sampled
         text = rep.text()
         return {"ui": ui_report(text, rep.to_json()),
                 "result": ("" if out is None else str(out), text, image_tensor(rep.chart()))}

@@ -330,8 +330,9 @@ def clamp_factors(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tupl
 # computation, so the same LoRA gets the same number from every command.
 OPTIMAL_MEANS = ("optimal: the smallest relative error any change of the module's rank can reach (Eckart-Young, "
                  "from the singular values of the true change). '(bound)': for layers too large for the exact SVD "
-                 "it is estimated with a randomized SVD (the one extraction uses), an upper bound usually within 1% "
-                 "of the true optimum, so a ratio slightly below 1 is possible there")
+                 "it is what the randomized SVD extraction uses reaches at that rank, an upper bound typically "
+                 "0.2-2% above the true optimum: an extraction shows a ratio near 1 there, and another tool's LoRA "
+                 "may show a ratio slightly below 1")
 
 
 def key_seed(seed: int, key: str) -> int:
