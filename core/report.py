@@ -64,6 +64,7 @@ def _json_default(o):
 
 
 MAX_LABEL = 32  # characters of an axis or legend label; longer ones keep both ends around a "…"
+MIN_PLOT_HEIGHT = 200  # pixels of the plot area, whatever the labels take
 
 
 def _label(text: str, limit: int = MAX_LABEL) -> str:
@@ -140,8 +141,9 @@ def bar_chart(
     log: bool = False,
 ) -> np.ndarray:
     """Grouped bars, one group per label, one colour per series. Returns an RGB uint8 array [H, W, 3].
-    Labels are shown whole up to MAX_LABEL characters (the report's own group names), rotated; the
-    picture grows downwards to fit them and the legend, the plot area keeps `height`'s share."""
+    Labels are shown whole up to MAX_LABEL characters (the report's own group names), rotated, with room
+    below the plot for them and the legend; the picture is `width` x `height` unless labels that long would
+    leave the plot less than MIN_PLOT_HEIGHT, then it grows downwards."""
     from PIL import Image, ImageDraw
 
     palette = [(66, 133, 244), (234, 67, 53), (251, 188, 5), (52, 168, 83), (171, 71, 188), (0, 172, 193)]
@@ -157,7 +159,7 @@ def bar_chart(
     left, right, top = max(70, max(text_w(t) for _, t in axis.ticks) + 16), 20, 44
     legend_h = 26
     bottom = label_px + 14 + legend_h
-    ph = max(height - top - 90, 160)  # the plot keeps the height it had with the old fixed margin
+    ph = max(height - top - bottom, MIN_PLOT_HEIGHT)  # the picture keeps its size unless labels leave too little
     height = top + ph + bottom
     img = Image.new("RGB", (width, height), (24, 24, 28))
     d = ImageDraw.Draw(img)
