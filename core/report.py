@@ -102,7 +102,7 @@ def value_axis(values: Sequence[float], log: bool = False) -> Axis:
         lo = math.floor(lo_v - 1 / 3)
         hi = max(math.ceil(hi_v), lo + 1)
         step = max(1, math.ceil((hi - lo) / 8))  # at most ~8 decade ticks
-        ticks = tuple((float(e), f"1e{e}" if not 0 <= e <= 2 else f"{10 ** e:g}") for e in range(lo, hi + 1, step))
+        ticks = tuple((float(e), f"1e{e}" if not -2 <= e <= 2 else f"{10.0 ** e:g}") for e in range(lo, hi + 1, step))
         return Axis(float(lo), float(hi), ticks, True)
     lo, hi = min(finite + [0.0]), max(finite + [0.0])
     if hi == lo:

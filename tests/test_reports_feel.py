@@ -140,7 +140,7 @@ def test_log_axis_starts_below_the_smallest_value():
         axis = value_axis([smallest, 0.5, 2.0], log=True)
         assert axis.lo <= math.log10(smallest) - 1 / 3 and axis.lo == int(axis.lo)  # a whole decade, well below
         assert axis.position(smallest) >= 1 / 3 / (axis.hi - axis.lo) > 0
-        assert axis.hi >= math.log10(2.0) and all(label.startswith(("1e", "1", "10")) for _, label in axis.ticks)
+        assert axis.hi >= math.log10(2.0) and all(float(label) == 10 ** pos for pos, label in axis.ticks)
     lin = value_axis([0.6863, 0.51], log=False)
     assert lin.lo == 0 and lin.hi >= 0.6863 and [t for _, t in lin.ticks] == ["0", "0.2", "0.4", "0.6", "0.8"]
 
