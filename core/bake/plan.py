@@ -30,7 +30,7 @@ from ..lora import keymaps as km
 from ..lora.formats import infer_arch, load_lora
 from ..lora.model import LoRA, ModuleDelta
 from ..merge.rules import expand_alias, parse_rule_lines
-from ..report import an_arch
+from ..report import an_arch, arch_name
 from ..sources import TensorSource, as_source, detect_diffusion_prefix
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def _read_lora(lora: LoraInput, arch: ArchInfo, label: str, model_name: str) -> 
         try:
             lo = load_lora(lora, arch=hint)
         except MismatchError as e:
-            raise MismatchError(f"{label} does not fit the model {model_name} ({arch.arch}): {e}") from e
+            raise MismatchError(f"{label} does not fit the model {model_name} ({arch_name(arch.arch)}): {e}") from e
         own = infer_arch(lo)
     if own != "unknown" and _family(own) != _family(hint):
         raise MismatchError(f"{label} is {an_arch(own)} LoRA and {model_name} is {an_arch(arch.arch)} model: it cannot be baked "
