@@ -61,7 +61,8 @@ class WeightsmithLosslessMix:
         "to (min_diff) or farthest from (max_diff) the reference model_a, comparing |a - alpha*b| with |a - beta*c| "
         "(ties take b for min_diff, c for max_diff). alpha/beta only bias the comparison. Applied lazily as "
         "patches on a clone of model_a (no extra copy of the model). Recipe: ModelMergeSimple(a, b) as model_a, "
-        "then a and b as model_b and model_c."
+        "then a and b as model_b and model_c, with beta 0.9 (alpha = beta: that reference ties in every element "
+        "and the result is just model_b; the report warns whenever ties decide)."
     )
     CATEGORY = f"{CATEGORY}/Mix"
     FUNCTION = "mix"

@@ -26,9 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "take B); --maxdiff takes the farther one (ties take C). alpha/beta only bias the "
                     "comparison, the written value is unscaled. Recipe, each element from A or B: merge A and B "
                     "with a weighted sum into AB, then `weightsmith mix AB A B --alpha 1 --beta 0.9 -o "
-                    "out.safetensors` (AB is equally far from A and B in every element: compared unscaled, every "
-                    "element ties and the mix is B; alpha ≠ beta makes the values decide; the report shows the "
-                    "split). A reference that is not a blend of the candidates (a third model) needs no bias.",
+                    "out.safetensors`. Compared unscaled, a 50/50 AB is equally far from A and B in every element: "
+                    "every element ties and the mix is just A (the first candidate; a 60/40 AB is nearer A "
+                    "everywhere: A again); alpha ≠ beta makes the values decide, and the report shows the split. "
+                    "A reference that is not a blend of the candidates (a third model) needs no bias.",
     )
     p.add_argument("reference", type=Path, help="model A, the reference (its keys and layout make the output)")
     p.add_argument("candidates", type=Path, nargs="+", help="models B, C (and more): where the elements come from")
