@@ -29,19 +29,7 @@ from ..errors import WeightsmithError
 from ..progress import ProgressFn, no_progress
 from . import keymaps
 from .model import LoRA, LoraTerm
-from .svd import (
-    METHODS,
-    OptionError,
-    RankPolicy,
-    clamp_factors,
-    frobenius,
-    is_optimal_at_rank,
-    key_seed,
-    low_rank,
-    optimal_at_rank,
-    residual_sq_norm,
-    subtract_,
-)
+from .svd import METHODS, OptionError, RankPolicy, clamp_factors, frobenius, low_rank, residual_sq_norm, subtract_
 from .validate import (
     ExtractionReport,
     ModelPair,
@@ -154,6 +142,13 @@ def plan_extraction(pair: ModelPair, opts: ExtractOptions) -> list[LayerPlan]:
     return [plan_layer(k, pair.info(k).shape, pair.info(k).dtype, opts) for k in pair.keys]
 
 
+def _key_seed(seed: int, key: str) -> int:
+    """A per-layer seed independent of layer order (so any subset of layers extracts identically)."""
+    from .svd import key_seed  # `optimal_at_rank` seeds each layer the same way
+
+    return key_seed(seed, key)
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
     out = cast_for_output(t, dtype)
     if dtype.is_floating_point and not bool(torch.isfinite(out).all()):
@@ -177,7 +172,7 @@ def extract_layer(plan: LayerPlan, delta: torch.Tensor, norm: float, opts: Extra
             md.diff_b = stored.cpu()
         return ModuleReport(plan.key, shape, plan.kind, "diff", norm, err, 0.0, True, None, 1.0, "diff")
     mat = delta.reshape(shape[0], -1)
-    lr = low_rank(mat, plan.policy, method=opts.method, seed=key_seed(opts.seed, plan.key), total_sq=norm * norm)
+    lr = low_rank(mat, plan.policy, method=opts.method, seed=_key_seed(opts.seed, plan.key), total_sq=norm * norm)
     up, down = lr.up, lr.down
     if opts.clamp_quantile:
         up, down = clamp_factors(up, down, opts.clamp_quantile)
@@ -191,6 +186,8 @@ def extract_layer(plan: LayerPlan, delta: torch.Tensor, norm: float, opts: Extra
     note = "" if lr.target_met else f"target not reached within the rank cap {plan.policy.cap(min(mat.shape))}"
     # "optimal" as validate computes it for this LoRA: the factorisation's own value where it is that very
     # computation (a fixed rank with the default seed and method), else computed the same way
+    from .svd import is_optimal_at_rank, optimal_at_rank
+
     if is_optimal_at_rank(lr, plan.policy, opts.method, opts.seed, tuple(mat.shape)):
         opt, exact = lr.optimal_error, lr.optimal_is_exact
     else:

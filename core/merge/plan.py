@@ -26,18 +26,9 @@ import torch
 from ..arch import detect_arch
 from ..errors import MismatchError, WeightsmithError
 from ..sources import DiffusionLayout, TensorSource, as_source, diffusion_layout, key_group
+from . import rules as _rules
 from .methods import METHODS, MergeMethod, format_params, get_method
-from .rules import (
-    InputCountError,
-    Rule,
-    input_label,
-    parse_input_ref,
-    parse_params,
-    parse_rules,
-    parse_weights,
-    preset_rules,
-    resolve,
-)
+from .rules import Rule, input_label, parse_input_ref, parse_params, parse_rules, parse_weights, preset_rules, resolve
 
 MISSING_POLICIES = ("take", "drop", "error")
 _NO_PARAMS = MappingProxyType({})
@@ -189,7 +180,7 @@ def _method_params(method: MergeMethod, given: dict, n_inputs: int, where: str) 
         b = params["base"]
         idx = parse_input_ref(b, f"{where}: base") if isinstance(b, str) else int(b)
         if idx >= n_inputs:
-            raise InputCountError(lambda nm: f"{where}: base {b!r} names {nm.name(idx)}, but only {n_inputs} inputs "
+            raise _rules.InputCountError(lambda nm: f"{where}: base {b!r} names {nm.name(idx)}, but only {n_inputs} inputs "
                                              f"are {nm.given} ({nm.names(range(n_inputs))}): {nm.add} {nm.name(idx)} or "
                                              "name one of those as the base")
         if not 0 <= idx < n_inputs:
@@ -209,10 +200,10 @@ def _method_params(method: MergeMethod, given: dict, n_inputs: int, where: str) 
 def _check_inputs(method: MergeMethod, n: int, where: str) -> None:
     takes = f"{where}: {method.name} ({method.description}) takes {method.inputs_text()} models"
     if n < method.min_inputs:
-        raise InputCountError(lambda nm: f"{takes}, but only {n} are {nm.given} ({nm.names(range(n))}): {nm.add} "
+        raise _rules.InputCountError(lambda nm: f"{takes}, but only {n} are {nm.given} ({nm.names(range(n))}): {nm.add} "
                                          f"{nm.names(range(n, method.min_inputs))} too")
     if method.max_inputs is not None and n > method.max_inputs:
-        raise InputCountError(lambda nm: f"{takes}, but {n} are {nm.given}: {nm.remove} "
+        raise _rules.InputCountError(lambda nm: f"{takes}, but {n} are {nm.given}: {nm.remove} "
                                          f"{nm.names(range(method.max_inputs, n))}, or choose a method for {n} models")
 
 
@@ -225,7 +216,7 @@ def _check_rule_inputs(rules: list[Rule], n: int) -> None:
             refs.append(parse_input_ref(r.params["base"], f"rule {r.text!r}: base"))
         for idx in refs:
             if idx >= n:
-                raise InputCountError(lambda nm, r=r, idx=idx: (
+                raise _rules.InputCountError(lambda nm, r=r, idx=idx: (
                     f"rule {r.text!r} names {nm.name(idx)}, but only {n} inputs are {nm.given} "
                     f"({nm.names(range(n))}): {nm.add} {nm.name(idx)}, or change the rule to one of those"))
 
