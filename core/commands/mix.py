@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..dtypes import MODEL_OUTPUT_CHOICES
@@ -87,12 +86,9 @@ def run(args: argparse.Namespace) -> int:
             raise WeightsmithError(f"--scales must be numbers separated by commas, not {args.scales!r}") from None
     comparison = scales or [args.alpha, args.beta] + [1.0] * (len(args.candidates) - 2)
     mode = "max" if args.maxdiff else "min"
-    # a run without statistics cannot see ties: check a sample first, so a tie-decided mix is named before
-    # the work (and again in the report)
+    # a run without statistics cannot see ties: a sample is checked, so the report names a tie-decided mix
     sampled = "" if args.dry_run or args.stats else sampled_tie_warning(
         args.reference, args.candidates, comparison, mode, include, args.device)
-    if sampled:
-        print(sampled, file=sys.stderr)
     report = lossless_mix(
         args.reference, candidates=args.candidates, alpha=args.alpha, beta=args.beta, scales=scales,
         mode="max" if args.maxdiff else "min", out=output, include=include,
