@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from . import commands
 from .errors import WeightsmithError
 from .outputs import output_set
+from .provenance import cli_recording, recording
 from .signals import InputChanged, Terminated, cli_signals
 from .sources import set_default_nonfinite
 
@@ -130,7 +131,10 @@ def _main(argv: list[str] | None) -> int:
     set_default_nonfinite(args.nonfinite)
     try:
         # every output of the command (model, --report, --chart) is placed together at the end, or none
-        with cli_signals(), output_set():
+        # and carries the run's recipe (provenance.py), built from the parsed options; `replay` records the run
+        # it replays itself
+        rec = None if getattr(args, "records_itself", False) else cli_recording(args)
+        with cli_signals(), output_set(), recording(rec):
             return int(args.func(args) or 0)
     except WeightsmithError as e:
         print(f"error: {e}", file=sys.stderr)

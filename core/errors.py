@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 
+def _public_module(module: str) -> str:
+    """The module name an error type shows. ComfyUI imports a custom-node pack under its folder's path
+    (`/…/custom_nodes/weightsmith.core.errors`) and reports `exception_type` from it: keep the dotted tail."""
+    return module.replace("\\", "/").rsplit("/", 1)[-1]
+
+
 class WeightsmithError(Exception):
     """Base for every error raised on purpose by the core."""
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.__module__ = _public_module(cls.__module__)
 
 
 class BadFileError(WeightsmithError):
@@ -25,3 +35,6 @@ class OutputPathError(WeightsmithError):
 
 class UnsupportedEncodingError(BadFileError):
     """A weight file stores some tensors in a quantized encoding this pack cannot decode exactly."""
+
+
+WeightsmithError.__module__ = _public_module(WeightsmithError.__module__)

@@ -568,7 +568,15 @@ def lossless_mix(a, b=None, c=None, *, candidates: Sequence | None = None, alpha
                 f"nothing to mix: no float tensor of {a_src.name} in the group(s) {', '.join(include)} has a "
                 f"same-shaped counterpart in every candidate ({others}); give models of one architecture that "
                 "hold these groups, or choose other groups to mix (include / --include unet,te,vae)")
-        meta = dict(a_src.metadata)
+        meta = {}
+        if not dry_run:  # what A's metadata said about A is not carried over (provenance.inherited)
+            from .arch import detect_arch
+            from .provenance import stamp
+
+            info = detect_arch(a_src)
+            meta = stamp(a_src.metadata, output=out, operation="mix", arch=info.arch, details=info.details,
+                         sources=[a_src, *c_src], merged=True, naming=info.naming,
+                         summary={"mode": mode, "scales": list(scales), "include": list(include)})
         meta["weightsmith.mix"] = json.dumps({"mode": mode, "scales": [float(s) for s in scales],
                                               "reference": Path(a_src.name).name,
                                               "candidates": [Path(s.name).name for s in c_src]})

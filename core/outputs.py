@@ -149,11 +149,12 @@ def current_output_set() -> OutputSet | None:
 
 
 @contextmanager
-def output_set() -> Iterator[OutputSet]:
+def output_set(join: bool = True) -> Iterator[OutputSet]:
     """Collect the outputs written inside the block and place them together when it ends cleanly; an
-    exception removes them all. Nested blocks join the outermost one."""
+    exception removes them all. Nested blocks join the outermost one, unless `join` is False (`replay`
+    reads back what it wrote before its run ends)."""
     outer = _current.get()
-    if outer is not None:
+    if outer is not None and join:
         yield outer
         return
     s = OutputSet()

@@ -216,13 +216,14 @@ def remove_stale_temps(folder: Path, name: str) -> list[Path]:
 
 def create_temp_beside(folder: Path, name: str) -> tuple[int, Path]:
     """A new hidden temp file beside the target, created with the umask's permissions like any other
-    file (tempfile.mkstemp would make it 0600, and the rename would keep that). Stale temp files of the
+    file (tempfile.mkstemp would make it 0600, and the rename would keep that); opened for reading too (the
+    writer reads back what it hashes). Stale temp files of the
     same output left by killed runs are removed first."""
     remove_stale_temps(folder, name)
     for _ in range(100):
         tmp = hidden_name_beside(folder / name)  # fits the file system's name limit
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temp file name beside {folder / name}")

@@ -12,6 +12,7 @@ path.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import os
@@ -29,6 +30,10 @@ from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
 from .errors import BadFileError, OutputPathError, UnsupportedEncodingError
 from .outputs import place_or_defer
 from .paths import check_name_fits, check_writable_folder, create_temp_beside, refuse_input_target
+from .provenance import HASH_KEY as _HASH_KEY
+from .provenance import HASH_PENDING as _HASH_PENDING
+
+_HASH_READ = 8 << 20  # read-back block when hashing what was written out of order
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit the safetensors library applies
 REFETCH = "download the file again or re-export it"  # what to do about a damaged file
@@ -304,6 +309,15 @@ class StreamingWriter:
         self._header = struct.pack("<Q", len(raw)) + raw
         self._data_start = len(self._header)
         self.total_bytes = self._data_start + pos
+        # modelspec.hash_sha256 (see provenance.py): the placeholder's place in the header, filled at commit
+        # with the SHA-256 of the data section. Bytes written in file order are hashed as they come (from
+        # memory); whatever arrives out of order is read back from the temp file at commit.
+        self.sha256: str | None = None
+        at = raw.find(_HASH_PENDING.encode()) if meta.get(_HASH_KEY) == _HASH_PENDING else -1
+        self._hash_at = 8 + at if at >= 0 else None
+        self._sha = hashlib.sha256() if self._hash_at is not None else None
+        self._hashed = 0  # bytes of the data section hashed so far
+        self._hash_lock = threading.Lock()
         self._written: set[str] = set()  # keys written whole
         self._filled: dict[str, int] = {}  # bytes written so far by write_at
         self._lock = threading.Lock()
@@ -351,6 +365,32 @@ class StreamingWriter:
             _write_all_at(fd, data, self._data_start + self._offsets[key] + pos, self._lock)
         except OSError as e:  # disk full, file size limit, I/O error: say where, the temp file goes away
             raise OutputPathError(f"could not write {self.path} (tensor {key!r}): {e}; free disk space and retry") from e
+        if self._sha is not None and self._offsets[key] + pos == self._hashed and self._hash_lock.acquire(blocking=False):
+            try:  # never waits: a writer that finds the hash busy leaves its bytes to the read-back at commit
+                if self._offsets[key] + pos == self._hashed:
+                    self._sha.update(data)
+                    self._hashed += len(data)
+            finally:
+                self._hash_lock.release()
+
+    def _finish_hash(self, fd: int) -> None:
+        """Hash the data not hashed while writing (read back from the temp file) and write the digest
+        into the header's placeholder."""
+        assert self._sha is not None and self._hash_at is not None
+        pos, end = self._data_start + self._hashed, self.total_bytes
+        while pos < end:
+            n = min(_HASH_READ, end - pos)
+            if hasattr(os, "pread"):
+                chunk = os.pread(fd, n, pos)
+            else:
+                os.lseek(fd, pos, os.SEEK_SET)
+                chunk = os.read(fd, n)
+            if not chunk:
+                raise OutputPathError(f"could not read back {self.path} to hash it: the temp file is shorter than written")
+            self._sha.update(chunk)
+            pos += len(chunk)
+        self.sha256 = "0x" + self._sha.hexdigest()
+        _write_all_at(fd, memoryview(self.sha256.encode()), self._hash_at, self._lock)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         info = self._info(key)
@@ -401,6 +441,8 @@ class StreamingWriter:
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} planned tensors never written, e.g. {missing[:3]}")
         assert self._fd is not None and self._tmp is not None
+        if self._sha is not None:
+            self._finish_hash(self._fd)
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None

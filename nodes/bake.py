@@ -5,9 +5,15 @@ from __future__ import annotations
 
 from ..core.bake import execute_bake, plan_bake
 from ..core.bake.execute import PLAIN_DTYPES
+from ..core.bake.plan import parse_strength_rules
+from ..core.errors import WeightsmithError
 from .common import (
     CATEGORY,
     LORA_TYPE,
+    MODEL_FILE_TOOLTIP,
+    MODEL_OUTPUT_FOLDER_TOOLTIP,
+    MODEL_OUTPUT_FOLDERS,
+    STRENGTH,
     compute_device,
     model_file_choices,
     output_path,
@@ -17,7 +23,6 @@ from .common import (
 )
 
 MAX_LORAS = 4
-OUTPUT_FOLDERS = ["diffusion_models", "checkpoints", "output"]
 RULES_TOOLTIP = ("Per-block strength factors, one PATTERN=FACTOR per line, first match wins: PATTERN a regex searched "
                  "in key names like single_blocks.3.linear1.weight, or a group (@double @single @img @txt @in @mid "
                  "@out @double.3 …); FACTOR multiplies every LoRA's strength there (e.g. @single=0.5). # comments.")
@@ -25,7 +30,7 @@ RULES_TOOLTIP = ("Per-block strength factors, one PATTERN=FACTOR per line, first
 
 class WeightsmithBakeLoRAs:
     DESCRIPTION = (
-        "Bake up to 4 LoRAs (from Load LoRA nodes: any format, LoRA/LoKr/LoHa/DoRA/full diffs) into a model file "
+        "Bake up to 4 LoRAs (from Read LoRA File nodes: any format, LoRA/LoKr/LoHa/DoRA/full diffs) into a model file "
         "and save it as a new file, streamed tensor by tensor: memory stays near one tensor whatever the model "
         "size. The weights equal what a chain of LoraLoaderModelOnly nodes patches (same order, fp32 math), cast "
         "once. A full checkpoint's text encoders get the LoRAs' text-encoder parts. LoRA modules that match "
@@ -40,26 +45,33 @@ class WeightsmithBakeLoRAs:
     OUTPUT_TOOLTIPS = ("full path of the written file", "the report: LoRAs, matched/unmatched modules, rules, keys")
 
     @classmethod
+    def VALIDATE_INPUTS(cls, rules=None):
+        """A strength rule that does not parse is refused when the prompt is queued, before anything runs."""
+        try:
+            parse_strength_rules(rules if isinstance(rules, str) else None)
+        except WeightsmithError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def INPUT_TYPES(cls):
         optional = {}
         for i in range(2, MAX_LORAS + 1):
             optional[f"lora_{i}"] = (LORA_TYPE, {"tooltip": f"LoRA {i}, applied after LoRA {i - 1}."})
-            optional[f"strength_{i}"] = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                                   "tooltip": f"Strength of LoRA {i}."})
+            optional[f"strength_{i}"] = ("FLOAT", {**STRENGTH, "tooltip": f"Strength of LoRA {i}."})
         return {
             "required": {
-                "model": (model_file_choices(), {"tooltip": "The model file (diffusion_models/ or checkpoints/)."}),
-                "lora_1": (LORA_TYPE, {"tooltip": "The first LoRA (from Load LoRA (Weightsmith))."}),
-                "strength_1": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                "model": (model_file_choices(), {"tooltip": f"The model file ({MODEL_FILE_TOOLTIP})."}),
+                "lora_1": (LORA_TYPE, {"tooltip": "The first LoRA (from Read LoRA File (Weightsmith))."}),
+                "strength_1": ("FLOAT", {**STRENGTH,
                                          "tooltip": "Strength of LoRA 1 (as LoraLoaderModelOnly's strength_model)."}),
                 "rules": ("STRING", {"default": "", "multiline": True, "tooltip": RULES_TOOLTIP}),
                 "dtype": (list(PLAIN_DTYPES), {"default": "keep", "tooltip": "Output dtype of float tensors; keep = "
                                                                               "the model's, per tensor. fp32 math."}),
                 "strict": ("BOOLEAN", {"default": False, "tooltip": "Refuse LoRAs with modules that match nothing "
                                                                     "in the model (off: list them in the report)."}),
-                "output_folder": (OUTPUT_FOLDERS, {"default": "diffusion_models",
-                                                   "tooltip": "diffusion_models (Load Diffusion Model), checkpoints "
-                                                              "or ComfyUI's output folder."}),
+                "output_folder": (MODEL_OUTPUT_FOLDERS, {"default": "diffusion_models",
+                                                         "tooltip": MODEL_OUTPUT_FOLDER_TOOLTIP}),
                 "filename_prefix": ("STRING", {"default": "weightsmith/baked",
                                                "tooltip": "File name prefix inside the output folder; a counter is "
                                                           "added and nothing is overwritten."}),

@@ -26,6 +26,10 @@ from ..core.sources import TensorSource
 LORA_TYPE = "LORA"  # socket type carrying a core.lora.LoRA between nodes
 CATEGORY = "Weightsmith"
 DIFFUSION_PREFIX = "diffusion_model."
+# One strength range for every LoRA strength widget (Apply, Bake, Compose, Validate, Re-project): a value
+# outside it is refused by ComfyUI's own validation when the prompt is queued, before anything runs.
+STRENGTH = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
+MAX_RANK = 4096  # one rank range for every rank widget (Extract, Compose, Re-rank, Re-project)
 
 
 def compute_device(free_bytes: int = 0) -> torch.device:
@@ -156,6 +160,12 @@ def model_arch(patcher) -> str:
 
 
 FOLDERS = {"output": None, "loras": "loras", "diffusion_models": "diffusion_models", "checkpoints": "checkpoints"}
+# Where a model file a node writes can go, in the same order on every node: diffusion_models first (the
+# default, where Load Diffusion Model finds it), checkpoints (Load Checkpoint, for full checkpoints), output.
+MODEL_OUTPUT_FOLDERS = ["diffusion_models", "checkpoints", "output"]
+MODEL_OUTPUT_FOLDER_TOOLTIP = ("Where the file goes: diffusion_models (Load Diffusion Model lists it), checkpoints "
+                               "(Load Checkpoint, for full checkpoints) or ComfyUI's output folder (no loader "
+                               "lists it).")
 
 
 def output_root(kind: str) -> Path:
@@ -182,7 +192,10 @@ def input_path(folder: str, name: str) -> Path:
     return Path(folder_paths.get_full_path_or_raise(folder, name))
 
 
+# The folders a model-file picker lists. ComfyUI's `diffusion_models` list includes the legacy `models/unet`
+# folder (the "unet" name maps onto it), so a file in either shows as diffusion_models/<name>.
 MODEL_FILE_FOLDERS = ("diffusion_models", "checkpoints")
+MODEL_FILE_TOOLTIP = "diffusion_models/ (and unet/) or checkpoints/"
 
 
 def _gguf_files(folder: str) -> list[str]:
@@ -195,8 +208,8 @@ def _gguf_files(folder: str) -> list[str]:
 
 
 def model_file_choices() -> list[str]:
-    """Combo values for a model file input: 'diffusion_models/<name>' (GGUF files included) and
-    'checkpoints/<name>'."""
+    """Combo values of every model-file picker (Merge/Mix/Extract/Validate/Re-project/Bake): 'diffusion_models/<name>'
+    (files in models/unet too; GGUF files included) and 'checkpoints/<name>'."""
     names = []
     for folder in MODEL_FILE_FOLDERS:
         listed = folder_paths.get_filename_list(folder)

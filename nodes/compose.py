@@ -4,7 +4,7 @@ re-rank a single LORA. Thin: sockets/widgets → `core.lora.compose`."""
 from __future__ import annotations
 
 from ..core.lora.compose import DEFAULT_WARN_RANK, compose_loras, rerank_lora
-from .common import CATEGORY, LORA_TYPE, compute_device, progress, ui_report
+from .common import CATEGORY, LORA_TYPE, MAX_RANK, STRENGTH, compute_device, progress, ui_report
 
 SLOTS = 4
 
@@ -26,7 +26,7 @@ class WeightsmithComposeLoRAs:
                    "Flux→Chroma first for Chroma).")
     CATEGORY = f"{CATEGORY}/LoRA"
     FUNCTION = "compose"
-    OUTPUT_NODE = True
+    OUTPUT_NODE = False
     RETURN_TYPES = (LORA_TYPE, "STRING")
     RETURN_NAMES = ("lora", "report")
     OUTPUT_TOOLTIPS = ("The composed LoRA (save it with Save LoRA, or apply it with Apply LoRA).",
@@ -34,12 +34,12 @@ class WeightsmithComposeLoRAs:
 
     @classmethod
     def INPUT_TYPES(cls):
-        strength = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
+        strength = STRENGTH
         required = {
             f"strength_{i}": ("FLOAT", {**strength, "tooltip": f"Strength of lora_{i} (negative subtracts it; 0 leaves it out)."})
             for i in range(1, SLOTS + 1)
         }
-        required["rank"] = ("INT", {"default": 0, "min": 0, "max": 4096, "step": 1, "tooltip": RANK_TOOLTIP})
+        required["rank"] = ("INT", {"default": 0, "min": 0, "max": MAX_RANK, "step": 1, "tooltip": RANK_TOOLTIP})
         required["energy"] = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": ENERGY_TOOLTIP})
         optional = {f"lora_{i}": (LORA_TYPE, {"tooltip": f"LoRA number {i} (optional)."}) for i in range(1, SLOTS + 1)}
         optional["extra"] = (LORA_TYPE, {"tooltip": "Another composed LoRA, added at strength 1: chain two Compose "
@@ -72,7 +72,7 @@ class WeightsmithRerankLoRA:
                    "report shows each module's rank and relative error.")
     CATEGORY = f"{CATEGORY}/LoRA"
     FUNCTION = "rerank"
-    OUTPUT_NODE = True
+    OUTPUT_NODE = False
     RETURN_TYPES = (LORA_TYPE, "STRING")
     RETURN_NAMES = ("lora", "report")
     OUTPUT_TOOLTIPS = ("The re-ranked LoRA.", "The report as text: per-module rank and error.")
@@ -82,7 +82,7 @@ class WeightsmithRerankLoRA:
         return {
             "required": {
                 "lora": (LORA_TYPE, {"tooltip": "The LoRA to reduce."}),
-                "rank": ("INT", {"default": 32, "min": 0, "max": 4096, "step": 1,
+                "rank": ("INT", {"default": 32, "min": 0, "max": MAX_RANK, "step": 1,
                                  "tooltip": "Target rank per module (0 = decided by energy alone)."}),
                 "energy": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": ENERGY_TOOLTIP}),
             },

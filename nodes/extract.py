@@ -4,14 +4,26 @@ compute device, progress bar per layer, Interrupt honoured between layers."""
 
 from __future__ import annotations
 
-import folder_paths
 import torch
 
-from ..core.lora.extract import extract_lora
+from ..core.lora.extract import SAME_AS_RANK, conv_rank_option, extract_lora
 from ..core.lora.svd import RANK_MODES
 from ..core.lora.validate import MISSING_POLICIES, validate_lora
 from ..core.sources import diffusion_view, open_model
-from .common import CATEGORY, LORA_TYPE, PatcherSource, compute_device, image_tensor, input_path, progress, ui_report
+from .common import (
+    CATEGORY,
+    LORA_TYPE,
+    MAX_RANK,
+    MODEL_FILE_TOOLTIP,
+    STRENGTH,
+    PatcherSource,
+    compute_device,
+    image_tensor,
+    model_file_choices,
+    progress,
+    resolve_model_file,
+    ui_report,
+)
 
 DTYPES = ["bf16", "fp16", "fp32"]
 WORKSPACE_FACTOR = 6  # ΔW, both inputs, the residual and the SVD's workspace, in fp32, per layer
@@ -19,20 +31,21 @@ WORKSPACE_FACTOR = 6  # ΔW, both inputs, the residual and the SVD's workspace, 
 
 def _settings_inputs() -> dict:
     return {
-        "rank": ("INT", {"default": 64, "min": 1, "max": 4096, "step": 1,
+        "rank": ("INT", {"default": 64, "min": 1, "max": MAX_RANK, "step": 1,
                          "tooltip": "Rank of linear layers in 'fixed' mode (the per-layer cap is max_rank in the other modes)."}),
-        "conv_rank": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 1,
-                              "tooltip": "Rank of k×k convolutions (SD UNets); 0 = the same as rank. In energy/error "
-                                         "modes it caps convolutions."}),
+        "conv_rank": ("INT", {"default": SAME_AS_RANK, "min": SAME_AS_RANK, "max": MAX_RANK, "step": 1,
+                              "tooltip": "Rank of k×k convolutions (SD UNets): -1 = the same as rank, 0 = leave them "
+                                         "out (as the CLI's --conv-rank 0). In energy/error modes it caps them."}),
         "rank_mode": (list(RANK_MODES), {"default": "fixed",
-                                         "tooltip": "fixed: rank. energy: smallest rank keeping 'energy' of each "
-                                                    "layer's change. error: smallest rank with relative error <= "
-                                                    "'error'. full: every direction (exact, large file)."}),
+                                         "tooltip": "How each layer's rank is chosen:\n• fixed: rank\n• energy: the "
+                                                    "smallest rank keeping 'energy' of the layer's change\n• error: "
+                                                    "the smallest rank with relative error <= 'error'\n• full: every "
+                                                    "direction (exact, large file)"}),
         "energy": ("FLOAT", {"default": 0.99, "min": 0.5, "max": 1.0, "step": 0.001,
                              "tooltip": "Fraction of each layer's squared change to keep (energy mode)."}),
         "error": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 0.9, "step": 0.001,
                             "tooltip": "Relative Frobenius error allowed per layer (error mode)."}),
-        "max_rank": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 1,
+        "max_rank": ("INT", {"default": 0, "min": 0, "max": MAX_RANK, "step": 1,
                              "tooltip": "Per-layer rank cap in every mode; 0 = no cap."}),
         "store_diff": ("BOOLEAN", {"default": True,
                                    "tooltip": "Store changes of 1-D weights (norms) and biases as full diffs, "
@@ -55,7 +68,7 @@ def _missing_input() -> dict:
 
 def _extract_kwargs(rank, conv_rank, rank_mode, energy, error, max_rank, store_diff, clamp_quantile, dtype,
                     missing="auto") -> dict:
-    return {"rank": rank, "conv_rank": conv_rank or None, "rank_mode": rank_mode, "energy": energy, "error": error,
+    return {"rank": rank, "conv_rank": conv_rank_option(conv_rank), "rank_mode": rank_mode, "energy": energy, "error": error,
             "max_rank": max_rank or None, "store_diff": store_diff, "clamp_quantile": clamp_quantile or None,
             "dtype": dtype, "missing": missing}
 
@@ -63,23 +76,20 @@ def _extract_kwargs(rank, conv_rank, rank_mode, energy, error, max_rank, store_d
 def _outputs(lora, report):
     text = report.text()
     chart = image_tensor(report.chart())
-    return {"ui": ui_report(text, report.to_dict()), "result": (lora, chart, text)}
+    return {"ui": ui_report(text, report.to_dict()), "result": (lora, text, chart)}
 
 
 def _largest_layer_bytes(source) -> int:
     return max((source.info(k).numel for k in source.keys()), default=0) * 4
 
 
-def _model_choices() -> list[str]:
-    return folder_paths.get_filename_list("diffusion_models")
-
-
-EXTRACT_RETURNS = (LORA_TYPE, "IMAGE", "STRING")
-EXTRACT_NAMES = ("lora", "chart", "report")
+# One output order on every node: the result (model / path / LoRA), then the report, then the chart.
+EXTRACT_RETURNS = (LORA_TYPE, "STRING", "IMAGE")
+EXTRACT_NAMES = ("lora", "report", "chart")
 EXTRACT_TOOLTIPS = (
     "The extracted LoRA (alpha = rank: scale 1). Save it with Save LoRA or apply it with Apply LoRA.",
-    "Relative reconstruction error per block, next to the optimum at the same rank.",
     "The reconstruction report: coverage, ranks, errors per block.",
+    "Relative reconstruction error per block, next to the optimum at the same rank.",
 )
 
 
@@ -90,7 +100,7 @@ class WeightsmithExtractLoRA:
                    "report gives each block's error next to the best possible at that rank.")
     CATEGORY = f"{CATEGORY}/LoRA"
     FUNCTION = "extract"
-    OUTPUT_NODE = True
+    OUTPUT_NODE = False
     RETURN_TYPES = EXTRACT_RETURNS
     RETURN_NAMES = EXTRACT_NAMES
     OUTPUT_TOOLTIPS = EXTRACT_TOOLTIPS
@@ -118,22 +128,22 @@ class WeightsmithExtractLoRA:
 
 
 class WeightsmithExtractLoRAFiles:
-    DESCRIPTION = ("Extract a LoRA from two model files in diffusion_models without loading either whole: each "
+    DESCRIPTION = ("Extract a LoRA from two model files (diffusion_models, unet or checkpoints) without loading either whole: each "
                    "layer is read (memory-mapped), subtracted and factorised on ComfyUI's device, then freed. "
                    "Checkpoint prefixes do not matter. The report gives each block's error next to the optimum.")
     CATEGORY = f"{CATEGORY}/LoRA"
     FUNCTION = "extract"
-    OUTPUT_NODE = True
+    OUTPUT_NODE = False
     RETURN_TYPES = EXTRACT_RETURNS
     RETURN_NAMES = EXTRACT_NAMES
     OUTPUT_TOOLTIPS = EXTRACT_TOOLTIPS
 
     @classmethod
     def INPUT_TYPES(cls):
-        models = _model_choices()
+        models = model_file_choices()
         return {
             "required": {
-                "base_model": (models, {"tooltip": "The base model file (diffusion_models folder)."}),
+                "base_model": (models, {"tooltip": f"The base model file ({MODEL_FILE_TOOLTIP})."}),
                 "tuned_model": (models, {"tooltip": "The fine-tuned model file (same architecture)."}),
                 **_settings_inputs(),
             },
@@ -142,8 +152,8 @@ class WeightsmithExtractLoRAFiles:
         }
 
     def extract(self, base_model, tuned_model, unique_id=None, **settings):
-        base = open_model(input_path("diffusion_models", base_model))
-        tuned = open_model(input_path("diffusion_models", tuned_model))
+        base = open_model(resolve_model_file(base_model))
+        tuned = open_model(resolve_model_file(tuned_model))
         view = diffusion_view(base)
         device = compute_device(WORKSPACE_FACTOR * _largest_layer_bytes(view))
         lora, report = extract_lora(base, tuned, device=device, progress=progress(len(view), unique_id),
@@ -158,35 +168,34 @@ class WeightsmithValidateLoRA:
     CATEGORY = f"{CATEGORY}/LoRA"
     FUNCTION = "validate"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("chart", "report")
-    OUTPUT_TOOLTIPS = ("Relative reconstruction error per block, next to the optimum at the LoRA's rank.",
-                       "The reconstruction report: coverage, ranks, errors per block.")
+    RETURN_TYPES = ("STRING", "IMAGE")
+    RETURN_NAMES = ("report", "chart")
+    OUTPUT_TOOLTIPS = ("The reconstruction report: coverage, ranks, errors per block.",
+                       "Relative reconstruction error per block, next to the optimum at the LoRA's rank.")
 
     @classmethod
     def INPUT_TYPES(cls):
-        models = _model_choices()
+        models = model_file_choices()
         return {
             "required": {
-                "base_model": (models, {"tooltip": "The base model file (diffusion_models folder)."}),
+                "base_model": (models, {"tooltip": f"The base model file ({MODEL_FILE_TOOLTIP})."}),
                 "tuned_model": (models, {"tooltip": "The fine-tuned model the LoRA should reproduce."}),
-                "lora": (LORA_TYPE, {"tooltip": "The LoRA to check (Load LoRA reads any supported format)."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                       "tooltip": "Strength the LoRA is applied at."}),
+                "lora": (LORA_TYPE, {"tooltip": "The LoRA to check (Read LoRA File reads any supported format)."}),
+                "strength": ("FLOAT", {**STRENGTH, "tooltip": "Strength the LoRA is applied at."}),
             },
             "optional": _missing_input(),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def validate(self, base_model, tuned_model, lora, strength, unique_id=None, missing="auto"):
-        base = open_model(input_path("diffusion_models", base_model))
-        tuned = open_model(input_path("diffusion_models", tuned_model))
+        base = open_model(resolve_model_file(base_model))
+        tuned = open_model(resolve_model_file(tuned_model))
         view = diffusion_view(base)
         device = compute_device(WORKSPACE_FACTOR * _largest_layer_bytes(view))
         report = validate_lora(base, tuned, lora, device=device, strength=strength,
                                progress=progress(len(view), unique_id), missing=missing)
         text = report.text()
-        return {"ui": ui_report(text, report.to_dict()), "result": (image_tensor(report.chart()), text)}
+        return {"ui": ui_report(text, report.to_dict()), "result": (text, image_tensor(report.chart()))}
 
 
 NODE_CLASS_MAPPINGS = {

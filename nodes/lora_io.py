@@ -22,16 +22,22 @@ from ..core.lora.formats import (
 )
 from ..core.lora.model import LoRA
 from ..core.lora.reproject import REPROJECT_METHODS, ReprojectOptions, reproject_flux_to_chroma
+from ..core.provenance import describe as describe_provenance
 from ..core.report import an_arch, arch_name
 from .common import (
     CATEGORY,
     LORA_TYPE,
+    MAX_RANK,
+    MODEL_FILE_TOOLTIP,
+    STRENGTH,
     PatcherSource,
     compute_device,
     input_path,
     model_arch,
+    model_file_choices,
     output_path,
     progress,
+    resolve_model_file,
     ui_report,
 )
 
@@ -56,7 +62,7 @@ class WeightsmithLoadLoRA:
                    "and shown; keys that are not understood are listed, never silently dropped.")
     CATEGORY = SUBCATEGORY
     FUNCTION = "load"
-    OUTPUT_NODE = True
+    OUTPUT_NODE = False
     RETURN_TYPES = (LORA_TYPE, "STRING")
     RETURN_NAMES = ("lora", "info")
     OUTPUT_TOOLTIPS = ("The LoRA in Weightsmith's exact in-memory form (any format, one representation).",
@@ -76,6 +82,9 @@ class WeightsmithLoadLoRA:
         path = input_path("loras", lora_name)
         lora = load_lora(path, arch=None if arch == "auto" else arch)
         text, data = _describe(lora, lora_name)
+        provenance = describe_provenance(lora.metadata)  # how the file was made: modelspec keys, recipe
+        text += "\n" + "\n".join(provenance)
+        data["provenance"] = provenance
         return {"ui": ui_report(text, data), "result": (lora, text)}
 
 
@@ -126,7 +135,7 @@ class WeightsmithConvertLoRA:
                    "as input') or for other nodes that read it.")
     CATEGORY = SUBCATEGORY
     FUNCTION = "convert"
-    OUTPUT_NODE = True
+    OUTPUT_NODE = False
     RETURN_TYPES = (LORA_TYPE, "STRING")
     RETURN_NAMES = ("lora", "report")
     OUTPUT_TOOLTIPS = ("The converted LoRA.", "What was kept, dropped and not understood, as text.")
@@ -158,7 +167,7 @@ class WeightsmithFluxToChroma:
                    "embedders) and CLIP text-encoder layers are dropped and listed in the report.")
     CATEGORY = SUBCATEGORY
     FUNCTION = "convert"
-    OUTPUT_NODE = True
+    OUTPUT_NODE = False
     RETURN_TYPES = (LORA_TYPE, "STRING")
     RETURN_NAMES = ("lora", "report")
     OUTPUT_TOOLTIPS = ("The LoRA for Chroma.", "Kept / dropped / unknown counts and names, as text.")
@@ -180,7 +189,7 @@ class WeightsmithReprojectFluxToChroma:
                    "strength is applied once. add_difference equals the exact conversion (up to the rank).")
     CATEGORY = SUBCATEGORY
     FUNCTION = "convert"
-    OUTPUT_NODE = True
+    OUTPUT_NODE = False
     RETURN_TYPES = (LORA_TYPE, "STRING")
     RETURN_NAMES = ("lora", "report")
     OUTPUT_TOOLTIPS = ("The re-projected LoRA for Chroma (alpha = rank, scale 1).",
@@ -188,19 +197,19 @@ class WeightsmithReprojectFluxToChroma:
 
     @classmethod
     def INPUT_TYPES(cls):
-        models = folder_paths.get_filename_list("diffusion_models")
+        models = model_file_choices()
         return {
             "required": {
                 "lora": (LORA_TYPE, {"tooltip": "A Flux LoRA."}),
-                "flux_model": (models, {"tooltip": "The Flux base model file the LoRA was trained on."}),
+                "flux_model": (models, {"tooltip": f"The Flux base model file the LoRA was trained on "
+                                                   f"({MODEL_FILE_TOOLTIP})."}),
                 "chroma_model": (models, {"tooltip": "The Chroma model file to convert to."}),
                 "method": (list(REPROJECT_METHODS), {"default": "comparative", "tooltip": "add_difference: the change "
                            "as is; comparative: masked where the bases disagree (interpolation mask of the bases); "
                            "add_dissimilar: rows scaled by their cosine with the Chroma-vs-Flux shift."}),
-                "rank": ("INT", {"default": 32, "min": 1, "max": 1024, "step": 1,
+                "rank": ("INT", {"default": 32, "min": 1, "max": MAX_RANK, "step": 1,
                                  "tooltip": "Rank of the re-extracted LoRA."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                       "tooltip": "LoRA strength, applied once before the method."}),
+                "strength": ("FLOAT", {**STRENGTH, "tooltip": "LoRA strength, applied once before the method."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of the comparative mask "
                                  "and the randomized SVD: the same seed gives the same file."}),
                 "alpha": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "comparative: "
@@ -219,7 +228,7 @@ class WeightsmithReprojectFluxToChroma:
                 unique_id=None):
         opts = ReprojectOptions(method, rank, strength, alpha, beta, gamma, multiplier, seed)
         out, report = reproject_flux_to_chroma(
-            lora, input_path("diffusion_models", flux_model), input_path("diffusion_models", chroma_model), opts,
+            lora, resolve_model_file(flux_model), resolve_model_file(chroma_model), opts,
             device=compute_device(), progress=progress(len(lora.modules), unique_id))
         text = report.text()
         return {"ui": ui_report(text, report.to_dict()), "result": (out, text)}
@@ -243,8 +252,7 @@ class WeightsmithApplyLoRA:
             "required": {
                 "model": ("MODEL", {"tooltip": "The diffusion model to patch."}),
                 "lora": (LORA_TYPE, {"tooltip": "The LoRA to apply."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
-                                       "tooltip": "Multiplier of the LoRA's change (1 = as trained)."}),
+                "strength": ("FLOAT", {**STRENGTH, "tooltip": "Multiplier of the LoRA's change (1 = as trained)."}),
             }
         }
 
@@ -281,7 +289,7 @@ NODE_CLASS_MAPPINGS = {
     "WeightsmithReprojectFluxToChroma": WeightsmithReprojectFluxToChroma,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "WeightsmithLoadLoRA": "Load LoRA (Weightsmith)",
+    "WeightsmithLoadLoRA": "Read LoRA File (Weightsmith)",  # not "Load LoRA": that is core LoraLoader's name
     "WeightsmithSaveLoRA": "Save LoRA (Weightsmith)",
     "WeightsmithConvertLoRA": "Convert LoRA (Weightsmith)",
     "WeightsmithFluxToChroma": "Flux LoRA to Chroma (Weightsmith)",

@@ -7,13 +7,17 @@ from comfy.weight_adapter import WeightAdapterBase
 
 from ..core.dtypes import MODEL_OUTPUT_CHOICES
 from ..core.encodings.gguf_write import GGUF_OUTPUT_TYPES
+from ..core.errors import WeightsmithError
 from ..core.merge.execute import execute_merge
 from ..core.merge.methods import METHODS, derive_seed, format_params
 from ..core.merge.plan import MISSING_POLICIES, OTHERS_POLICIES, MergePlan, plan_merge
-from ..core.merge.rules import PRESETS, InputCountError, InputNames
+from ..core.merge.rules import PRESETS, InputCountError, InputNames, parse_params, parse_rules, parse_weights
 from .common import (
     CATEGORY,
     DIFFUSION_PREFIX,
+    MODEL_FILE_TOOLTIP,
+    MODEL_OUTPUT_FOLDER_TOOLTIP,
+    MODEL_OUTPUT_FOLDERS,
     PatcherSource,
     compute_device,
     effective_weight,
@@ -25,7 +29,6 @@ from .common import (
     ui_report,
 )
 
-OUTPUT_FOLDERS = ["output", "diffusion_models", "checkpoints"]
 NONE = "none"
 SOCKETS = ("model_a", "model_b", "model_c", "model_d")
 
@@ -42,19 +45,59 @@ def plan_for_sockets(connected: list[str], files: bool, *args, **kwargs) -> Merg
                  else InputNames(name, "connected", "connect a model to", "disconnect"))
         raise e.renamed(names) from None
 
-METHODS_TOOLTIP = "Merge method. " + " | ".join(
-    f"{m.name} ({m.inputs_text()} models{'; ' + format_params(m.defaults) if m.defaults else ''}): {m.description}"
-    for m in METHODS.values())
-WEIGHTS_TOOLTIP = ("One weight per connected model, comma-separated (e.g. 0.7,0.3). Empty: the method's default "
-                   "(equal weights, normalised to sum 1, for weighted_sum/slerp; 1 each for ties/dare).")
+
+DEFAULT_RATIO = 0.5
+
+# One short line per method (the tooltip shows them one under the other); parameters are in params' tooltip.
+METHODS_TOOLTIP = "Merge method:\n" + "\n".join(
+    f"• {m.name} ({m.inputs_text()} models): {m.description.split('. ')[0].rstrip('.')}" for m in METHODS.values())
+WEIGHTS_TOOLTIP = ("One weight per connected model, comma-separated (e.g. 0.7,0.3). Empty: ratio for two models, "
+                   "else the method's default (equal weights for weighted_sum/slerp; 1 each for ties/dare).")
+RATIO_TOOLTIP = ("model_a's share in a two-model weighted_sum or slerp, as ModelMergeSimple's ratio: 1 = model_a, "
+                 "0 = model_b. Used when weights is empty; a primitive can drive it.")
+
+
+def validate_texts(weights=None, rules=None, params=None):
+    """ComfyUI's VALIDATE_INPUTS for the text widgets: a rule, weight list or parameter that does not parse is
+    refused when the prompt is queued (node_errors, nothing runs), not half-way through a run. Linked values are
+    not known yet (None here) and are checked when the node runs."""
+    try:
+        if isinstance(weights, str) and weights.strip():
+            parse_weights(weights)
+        if isinstance(rules, str):
+            parse_rules(rules)
+        if isinstance(params, str) and params.strip():
+            parse_params(params, "parameters")
+    except WeightsmithError as e:
+        return str(e)
+    return True
+
+
+def ratio_weights(ratio: float, weights: str, method: str, n_models: int) -> str | None:
+    """The weights string a merge uses: the typed `weights`, else (ratio, 1 - ratio) for a two-model weighted sum
+    or slerp, else None (the method's default). A ratio that would be ignored is refused, never dropped."""
+    if not 0.0 <= ratio <= 1.0:  # a linked value is not range-checked by ComfyUI's validation
+        raise WeightsmithError(f"ratio {ratio:g}: give model_a's share between 0 and 1 (ModelMergeSimple's range)")
+    if weights.strip():
+        if ratio != DEFAULT_RATIO:
+            raise WeightsmithError(f"ratio {ratio:g} and weights {weights.strip()!r} both set: clear weights to use "
+                                   f"ratio, or set ratio back to {DEFAULT_RATIO:g}")
+        return weights
+    if ratio == DEFAULT_RATIO:
+        return None
+    if n_models != 2 or METHODS[method].weights != "normalized":
+        raise WeightsmithError(f"ratio is model_a's share in a two-model weighted_sum or slerp; with {n_models} "
+                               f"models and method {method} give weights instead (one per model)")
+    return f"{ratio!r},{1.0 - ratio!r}"
 RULES_TOOLTIP = ("Per-key rules, one REGEX=ACTION per line, first match wins (separately for method and weights). "
                  "REGEX is searched in names like double_blocks.0.img_attn.qkv.weight, or a group: @double @single "
                  "@img @txt @guidance @time @vector @embedders @in @mid @out @double.3 @in.4 … ACTION: a method "
                  "(ties(density=0.3)), take:A / take:2 / take:first, drop, or weight:0.7,0.3. # starts a comment.")
 PARAMS_TOOLTIP = ("Method parameters as NAME=VALUE, comma-separated, e.g. density=0.3, seed=7, base=A. "
-                  "Unknown names are an error.")
-PRESET_TOOLTIP = "Named rule set, applied after your own rules. " + " | ".join(
-    f"{k}: {d}" for k, (d, _) in PRESETS.items())
+                  "Unknown names are an error. Defaults:\n" + "\n".join(
+                      f"• {m.name}: {format_params(m.defaults)}" for m in METHODS.values() if m.defaults))
+PRESET_TOOLTIP = "Named rule set, applied after your own rules:\n" + "\n".join(
+    f"• {k}: {d}" for k, (d, _) in PRESETS.items())
 
 
 class MergeAdapter(WeightAdapterBase):
@@ -144,7 +187,7 @@ class WeightsmithMergeModels:
     )
     CATEGORY = f"{CATEGORY}/Merge"
     FUNCTION = "merge"
-    OUTPUT_NODE = True
+    OUTPUT_NODE = False
     RETURN_TYPES = ("MODEL", "STRING", "IMAGE")
     RETURN_NAMES = ("model", "report", "chart")
     OUTPUT_TOOLTIPS = (
@@ -154,6 +197,10 @@ class WeightsmithMergeModels:
     )
 
     @classmethod
+    def VALIDATE_INPUTS(cls, weights=None, rules=None, params=None):
+        return validate_texts(weights, rules, params)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
@@ -161,6 +208,8 @@ class WeightsmithMergeModels:
                                                  "TIES/DARE/add_dissimilar."}),
                 "model_b": ("MODEL", {"tooltip": "Model B."}),
                 "method": (list(METHODS), {"default": "weighted_sum", "tooltip": METHODS_TOOLTIP}),
+                "ratio": ("FLOAT", {"default": DEFAULT_RATIO, "min": 0.0, "max": 1.0, "step": 0.01,
+                                    "tooltip": RATIO_TOOLTIP}),
                 "weights": ("STRING", {"default": "", "tooltip": WEIGHTS_TOOLTIP}),
                 "rules": ("STRING", {"default": "", "multiline": True, "tooltip": RULES_TOOLTIP}),
                 "params": ("STRING", {"default": "", "tooltip": PARAMS_TOOLTIP}),
@@ -180,12 +229,14 @@ class WeightsmithMergeModels:
         }
 
     def merge(self, model_a, model_b, method, weights, rules, params, preset, missing, report=True, model_c=None,
-              model_d=None, unique_id=None):
+              model_d=None, unique_id=None, ratio=DEFAULT_RATIO):
         models = [m for m in (model_a, model_b, model_c, model_d) if m is not None]
+        weights = ratio_weights(ratio, weights, method, len(models))
         device = compute_device()
         sources = [PatcherSource(m, device, name=f"model_{'abcd'[i]}") for i, m in enumerate(models)]
         connected = [n for n, m in zip(SOCKETS, (model_a, model_b, model_c, model_d)) if m is not None]
-        plan = plan_for_sockets(connected, False, sources, method, weights or None, rules, missing, params, [preset], others="drop")
+        plan = plan_for_sockets(connected, False, sources, method, weights, rules, missing, params, [preset],
+                                others="drop")
         merged, notes = build_patches(plan, models)
         plan.notes.extend(notes)
         if report:
@@ -230,15 +281,21 @@ class WeightsmithMergeFiles:
     )
 
     @classmethod
+    def VALIDATE_INPUTS(cls, weights=None, rules=None, params=None):
+        return validate_texts(weights, rules, params)
+
+    @classmethod
     def INPUT_TYPES(cls):
         files = model_file_choices()
         optional = [NONE] + files
         return {
             "required": {
-                "model_a": (files, {"tooltip": "Model A (diffusion_models/ or checkpoints/): the output keeps its "
-                                               "key prefix; the default base of TIES/DARE/add_dissimilar."}),
+                "model_a": (files, {"tooltip": f"Model A ({MODEL_FILE_TOOLTIP}): the output keeps its key prefix; "
+                                               "the default base of TIES/DARE/add_dissimilar."}),
                 "model_b": (files, {"tooltip": "Model B."}),
                 "method": (list(METHODS), {"default": "weighted_sum", "tooltip": METHODS_TOOLTIP}),
+                "ratio": ("FLOAT", {"default": DEFAULT_RATIO, "min": 0.0, "max": 1.0, "step": 0.01,
+                                    "tooltip": RATIO_TOOLTIP}),
                 "weights": ("STRING", {"default": "", "tooltip": WEIGHTS_TOOLTIP}),
                 "rules": ("STRING", {"default": "", "multiline": True, "tooltip": RULES_TOOLTIP}),
                 "params": ("STRING", {"default": "", "tooltip": PARAMS_TOOLTIP}),
@@ -260,10 +317,8 @@ class WeightsmithMergeFiles:
                                       "model for ComfyUI-GGUF's Unet loader (Q8_0/Q5/Q4 quantized by the gguf "
                                       "package; set other_keys to drop for full checkpoints)."}),
                 "dry_run": ("BOOLEAN", {"default": False, "tooltip": "Compute the merge and report; write no file."}),
-                "output_folder": (OUTPUT_FOLDERS, {"default": "output",
-                                                   "tooltip": "Where the file goes: ComfyUI's output folder, "
-                                                              "diffusion_models (loadable by Load Diffusion Model) "
-                                                              "or checkpoints."}),
+                "output_folder": (MODEL_OUTPUT_FOLDERS, {"default": "diffusion_models",
+                                                         "tooltip": MODEL_OUTPUT_FOLDER_TOOLTIP}),
                 "filename_prefix": ("STRING", {"default": "weightsmith/merged",
                                                "tooltip": "File name prefix inside the output folder; a counter "
                                                           "is added and nothing is overwritten."}),
@@ -276,11 +331,12 @@ class WeightsmithMergeFiles:
         }
 
     def merge(self, model_a, model_b, method, weights, rules, params, preset, missing, other_keys, dtype, dry_run,
-              output_folder, filename_prefix, model_c=NONE, model_d=NONE, unique_id=None):
+              output_folder, filename_prefix, model_c=NONE, model_d=NONE, unique_id=None, ratio=DEFAULT_RATIO):
         chosen = [m for m in (model_a, model_b, model_c, model_d) if m and m != NONE]
         connected = [n for n, m in zip(SOCKETS, (model_a, model_b, model_c, model_d)) if m and m != NONE]
-        plan = plan_for_sockets(connected, True, [resolve_model_file(m) for m in chosen], method, weights or None,
-                                rules, missing, params, [preset], other_keys)
+        weights = ratio_weights(ratio, weights, method, len(chosen))
+        plan = plan_for_sockets(connected, True, [resolve_model_file(m) for m in chosen], method, weights, rules,
+                                missing, params, [preset], other_keys)
         largest = max((kp.numel for kp in plan.keys), default=0)
         device = compute_device(largest * 4 * (len(chosen) + 3))
         out = None if dry_run else output_path(output_folder, filename_prefix,

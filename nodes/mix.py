@@ -12,6 +12,9 @@ from ..core.mix_report import sampled_tie_warning
 from .common import (
     CATEGORY,
     DIFFUSION_PREFIX,
+    MODEL_FILE_TOOLTIP,
+    MODEL_OUTPUT_FOLDER_TOOLTIP,
+    MODEL_OUTPUT_FOLDERS,
     PatcherSource,
     compute_device,
     effective_weight,
@@ -26,7 +29,6 @@ from .common import (
 from .graph_names import input_names
 
 MODES = {"min_diff (nearest)": "min", "max_diff (farthest)": "max"}
-OUTPUT_FOLDERS = ["diffusion_models", "checkpoints", "output"]
 
 
 class LosslessMixAdapter(WeightAdapterBase):
@@ -66,7 +68,7 @@ class WeightsmithLosslessMix:
     )
     CATEGORY = f"{CATEGORY}/Mix"
     FUNCTION = "mix"
-    OUTPUT_NODE = True
+    OUTPUT_NODE = False
     RETURN_TYPES = ("MODEL", "STRING", "IMAGE")
     RETURN_NAMES = ("model", "report", "chart")
     OUTPUT_TOOLTIPS = (
@@ -154,8 +156,8 @@ class WeightsmithLosslessMixFiles:
         files = model_file_choices()
         return {
             "required": {
-                "model_a": (files, {"tooltip": "The reference file (diffusion_models/ or checkpoints/): each "
-                                               "element is compared against it; its keys and layout make the output."}),
+                "model_a": (files, {"tooltip": f"The reference file ({MODEL_FILE_TOOLTIP}): each element is "
+                                               "compared against it; its keys and layout make the output."}),
                 "model_b": (files, {"tooltip": "First candidate file: elements come from here where it wins."}),
                 "model_c": (files, {"tooltip": "Second candidate file: elements come from here where it wins."}),
                 "alpha": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
@@ -177,10 +179,8 @@ class WeightsmithLosslessMixFiles:
                                                    "model_a)."}),
                 "dry_run": ("BOOLEAN", {"default": False,
                                         "tooltip": "Only analyse and report; write no file."}),
-                "output_folder": (OUTPUT_FOLDERS, {"default": "diffusion_models",
-                                                   "tooltip": "Where the mixed file goes: diffusion_models (loadable "
-                                                              "by Load Diffusion Model), checkpoints (for full "
-                                                              "checkpoints) or ComfyUI's output folder."}),
+                "output_folder": (MODEL_OUTPUT_FOLDERS, {"default": "diffusion_models",
+                                                         "tooltip": MODEL_OUTPUT_FOLDER_TOOLTIP}),
                 "filename_prefix": ("STRING", {"default": "weightsmith/lossless_mix",
                                                "tooltip": "File name prefix inside the output folder; a counter "
                                                           "is added and nothing is overwritten."}),

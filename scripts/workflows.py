@@ -4,7 +4,11 @@ API-format twins (`workflows/api/<name>.json`, what `/prompt` runs and the tests
 The API format names every input; the UI format (LiteGraph 0.4) stores widget values positionally and
 sockets as numbered slots joined by links, so the conversion needs each node's definition from
 `/object_info`: input order, widget vs socket, output types. An optional `workflows/api/<name>.md` beside an API twin
-becomes a Markdown note at the top of the UI workflow (the recipe explained where the user sees it).
+becomes a Markdown note at the top of the UI workflow (the recipe explained where the user sees it), and its
+first heading is the template's title: ComfyUI's template browser shows a custom node's template by its file
+name, so the UI file is `workflows/<title>.json`, with its thumbnail `workflows/<title>.jpg` beside it (the
+name and extension frontend 1.32.9 asks for) — a picture of the graph drawn from the UI workflow itself.
+The view a template opens at fits the whole graph into a laptop-sized canvas.
 The source of that is a running server
 (`--server URL`), a saved `/object_info` JSON (`--object-info FILE`), or, by default, a temporary
 ComfyUI with the pack started just for this.
@@ -17,7 +21,9 @@ ComfyUI with the pack started just for this.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import re
 import sys
 import tempfile
 import uuid
@@ -31,6 +37,10 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUE = "fixed"  # the value written for a control_after_generate widget: runs stay reproducible
 NODE_WIDTH, REPORT_WIDTH, COLUMN_GAP, ROW_GAP, X0, Y0 = 400, 560, 60, 40, 50, 50
 VIEW_OFFSET = [40, 60]  # canvas offset when opened: clear of the frontend's top bar
+VIEW_SIZE = (1300, 720)  # the canvas a template must fit when opened (a 1440x900 window less the side/top bars)
+VIEW_MARGIN = 30
+THUMB_SIZE, THUMB_EXT = (640, 400), ".jpg"  # frontend 1.32.9 fetches <template name>.jpg for custom-node templates
+TITLE_CHARS = re.compile(r"[^A-Za-z0-9 .,+()&-]")  # what a template title keeps: safe in file names and URLs
 SLOT_HEIGHT, WIDGET_HEIGHT, TITLE_HEIGHT, MULTILINE_HEIGHT = 22, 24, 30, 90
 VIRTUAL_TYPES = ("MarkdownNote", "Note")  # frontend-only nodes: not in /object_info, never executed
 NOTE_HEIGHT_PER_LINE, NOTE_MIN_HEIGHT = 22, 80
@@ -199,7 +209,7 @@ def api_to_ui(api: dict, object_info: dict, name: str = "workflow", note: str | 
         n_widgets = len(entry["widgets_values"])
         n_slots = max(len(entry["inputs"]), len(entry["outputs"]))
         height = TITLE_HEIGHT + 10 + n_slots * SLOT_HEIGHT + n_widgets * WIDGET_HEIGHT + entry["multiline"] * MULTILINE_HEIGHT
-        report = bool(entry["def"].get("output_node"))
+        report = bool(entry["def"].get("output_node")) or "report" in (entry["def"].get("output_name") or [])
         sizes[nid] = [REPORT_WIDTH if report else NODE_WIDTH, height + (160 if report else 0)]
     column_x = {0: X0}
     for d in range(1, max(depth.values()) + 1):
@@ -249,9 +259,130 @@ def api_to_ui(api: dict, object_info: dict, name: str = "workflow", note: str | 
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"ds": {"scale": 1.0, "offset": VIEW_OFFSET}},
+        "extra": {"ds": fitted_view(ui_nodes)},
         "version": 0.4,
     }
+
+
+def fitted_view(nodes: list[dict], view: tuple[int, int] = VIEW_SIZE) -> dict:
+    """The canvas scale and offset (LiteGraph: screen = (pos + offset) * scale) that show every node, title
+    bars included, inside `view` when the workflow opens; never zoomed in beyond 1."""
+    x0 = min(n["pos"][0] for n in nodes)
+    y0 = min(n["pos"][1] for n in nodes) - TITLE_HEIGHT
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
+    scale = min(1.0, (view[0] - 2 * VIEW_MARGIN) / (x1 - x0), (view[1] - VIEW_OFFSET[1] - VIEW_MARGIN) / (y1 - y0))
+    scale = round(scale, 3)
+    return {"scale": scale, "offset": [round(VIEW_MARGIN / scale - x0, 1), round(VIEW_OFFSET[1] / scale - y0, 1)]}
+
+
+def template_title(api_file: Path) -> str:
+    """The title of a template: the first heading of the API twin's note, made safe as a file name; else the stem."""
+    note = api_file.with_suffix(".md")
+    if note.exists():
+        for line in note.read_text().splitlines():
+            if line.startswith("#"):
+                title = re.sub(r" {2,}", " ", TITLE_CHARS.sub("", line.lstrip("#").strip())).strip(" .")
+                if title:
+                    return title
+    return api_file.stem
+
+
+def ui_file(api_file: Path, out_dir: Path = WORKFLOWS) -> Path:
+    return out_dir / f"{template_title(api_file)}.json"
+
+
+def api_twin(ui_path: Path, api_dir: Path = API_DIR) -> Path:
+    """The API-format file a UI template was generated from (its title names it)."""
+    for f in sorted(api_dir.glob("*.json")):
+        if template_title(f) == ui_path.stem:
+            return f
+    raise WorkflowError(f"{ui_path.name}: no API workflow in {api_dir} has this title")
+
+
+# -- thumbnails -------------------------------------------------------------------------------------------
+
+def _node_colour(node: dict, info: dict) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(title bar, body) colours: our nodes in a warm tone, output nodes greener, notes brown, core grey."""
+    if node["type"] in VIRTUAL_TYPES:
+        return (102, 68, 34), (85, 51, 17)
+    if info.get(node["type"], {}).get("output_node"):
+        return (46, 110, 70), (44, 48, 52)
+    if node["type"].startswith("Weightsmith"):
+        return (150, 90, 40), (44, 48, 52)
+    return (70, 74, 80), (44, 48, 52)
+
+
+def _bezier(p0, p1, steps: int = 24) -> list[tuple[float, float]]:
+    dx = max(abs(p1[0] - p0[0]) * 0.5, 40)
+    c0, c1 = (p0[0] + dx, p0[1]), (p1[0] - dx, p1[1])
+    pts = []
+    for i in range(steps + 1):
+        t = i / steps
+        a, b, c, d = (1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t * t, t ** 3
+        pts.append((a * p0[0] + b * c0[0] + c * c1[0] + d * p1[0], a * p0[1] + b * c0[1] + c * c1[1] + d * p1[1]))
+    return pts
+
+
+def render_thumbnail(ui: dict, object_info: dict, size: tuple[int, int] = THUMB_SIZE) -> bytes:
+    """A JPEG picture of the graph as the canvas lays it out: node boxes with their titles, links as curves."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    x0 = min(n["pos"][0] for n in nodes.values())
+    y0 = min(n["pos"][1] for n in nodes.values()) - TITLE_HEIGHT
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes.values())
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes.values())
+    pad = 16
+    k = min((size[0] - 2 * pad) / (x1 - x0), (size[1] - 2 * pad) / (y1 - y0))
+    ox = (size[0] - (x1 - x0) * k) / 2 - x0 * k
+    oy = (size[1] - (y1 - y0) * k) / 2 - y0 * k
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (x * k + ox, y * k + oy)
+
+    img = Image.new("RGB", size, (32, 33, 36))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=max(9, round(15 * k)))
+    for n in nodes.values():
+        x, y = n["pos"]
+        w, h = n["size"]
+        bar, body = _node_colour(n, object_info)
+        draw.rounded_rectangle([at(x, y - TITLE_HEIGHT), at(x + w, y + h)], radius=max(2, round(6 * k)), fill=body,
+                               outline=(20, 20, 20))
+        draw.rounded_rectangle([at(x, y - TITLE_HEIGHT), at(x + w, y)], radius=max(2, round(6 * k)), fill=bar)
+        title = n.get("title") or object_info.get(n["type"], {}).get("display_name") or n["type"]
+        tx, ty = at(x + 8, y - TITLE_HEIGHT + 7)
+        max_w = w * k - 12
+        while title and draw.textlength(title, font=font) > max_w:
+            title = title[:-2] + "…" if len(title) > 2 else ""
+        draw.text((tx, ty), title, fill=(235, 235, 235), font=font)
+        if n["type"] in VIRTUAL_TYPES:  # the note: its heading, large (the body is too small to read here)
+            heading = next((ln.lstrip("# ") for ln in (n["widgets_values"] or [""])[0].splitlines() if ln.strip()), "")
+            big = ImageFont.load_default(size=max(12, round(30 * k)))
+            draw.text(at(x + 14, y + 12), heading, fill=(240, 220, 190), font=big)
+        else:  # one bar per widget, where the canvas draws them
+            first = TITLE_HEIGHT - 20 + max(len(n["inputs"]), len(n["outputs"])) * SLOT_HEIGHT
+            for i in range(len(n["widgets_values"])):
+                top = y + first + i * WIDGET_HEIGHT
+                if top + WIDGET_HEIGHT > y + h:
+                    break
+                draw.rounded_rectangle([at(x + 10, top + 3), at(x + w - 10, top + WIDGET_HEIGHT - 3)],
+                                       radius=max(1, round(8 * k)), fill=(30, 32, 35))
+        for i in range(len(n["inputs"])):
+            draw.ellipse([at(x + 6, y + 10 + i * SLOT_HEIGHT), at(x + 14, y + 18 + i * SLOT_HEIGHT)], fill=(160, 160, 160))
+        for i in range(len(n["outputs"])):
+            draw.ellipse([at(x + w - 14, y + 10 + i * SLOT_HEIGHT), at(x + w - 6, y + 18 + i * SLOT_HEIGHT)],
+                         fill=(160, 160, 160))
+    for _, src, src_slot, dst, dst_slot, ltype in ui["links"]:
+        a, b = nodes[src], nodes[dst]
+        p0 = at(a["pos"][0] + a["size"][0] - 10, a["pos"][1] + 14 + src_slot * SLOT_HEIGHT)
+        p1 = at(b["pos"][0] + 10, b["pos"][1] + 14 + dst_slot * SLOT_HEIGHT)
+        colour = {"MODEL": (180, 160, 255), "LORA": (255, 190, 110), "IMAGE": (100, 200, 255)}.get(ltype, (170, 200, 170))
+        draw.line(_bezier(p0, p1), fill=colour, width=max(2, round(3 * k)))
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=88, optimize=True)
+    return out.getvalue()
 
 
 def dumps(workflow: dict) -> str:
@@ -289,20 +420,35 @@ def generate(object_info: dict, api_dir: Path = API_DIR, out_dir: Path = WORKFLO
     for f in files:
         note_file = f.with_suffix(".md")
         note = note_file.read_text() if note_file.exists() else None
-        text = dumps(api_to_ui(json.loads(f.read_text()), object_info, f.stem, note))
-        target = out_dir / f.name
+        ui = api_to_ui(json.loads(f.read_text()), object_info, f.stem, note)
+        text = dumps(ui)
+        target = ui_file(f, out_dir)
+        thumb = target.with_suffix(THUMB_EXT)
         if check:
             if not target.exists():
                 problems.append(f"{target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}: missing")
             elif target.read_text() != text:
                 problems.append(f"{target.name}: out of date with api/{f.name}")
-        elif not target.exists() or target.read_text() != text:
-            target.write_text(text)
-            print(f"wrote {target}")
-    if check and not names:
-        stems = {f.stem for f in files}
-        problems += [f"{p.name}: has no API twin in {api_dir.name}/" for p in sorted(out_dir.glob("*.json"))
-                     if p.stem not in stems]
+            if not thumb.exists():  # JPEG bytes vary between Pillow versions: its presence is what --check sees
+                problems.append(f"{thumb.name}: thumbnail missing")
+        else:
+            if not target.exists() or target.read_text() != text:
+                target.write_text(text)
+                print(f"wrote {target}")
+            picture = render_thumbnail(ui, object_info)
+            if not thumb.exists() or thumb.read_bytes() != picture:
+                thumb.write_bytes(picture)
+                print(f"wrote {thumb}")
+    if not names:
+        titles = {ui_file(f, out_dir).stem for f in files}
+        orphans = [p for p in sorted(out_dir.glob("*.json")) + sorted(out_dir.glob(f"*{THUMB_EXT}"))
+                   if p.stem not in titles]
+        if check:
+            problems += [f"{p.name}: has no API twin in {api_dir.name}/" for p in orphans]
+        else:
+            for p in orphans:  # a renamed template leaves its old file behind: ComfyUI would list it twice
+                p.unlink()
+                print(f"removed {p} (no API twin)")
     return problems
 
 

@@ -100,8 +100,18 @@ def test_bf16_model_keeps_dtype_and_unpatched_keys_are_byte_copies(tmp_path):
     out16 = tmp_path / "fp16.safetensors"
     bake(model, [tmp_path / "blocks.safetensors"], out16, dtype="fp16")
     assert {t.dtype for t in load_file(str(out16)).values()} == {torch.float16}
+    # plain fp8 (as Save LoRA and Merge Model Files offer it): a saturating cast of the fp32 result, which
+    # ComfyUI loads as an fp8 model; scaled fp8 (scale tensors beside the weights) is not written by bake
+    out8 = tmp_path / "fp8.safetensors"
+    bake(model, [tmp_path / "blocks.safetensors"], out8, dtype="fp8_e4m3fn")
+    got8 = load_file(str(out8))
+    assert {t.dtype for t in got8.values()} == {torch.float8_e4m3fn}
+    for k in rep.plan.patches:
+        finfo = torch.finfo(torch.float8_e4m3fn)
+        assert torch.equal(got8[k], got[k].float().clamp(finfo.min, finfo.max).to(torch.float8_e4m3fn)) or \
+            float((got8[k].float() - want[k]).abs().max()) <= float(want[k].abs().max()) * 2 ** -3, k
     with pytest.raises(WeightsmithError, match="quantized outputs are not supported"):
-        bake(model, [p1], tmp_path / "q.safetensors", dtype="fp8_e4m3fn")
+        bake(model, [p1], tmp_path / "q.safetensors", dtype="fp8_scaled")
 
 
 def test_text_encoders_of_a_full_checkpoint_are_patched(tmp_path):

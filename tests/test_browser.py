@@ -8,6 +8,7 @@ reason when either is missing. Screenshots go to test-artifacts/browser/.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +26,16 @@ pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
 API_DIR = ROOT / "workflows" / "api"
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("ws_workflows_browser", ROOT / "scripts" / "workflows.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+wf = _generator()  # api_twin: the API file a UI template (named by its title) was generated from
 SHOTS = ROOT / "test-artifacts" / "browser"
 CHROMIUM = os.environ.get("WEIGHTSMITH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -148,10 +159,10 @@ def test_ui_workflow_loads_with_no_missing_nodes_and_matches_its_api_twin(page, 
     assert missing_node_warnings(page) == []
     # What the frontend would POST for this graph is exactly the API twin.
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
-    api = json.loads((API_DIR / path.name).read_text())
+    api = json.loads(wf.api_twin(path).read_text())
     strip = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in api.items()}
     got = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in prompt.items()}
-    assert got == strip, f"{path.name}: the frontend's prompt differs from workflows/api/{path.name}"
+    assert got == strip, f"{path.name}: the frontend's prompt differs from {wf.api_twin(path).relative_to(ROOT)}"
     fit_and_shoot(page, f"loaded-{path.stem}")
     assert our_errors(page) == []
 
@@ -159,9 +170,11 @@ def test_ui_workflow_loads_with_no_missing_nodes_and_matches_its_api_twin(page, 
 def _report_workflow() -> Path | None:
     """A small shipped workflow with a Weightsmith output node (the report is what this test looks at)."""
     for p in UI_FILES:
-        api = json.loads((API_DIR / p.name).read_text())
+        api = json.loads(wf.api_twin(p).read_text())
         big = any(isinstance(v, str) and "-3072" in v for n in api.values() for v in n["inputs"].values())
-        if not big and any(n["class_type"].startswith("Weightsmith") for n in api.values()):
+        # a node that writes a file is an output node: it runs again for the fresh prefix and shows its report
+        if not big and any(n["class_type"].startswith("Weightsmith") and "filename_prefix" in n["inputs"]
+                           for n in api.values()):
             return p
     return None
 
@@ -214,7 +227,7 @@ def test_outputs_restored_from_history_show_the_report(page, server):
     if path is None:
         pytest.skip("no small shipped workflow with a Weightsmith node yet")
     history = requests.get(server.url + "/history?max_items=50", timeout=10).json()
-    api_types = {nid: n["class_type"] for nid, n in json.loads((API_DIR / path.name).read_text()).items()}
+    api_types = {nid: n["class_type"] for nid, n in json.loads(wf.api_twin(path).read_text()).items()}
     outputs = next((h["outputs"] for h in reversed(list(history.values()))
                     if {nid: n["class_type"] for nid, n in h["prompt"][2].items()} == api_types
                     and any("weightsmith_report" in o for o in h["outputs"].values())), None)
@@ -229,3 +242,23 @@ def test_outputs_restored_from_history_show_the_report(page, server):
     assert sorted(texts) == sorted(expected)
     fit_and_shoot(page, f"restored-{path.stem}")
     assert our_errors(page) == []
+
+
+def test_an_error_in_a_weightsmith_node_is_titled_with_its_display_name(page, server):
+    """ComfyUI names a failed node by its class; the frontend titles its error dialog with that, so the
+    extension hands it the display name the user sees on the node."""
+    prompt = {"1": {"class_type": "WeightsmithMergeFiles", "inputs": {
+        "model_a": "diffusion_models/weightsmith_demo/sd15-tiny-a.safetensors",
+        "model_b": "diffusion_models/weightsmith_demo/sd15-tiny-b.safetensors", "method": "weighted_sum",
+        "ratio": 0.5, "weights": "", "rules": "", "params": f"no_such_param_{uuid.uuid4().hex[:4]}=1",
+        "preset": "none", "missing": "take", "other_keys": "copy", "dtype": "keep", "dry_run": True,
+        "output_folder": "diffusion_models", "filename_prefix": "never/x", "model_c": "none", "model_d": "none"}}}
+    page.keyboard.press("Escape")
+    page.evaluate("async (p) => { await (window.app.api ?? window.comfyAPI.api.api).queuePrompt(0, {output: p, workflow: {}}); }", prompt)
+    dialog = page.locator(".p-dialog").filter(has_text="no_such_param")
+    dialog.wait_for(timeout=60_000)
+    text = dialog.inner_text()
+    assert "Merge Model Files (Weightsmith)" in text, text[:500]
+    assert "WeightsmithMergeFiles" not in text.split("\n")[0], text[:300]
+    fit_and_shoot(page, "error-dialog-display-name")
+    page.keyboard.press("Escape")

@@ -151,7 +151,8 @@ def test_reproject_node(loras_dir, monkeypatch):
     write_model(loras_dir / "chroma.safetensors", flux_shapes(CFG, "chroma"), seed=2)
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(loras_dir)], {".safetensors"}))
     node = nodes()["WeightsmithReprojectFluxToChroma"]()
-    out = node.convert(flux_lora(), "flux.safetensors", "chroma.safetensors", "add_difference", 8, 1.0, 0, 0.5, 0.0,
+    out = node.convert(flux_lora(), "diffusion_models/flux.safetensors", "diffusion_models/chroma.safetensors",
+                       "add_difference", 8, 1.0, 0, 0.5, 0.0,
                        1.0, 1.0)
     lora, text = out["result"]
     exact, _ = flux_to_chroma(flux_lora())

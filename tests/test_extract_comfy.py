@@ -115,9 +115,9 @@ def test_extract_node_on_models_sees_their_patches(flux_models, nodes):
     lora_in, _ = extract_lora(base, finetune(base, seed=5, rank=4, scale=0.05), rank=4, store_diff=False, dtype="fp32")
     tuned_model, _, _ = apply_lora(patcher, lora_state_dict(lora_in, "comfy"))
     node = nodes["WeightsmithExtractLoRA"]()
-    out = node.extract(base=patcher, tuned=tuned_model, rank=8, conv_rank=0, rank_mode="fixed", energy=0.99,
+    out = node.extract(base=patcher, tuned=tuned_model, rank=8, conv_rank=-1, rank_mode="fixed", energy=0.99,
                        error=0.05, max_rank=0, store_diff=True, clamp_quantile=0.0, dtype="fp32", unique_id="1")
-    lora, chart, text = out["result"]
+    lora, text, chart = out["result"]
     assert chart.shape[0] == 1 and chart.shape[-1] == 3 and 0 <= float(chart.min()) <= float(chart.max()) <= 1
     assert "per block" in text and out["ui"]["weightsmith_report"] == [text]
     assert set(lora.modules) == set(lora_in.modules)
@@ -139,15 +139,16 @@ def test_file_nodes_extract_and_validate(flux_models, nodes, tmp_path, monkeypat
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
     files = nodes["WeightsmithExtractLoRAFiles"]
     choices = files.INPUT_TYPES()["required"]["base_model"][0]
-    assert {"base.safetensors", "tuned.safetensors"} <= set(choices)
-    out = files().extract(base_model="base.safetensors", tuned_model="tuned.safetensors", rank=8, conv_rank=0,
+    assert {"diffusion_models/base.safetensors", "diffusion_models/tuned.safetensors"} <= set(choices)
+    out = files().extract(base_model="diffusion_models/base.safetensors", tuned_model="diffusion_models/tuned.safetensors", rank=8, conv_rank=-1,
                           rank_mode="energy", energy=0.95, error=0.05, max_rank=16, store_diff=True,
                           clamp_quantile=0.0, dtype="bf16", unique_id="2")
-    lora, _, text = out["result"]
+    lora, text, _ = out["result"]
     assert lora.modules and "energy" in out["ui"]["weightsmith_json"][0]
-    val = nodes["WeightsmithValidateLoRA"]().validate(base_model="base.safetensors", tuned_model="tuned.safetensors",
+    val = nodes["WeightsmithValidateLoRA"]().validate(base_model="diffusion_models/base.safetensors",
+                                                      tuned_model="diffusion_models/tuned.safetensors",
                                                       lora=lora, strength=1.0, unique_id="3")
-    chart, vtext = val["result"]
+    vtext, chart = val["result"]
     assert chart.ndim == 4 and "per block" in vtext
     import json
 
@@ -165,7 +166,8 @@ def test_node_contract(nodes):
             for key, (_, opts) in inputs.items():
                 assert opts.get("tooltip"), (name, key)
         assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
-        assert cls.OUTPUT_NODE and cls.CATEGORY.startswith("Weightsmith/") and cls.DESCRIPTION
+        # only the node that exists to show a report is an output node; the extractors feed Save LoRA
+        assert cls.OUTPUT_NODE == (name == "WeightsmithValidateLoRA") and cls.CATEGORY.startswith("Weightsmith/") and cls.DESCRIPTION
 
 
 def test_extract_node_honours_interrupt(flux_models, nodes):
@@ -176,7 +178,7 @@ def test_extract_node_honours_interrupt(flux_models, nodes):
     try:
         with pytest.raises(mm.InterruptProcessingException):
             nodes["WeightsmithExtractLoRA"]().extract(
-                base=patcher, tuned=patcher, rank=8, conv_rank=0, rank_mode="fixed", energy=0.99, error=0.05,
+                base=patcher, tuned=patcher, rank=8, conv_rank=-1, rank_mode="fixed", energy=0.99, error=0.05,
                 max_rank=0, store_diff=True, clamp_quantile=0.0, dtype="bf16", unique_id="9")
     finally:
         mm.interrupt_current_processing(False)
@@ -193,14 +195,17 @@ def test_file_nodes_missing_policy_on_dev_vs_schnell(nodes, tmp_path, monkeypatc
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
     files = nodes["WeightsmithExtractLoRAFiles"]
     assert files.INPUT_TYPES()["optional"]["missing"][1]["default"] == "auto"
-    settings = dict(rank=4, conv_rank=0, rank_mode="fixed", energy=0.99, error=0.05, max_rank=0, store_diff=True,
+    settings = dict(rank=4, conv_rank=-1, rank_mode="fixed", energy=0.99, error=0.05, max_rank=0, store_diff=True,
                     clamp_quantile=0.0, dtype="fp32", unique_id="4")
-    lora, _, text = files().extract(base_model="dev.safetensors", tuned_model="schnell.safetensors", missing="skip",
+    lora, text, _ = files().extract(base_model="diffusion_models/dev.safetensors",
+                                    tuned_model="diffusion_models/schnell.safetensors", missing="skip",
                                     **settings)["result"]
     assert "4 tensors only in the base model" in text and "guidance_in.in_layer.weight" in text and lora.modules
     with pytest.raises(Exception, match="guidance_in") as err:  # the pack's own copy of MismatchError
-        files().extract(base_model="dev.safetensors", tuned_model="schnell.safetensors", missing="error", **settings)
+        files().extract(base_model="diffusion_models/dev.safetensors", tuned_model="diffusion_models/schnell.safetensors",
+                        missing="error", **settings)
     assert type(err.value).__name__ == "MismatchError"
-    val = nodes["WeightsmithValidateLoRA"]().validate(base_model="dev.safetensors", tuned_model="schnell.safetensors",
+    val = nodes["WeightsmithValidateLoRA"]().validate(base_model="diffusion_models/dev.safetensors",
+                                                      tuned_model="diffusion_models/schnell.safetensors",
                                                       lora=lora, strength=1.0, unique_id="5", missing="skip")
-    assert "guidance_in.in_layer.weight" in val["result"][1]
+    assert "guidance_in.in_layer.weight" in val["result"][0]

@@ -53,7 +53,9 @@ def test_inputs_have_tooltips(nodes):
         for group in ("required", "optional"):
             for inp, s in spec.get(group, {}).items():
                 assert s[1].get("tooltip"), f"{name}.{inp}"
-        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) and cls.OUTPUT_NODE and cls.DESCRIPTION
+        # the file merge writes a file (an output node); the in-graph merge feeds one, as ModelMergeSimple
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) and cls.DESCRIPTION
+        assert cls.OUTPUT_NODE == (name == "WeightsmithMergeFiles")
 
 
 def test_weighted_sum_in_graph_equals_file_merge(nodes, trio, tmp_path):

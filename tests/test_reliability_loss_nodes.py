@@ -227,8 +227,8 @@ def test_apply_lora_checks_row_slices_and_sd_convs(nodes):
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers", "onetrainer"])
 def test_extract_then_save_refuses_with_the_cli_message(nodes, folders, fmt):
-    lora, _, _ = call(nodes, "WeightsmithExtractLoRAFiles", base_model="a.safetensors",
-                      tuned_model="b.safetensors", rank=4)["result"]
+    lora, _, _ = call(nodes, "WeightsmithExtractLoRAFiles", base_model="diffusion_models/a.safetensors",
+                      tuned_model="diffusion_models/b.safetensors", rank=4)["result"]
     before = folder_state(folders)
     with pytest.raises(pack("lora.formats").UnwritableError) as e:
         call(nodes, "WeightsmithSaveLoRA", lora=lora, filename_prefix="x/extracted", format=fmt)
@@ -241,7 +241,7 @@ def test_extract_then_save_refuses_with_the_cli_message(nodes, folders, fmt):
                         "--format", fmt], capture_output=True, text=True, env=os.environ, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == f"error: {message}", (r.stderr, message)
     # store_diff off: the user's explicit choice; Save writes every module it got
-    lora, _, _ = call(nodes, "WeightsmithExtractLoRAFiles", base_model="a.safetensors",
-                      tuned_model="b.safetensors", rank=4, store_diff=False)["result"]
+    lora, _, _ = call(nodes, "WeightsmithExtractLoRAFiles", base_model="diffusion_models/a.safetensors",
+                      tuned_model="diffusion_models/b.safetensors", rank=4, store_diff=False)["result"]
     path = Path(call(nodes, "WeightsmithSaveLoRA", lora=lora, filename_prefix="x/extracted", format=fmt)["result"][0])
     assert set(ws_load_lora(path).modules) == set(lora.modules)

@@ -27,6 +27,7 @@ from weightsmith.sdunet import sd_unet_shapes
 pytestmark = pytest.mark.e2e
 
 DEMO = "weightsmith_demo/"
+DM = "diffusion_models/"  # the model-file pickers name the folder: diffusion_models/weightsmith_demo/…
 FLUX_TINY, FLUX_TUNED = DEMO + "flux1-dev-tiny.safetensors", DEMO + "flux1-dev-tiny-tuned.safetensors"
 SD15 = [DEMO + f"sd15-tiny-{t}.safetensors" for t in "ab"]
 FLUX_LORA, SD15_LORA = DEMO + "flux-kohya-r8.safetensors", DEMO + "sd15-kohya-r4.safetensors"
@@ -154,7 +155,7 @@ def test_flux_lora_for_the_tiny_model_on_the_3072_wide_one_is_refused(comfy_serv
 def test_extract_then_save_over_the_api_refuses_and_says_how_to_proceed(comfy_server, comfy_client, info):
     before = files_under(comfy_server.base_dir)
     prefix = f"loss/extracted_{uuid.uuid4().hex[:6]}"
-    prompt = {"1": node(info, "WeightsmithExtractLoRAFiles", base_model=FLUX_TINY, tuned_model=FLUX_TUNED, rank=8),
+    prompt = {"1": node(info, "WeightsmithExtractLoRAFiles", base_model=DM + FLUX_TINY, tuned_model=DM + FLUX_TUNED, rank=8),
               "2": node(info, "WeightsmithSaveLoRA", lora=["1", 0], filename_prefix=prefix, format="kohya")}
     message = failed_at(comfy_client.run(prompt, timeout=120), "2", "WeightsmithSaveLoRA")
     assert "the kohya format cannot hold" in message and "query_norm.scale (no kohya name)" in message, message

@@ -257,9 +257,11 @@ FILE_READERS = {
     "merge_files": lambda nodes, f, name: merge_files(nodes, model_b=f"diffusion_models/{name}"),
     "mix_files": lambda nodes, f, name: call(nodes, "WeightsmithLosslessMixFiles", model_a="diffusion_models/a.safetensors",
                                              model_b="diffusion_models/b.safetensors", model_c=f"diffusion_models/{name}"),
-    "extract_files": lambda nodes, f, name: call(nodes, "WeightsmithExtractLoRAFiles", base_model="a.safetensors",
-                                                 tuned_model=name, rank=4),
-    "validate": lambda nodes, f, name: call(nodes, "WeightsmithValidateLoRA", base_model=name, tuned_model="b.safetensors",
+    "extract_files": lambda nodes, f, name: call(nodes, "WeightsmithExtractLoRAFiles",
+                                                 base_model="diffusion_models/a.safetensors",
+                                                 tuned_model=f"diffusion_models/{name}", rank=4),
+    "validate": lambda nodes, f, name: call(nodes, "WeightsmithValidateLoRA", base_model=f"diffusion_models/{name}",
+                                            tuned_model="diffusion_models/b.safetensors",
                                             lora=load_lora(f.loras / "flux_lora.safetensors")),
     "load_lora": lambda nodes, f, name: call(nodes, "WeightsmithLoadLoRA", lora_name=name),
 }
@@ -318,24 +320,37 @@ BAD_REQUESTS = {
                                                "model_c": "diffusion_models/c.safetensors",
                                                "filename_prefix": "../escaped"}, "OutputPathError"),
     "WeightsmithExtractLoRA": (lambda f: {"base": _flux(), "tuned": _sd15()}, "MismatchError"),
-    "WeightsmithExtractLoRAFiles": (lambda f: {"base_model": "a.safetensors", "tuned_model": "b.safetensors",
+    "WeightsmithExtractLoRAFiles": (lambda f: {"base_model": "diffusion_models/a.safetensors",
+                                               "tuned_model": "diffusion_models/b.safetensors",
                                                "rank_mode": "no-such-mode"}, ("WeightsmithError", "ValueError")),
-    "WeightsmithValidateLoRA": (lambda f: {"base_model": "a.safetensors", "tuned_model": "b.safetensors",
+    "WeightsmithValidateLoRA": (lambda f: {"base_model": "diffusion_models/a.safetensors",
+                                           "tuned_model": "diffusion_models/b.safetensors",
                                            "lora": _lora(f, "sd15_lora")}, "MismatchError"),
     "WeightsmithLoadLoRA": (lambda f: {"lora_name": "flux_lora.safetensors", "arch": "sd15"}, "MismatchError"),
     "WeightsmithSaveLoRA": (lambda f: {"lora": _lora(f, "flux_lora"), "filename_prefix": "/etc/escaped"},
                             "OutputPathError"),
     "WeightsmithConvertLoRA": (lambda f: {"lora": _lora(f, "sd15_lora"), "target_arch": "flux"}, "MismatchError"),
     "WeightsmithFluxToChroma": (lambda f: {"lora": _lora(f, "sd15_lora")}, "MismatchError"),
-    "WeightsmithReprojectFluxToChroma": (lambda f: {"lora": _lora(f, "sd15_lora"), "flux_model": "a.safetensors",
-                                                    "chroma_model": "b.safetensors"}, "WeightsmithError"),
+    "WeightsmithReprojectFluxToChroma": (lambda f: {"lora": _lora(f, "sd15_lora"),
+                                                    "flux_model": "diffusion_models/a.safetensors",
+                                                    "chroma_model": "diffusion_models/b.safetensors"}, "WeightsmithError"),
     "WeightsmithApplyLoRA": (lambda f: {"model": _flux(), "lora": _lora(f, "sd15_lora")}, "MismatchError"),
     "WeightsmithComposeLoRAs": (lambda f: {"lora_1": _lora(f, "flux_lora"), "lora_2": _lora(f, "sd15_lora")},
                                 "MismatchError"),
     "WeightsmithBakeLoRAs": (lambda f: {"model": "diffusion_models/a.safetensors", "lora_1": _lora(f, "sd15_lora")},
                              "MismatchError"),
     "WeightsmithRerankLoRA": (lambda f: {"lora": _lora(f, "flux_lora"), "rank": 0, "energy": 0.0}, "ValueError"),
+    # ComfyUI's LORA_MODEL bridges: a state dict that is no LoRA, and a LoRA with nothing in it
+    "WeightsmithLoRAFromLoraModel": (lambda f: {"lora_model": {"model.conv.weight": torch.zeros(4, 4)}},
+                                     ("BadFileError", "MismatchError")),
+    "WeightsmithLoRAToLoraModel": (lambda f: {"lora": _empty_lora()}, "MismatchError"),
 }
+
+
+def _empty_lora():
+    import importlib
+
+    return importlib.import_module(import_pack().__name__ + ".core.lora.model").LoRA(modules={}, arch="flux")
 
 
 def test_every_node_type_has_a_bad_request_case(nodes):

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = "weightsmith_demo/"
+DM = "diffusion_models/"  # the model-file pickers name the folder: diffusion_models/weightsmith_demo/…
 FLUX_TINY, FLUX_TUNED = DEMO + "flux1-dev-tiny.safetensors", DEMO + "flux1-dev-tiny-tuned.safetensors"
 SD15 = [DEMO + f"sd15-tiny-{t}.safetensors" for t in "abc"]
 FLUX_LORA, SD15_LORA = DEMO + "flux-kohya-r8.safetensors", DEMO + "sd15-kohya-r4.safetensors"
@@ -55,6 +56,17 @@ def node(info, class_type: str, **inputs) -> dict:
     return {"class_type": class_type, "inputs": widgets(info, class_type, **inputs)}
 
 
+def with_sinks(info: dict, prompt: dict) -> dict:
+    """The prompt as a user builds it: an output nobody consumes goes to a Preview Any node. Only nodes that
+    write files or exist to show a report are output nodes, and ComfyUI runs nothing that feeds no output."""
+    out = copy.deepcopy(prompt)
+    used = {v[0] for n in prompt.values() for v in n["inputs"].values() if isinstance(v, list)}
+    for nid, n in prompt.items():
+        if nid not in used and not info.get(n["class_type"], {}).get("output_node", True):
+            out[f"sink{nid}"] = {"class_type": "PreviewAny", "inputs": {"source": [nid, 0]}}
+    return out
+
+
 def unet(name: str) -> dict:
     return {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
 
@@ -67,17 +79,19 @@ def runtime_failures(info) -> dict[str, tuple[dict, str]]:
     """Node type -> (a prompt that passes ComfyUI's validation but that the node must refuse, the failing node)."""
     escaped = "../../escaped_" + uuid.uuid4().hex[:6]
     return {
+        # a rule that parses but matches a method's parameter that does not exist: only the run can tell
         "WeightsmithMergeModels": ({"1": unet(SD15[0]), "2": unet(SD15[1]), "3": node(
-            info, "WeightsmithMergeModels", model_a=["1", 0], model_b=["2", 0], rules="(unclosed=take:A")}, "3"),
+            info, "WeightsmithMergeModels", model_a=["1", 0], model_b=["2", 0], method="ties",
+            ratio=0.3)}, "3"),
         "WeightsmithMergeFiles": ({"1": node(info, "WeightsmithMergeFiles", model_a="diffusion_models/" + FLUX_TINY,
                                              model_b="diffusion_models/" + FLUX_TUNED, filename_prefix=escaped)}, "1"),
         "WeightsmithLosslessMixFiles": ({"1": node(
             info, "WeightsmithLosslessMixFiles", model_a="diffusion_models/" + SD15[0], model_b="diffusion_models/" + SD15[1],
             model_c="diffusion_models/" + SD15[2], filename_prefix="/tmp/escaped")}, "1"),
-        "WeightsmithExtractLoRAFiles": ({"1": node(info, "WeightsmithExtractLoRAFiles", base_model=FLUX_TINY,
-                                                   tuned_model=SD15[0])}, "1"),
+        "WeightsmithExtractLoRAFiles": ({"1": node(info, "WeightsmithExtractLoRAFiles", base_model=DM + FLUX_TINY,
+                                                   tuned_model=DM + SD15[0])}, "1"),
         "WeightsmithValidateLoRA": ({"1": lora(info, SD15_LORA), "2": node(
-            info, "WeightsmithValidateLoRA", base_model=FLUX_TINY, tuned_model=FLUX_TUNED, lora=["1", 0])}, "2"),
+            info, "WeightsmithValidateLoRA", base_model=DM + FLUX_TINY, tuned_model=DM + FLUX_TUNED, lora=["1", 0])}, "2"),
         "WeightsmithLoadLoRA": ({"1": lora(info, FLUX_LORA, "sd15")}, "1"),
         "WeightsmithSaveLoRA": ({"1": lora(info, FLUX_LORA), "2": node(
             info, "WeightsmithSaveLoRA", lora=["1", 0], filename_prefix=escaped)}, "2"),
@@ -87,8 +101,8 @@ def runtime_failures(info) -> dict[str, tuple[dict, str]]:
         "WeightsmithFluxToChroma": ({"1": lora(info, SD15_LORA), "2": node(
             info, "WeightsmithFluxToChroma", lora=["1", 0])}, "2"),
         "WeightsmithReprojectFluxToChroma": ({"1": lora(info, SD15_LORA), "2": node(
-            info, "WeightsmithReprojectFluxToChroma", lora=["1", 0], flux_model=FLUX_TINY,
-            chroma_model=DEMO + "chroma-tiny.safetensors")}, "2"),
+            info, "WeightsmithReprojectFluxToChroma", lora=["1", 0], flux_model=DM + FLUX_TINY,
+            chroma_model=DM + DEMO + "chroma-tiny.safetensors")}, "2"),
         "WeightsmithApplyLoRA": ({"1": unet(SD15[0]), "2": lora(info, FLUX_LORA), "3": node(
             info, "WeightsmithApplyLoRA", model=["1", 0], lora=["2", 0]), "4": {
             "class_type": "ModelSave", "inputs": {"model": ["3", 0], "filename_prefix": "never/x"}}}, "3"),
@@ -106,6 +120,10 @@ def runtime_failures(info) -> dict[str, tuple[dict, str]]:
 def validation_failures(info) -> dict[str, tuple[dict, str]]:
     """Node type -> (a prompt ComfyUI must reject at POST /prompt, the node it must blame)."""
     return {
+        # a rule that does not parse: refused at submit by the node's VALIDATE_INPUTS
+        "WeightsmithMergeFiles_rules": ({"1": node(info, "WeightsmithMergeFiles", model_a="diffusion_models/" + FLUX_TINY,
+                                                   model_b="diffusion_models/" + FLUX_TUNED,
+                                                   rules="(unclosed=take:A")}, "1"),
         "WeightsmithLosslessMix": ({"1": unet(SD15[0]), "2": unet(SD15[1]), "3": unet(SD15[2]), "4": node(
             info, "WeightsmithLosslessMix", model_a=["1", 0], model_b=["2", 0], model_c=["3", 0], alpha=1e9)}, "4"),
         "WeightsmithExtractLoRA": ({"1": unet(SD15[0]), "2": unet(SD15[1]), "3": node(
@@ -118,6 +136,12 @@ def validation_failures(info) -> dict[str, tuple[dict, str]]:
         "WeightsmithLoadLoRA": ({"1": lora(info, "../../../../etc/passwd")}, "1"),
         "WeightsmithSaveLoRA": ({"1": lora(info, FLUX_LORA), "2": node(
             info, "WeightsmithSaveLoRA", lora=["1", 0], format="pickle")}, "2"),
+        # a MODEL where a LORA goes, and an architecture that does not exist
+        "WeightsmithLoRAToLoraModel": ({"1": unet(SD15[0]), "2": node(info, "WeightsmithLoRAToLoraModel",
+                                                                      lora=["1", 0])}, "2"),
+        "WeightsmithLoRAFromLoraModel": ({"1": lora(info, FLUX_LORA), "2": node(
+            info, "WeightsmithLoRAToLoraModel", lora=["1", 0]), "3": node(
+            info, "WeightsmithLoRAFromLoraModel", lora_model=["2", 0], arch="sd4")}, "3"),
     }
 
 
@@ -127,7 +151,7 @@ def files_under(root: Path) -> set[Path]:
 
 def test_every_node_type_has_a_bad_request(info):
     ours = {n for n in info if n.startswith("Weightsmith")}
-    covered = set(runtime_failures(info)) | set(validation_failures(info))
+    covered = {n.split("_")[0] for n in [*runtime_failures(info), *validation_failures(info)]}
     assert ours == covered, f"node types without a bad-request case: {sorted(ours - covered)}"
 
 
@@ -145,6 +169,7 @@ def test_runtime_bad_requests_fail_in_history_and_the_server_goes_on(comfy_serve
     before = files_under(base)
     problems = []
     for node_type, (prompt, blamed) in sorted(runtime_failures(info).items()):
+        prompt = with_sinks(info, prompt)
         result = comfy_client.run(prompt, timeout=120)
         err = result.error() or {}
         if result.status != "error" or err.get("node_id") != blamed:
@@ -170,10 +195,10 @@ def test_validation_bad_requests_are_rejected_and_the_server_goes_on(comfy_serve
     before = files_under(comfy_server.base_dir)
     for node_type, (prompt, blamed) in sorted(validation_failures(info).items()):
         with pytest.raises(PromptRejected) as e:
-            comfy_client.queue(prompt)
+            comfy_client.queue(with_sinks(info, prompt))
         errors = e.value.body.get("node_errors", {})
         assert blamed in errors, f"{node_type}: /prompt blamed {sorted(errors)} ({json.dumps(e.value.body)[:400]})"
-        assert errors[blamed]["class_type"] == node_type
+        assert errors[blamed]["class_type"] == node_type.split("_")[0]
     assert files_under(comfy_server.base_dir) == before
     result = comfy_client.run(_good_prompt(), timeout=120)
     assert result.status == "success", result.error()

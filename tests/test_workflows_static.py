@@ -50,10 +50,39 @@ def test_api_workflow_is_well_formed(path):
 
 
 def test_every_api_workflow_has_a_ui_twin_and_back():
-    api = {p.stem for p in API_FILES}
+    api = {wf.template_title(p) for p in API_FILES}  # a UI template is named by its title
     ui = {p.stem for p in UI_FILES}
     assert api - ui == set(), f"API workflows without a UI twin (run scripts/workflows.py): {sorted(api - ui)}"
     assert ui - api == set(), f"UI workflows without an API twin in workflows/api/: {sorted(ui - api)}"
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
+def test_every_template_has_a_title_a_description_and_a_thumbnail(path):
+    """ComfyUI's template browser shows a custom node's template by file name, with <name>.jpg as its picture."""
+    from PIL import Image
+
+    title = wf.template_title(path)
+    assert title != path.stem and " " in title, f"{path.name}: give its note a '## Title' heading a user understands"
+    note = path.with_suffix(".md").read_text()
+    assert len([ln for ln in note.splitlines() if ln.strip() and not ln.startswith("#")]) >= 2, f"{path.name}: no description"
+    thumb = WORKFLOWS / f"{title}{wf.THUMB_EXT}"
+    with Image.open(thumb) as im:
+        assert im.format == "JPEG" and im.size == wf.THUMB_SIZE
+        colours = len(im.convert("RGB").resize((64, 40)).getcolors(64 * 40) or [])
+    assert colours > 20, f"{thumb.name}: looks blank"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_opens_with_every_node_in_view(path):
+    ui = json.loads(path.read_text())
+    ds = ui["extra"]["ds"]
+    scale, (ox, oy) = ds["scale"], ds["offset"]
+    width, height = wf.VIEW_SIZE
+    for n in ui["nodes"]:
+        left, top = (n["pos"][0] + ox) * scale, (n["pos"][1] - wf.TITLE_HEIGHT + oy) * scale
+        right, bottom = (n["pos"][0] + n["size"][0] + ox) * scale, (n["pos"][1] + n["size"][1] + oy) * scale
+        assert 0 <= left and right <= width and 0 <= top and bottom <= height, (
+            f"{path.name}: node {n['id']} ({n['type']}) is outside the {width}x{height} view when opened")
 
 
 def check_ui_consistent(ui: dict, name: str) -> None:
@@ -81,9 +110,7 @@ def check_ui_consistent(ui: dict, name: str) -> None:
 def test_ui_workflow_is_consistent_with_its_api_twin(path):
     ui = json.loads(path.read_text())
     check_ui_consistent(ui, path.name)
-    twin = API_DIR / path.name
-    if not twin.exists():
-        pytest.fail(f"{path.name} has no API twin")
+    twin = wf.api_twin(path)
     api = json.loads(twin.read_text())
     nodes = {n["id"]: n for n in ui["nodes"]}
     ids = wf._node_ids(api)

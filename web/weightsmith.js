@@ -7,6 +7,7 @@
 // a one-line summary above it. The widget is never serialized: saved workflows and /prompt payloads
 // stay exactly what the node defines.
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
 
 const EXTENSION = "weightsmith.report";
 const WIDGET_NAME = "weightsmith_report";
@@ -114,11 +115,25 @@ function showReport(node, output) {
   app.graph?.setDirtyCanvas(true, true);
 }
 
+// ComfyUI names a failed node by its class (`node_type`), and the frontend titles its error dialog with
+// it: for our nodes, show the display name the user sees on the node ("Compose LoRAs (Weightsmith)").
+const displayNames = {};
+
+function withDisplayName(type, detail) {
+  const name = detail?.node_type;
+  if (type !== "execution_error" || !name?.startsWith(NODE_PREFIX) || !displayNames[name]) return detail;
+  return { ...detail, node_type: displayNames[name], class_type: name };
+}
+
+const dispatch = api.dispatchCustomEvent?.bind(api);
+if (dispatch) api.dispatchCustomEvent = (type, detail) => dispatch(type, withDisplayName(type, detail));
+
 app.registerExtension({
   name: EXTENSION,
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData?.name?.startsWith(NODE_PREFIX)) return;
+    if (nodeData.display_name) displayNames[nodeData.name] = nodeData.display_name;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {
       const r = onExecuted?.apply(this, arguments);

@@ -28,7 +28,7 @@ from ..progress import ProgressFn, no_progress
 from ..safetensors_io import StreamingWriter
 from .plan import BakePlan, Patch
 
-PLAIN_DTYPES = ("keep", "fp32", "fp16", "bf16")
+PLAIN_DTYPES = ("keep", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")  # plain casts: no scale tensors
 
 
 def apply_module(w: torch.Tensor, mod: ModuleDelta, strength: float) -> None:
@@ -197,7 +197,14 @@ def execute_bake(
                                "but writes plain dtypes only for now: choose the output dtype bf16, fp16 or fp32 "
                                "(quantize the baked file afterwards if you need fp8)")
     layout = {k: (src.info(k).shape, _out_dtype(src.info(k).dtype, want)) for k in keys}
-    meta = {k: v for k, v in src.metadata.items() if isinstance(k, str) and isinstance(v, str)}
+    meta = {}
+    if out_path is not None:
+        from ..provenance import stamp
+
+        meta = stamp(src.metadata, output=out_path, operation="bake", arch=plan.arch.arch, details=plan.arch.details,
+                     sources=[src, *plan.lora_paths], merged=True, naming=plan.arch.naming,
+                     summary={"dtype": dtype_name(want) if want is not None else "keep",
+                              "strengths": [i.strength for i in plan.loras], "rules": [r.text for r in plan.rules]})
     meta["weightsmith.bake"] = json.dumps({"model": plan.model_name, "loras": [
         {"lora": Path(i.name).name, "strength": i.strength, "rules": [r.text for r in i.rules]} for i in plan.loras],
         "rules": [r.text for r in plan.rules], "dtype": "keep" if want is None else dtype_name(want)})

@@ -237,9 +237,20 @@ def run_inspect(args: argparse.Namespace) -> int:
         data["nonfinite_keys"] = list(src.nonfinite_keys)
         data["modules_detail"] = module_rows(lora)
     data["notes"] = list(src.notes)
+    data["provenance"] = _show_provenance(src.metadata)
     if args.json:
         write_json(args.json, data)
     return 0
+
+
+def _show_provenance(meta: dict[str, str]) -> dict:
+    """Print how the file was made (modelspec keys, the weightsmith recipe); return it for --json."""
+    from ..provenance import describe, read_recipe
+
+    for line in describe(meta):
+        print(line)
+    return {"modelspec": {k: v for k, v in meta.items() if k.startswith("modelspec.")},
+            "training_keys": {k: v for k, v in meta.items() if k.startswith("ss_")}, "recipe": read_recipe(meta)}
 
 
 # --- verify ----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..devices import resolve_device
 from ..errors import OutputPathError
-from ..lora.extract import DEFAULT_MIN_DELTA, extract_lora
+from ..lora.extract import DEFAULT_MIN_DELTA, SAME_AS_RANK, conv_rank_option, extract_lora
 from ..lora.formats import WRITABLE_FORMATS, check_writable, save_lora
 from ..lora.svd import METHODS, RANK_MODES
 from ..lora.validate import MISSING_POLICIES, ReconstructionReport, validate_lora
@@ -42,8 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("tuned", help="the fine-tune of BASE")
     p.add_argument("-o", "--output", required=True, type=Path, help="output LoRA .safetensors")
     p.add_argument("--rank", type=int, default=64, help="rank of linear layers (fixed mode; default 64)")
-    p.add_argument("--conv-rank", type=int, default=None,
-                   help="rank of k×k convolutions (default: --rank; 0 leaves them out)")
+    p.add_argument("--conv-rank", type=int, default=SAME_AS_RANK,
+                   help="rank of k×k convolutions: -1 (default) = the same as --rank, 0 leaves them out (as the "
+                        "node's conv_rank)")
     p.add_argument("--rank-mode", choices=RANK_MODES, default="fixed",
                    help="fixed: --rank; energy: smallest rank keeping --energy of |dW|^2; error: smallest rank "
                         "with relative error <= --error; full: exact, every direction")
@@ -106,7 +107,7 @@ def run_extract(args: argparse.Namespace) -> int:
     _check_outputs(args, [*base.paths(), *tuned.paths()], args.output)
     refuse_input_target(args.output, [*base.paths(), *tuned.paths()])
     lora, report = extract_lora(
-        base, tuned, rank=args.rank, conv_rank=args.conv_rank, rank_mode=args.rank_mode, energy=args.energy,
+        base, tuned, rank=args.rank, conv_rank=conv_rank_option(args.conv_rank), rank_mode=args.rank_mode, energy=args.energy,
         error=args.error, max_rank=args.max_rank, min_delta=args.min_delta, store_diff=args.store_diff,
         device=args.device, progress=TerminalProgress("extract"), clamp_quantile=args.clamp_quantile,
         dtype=args.dtype, method=args.method, seed=args.seed, missing=args.missing,

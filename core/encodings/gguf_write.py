@@ -17,6 +17,7 @@ those outputs are refused with what to do instead.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import WeightsmithError
+from ..provenance import HASH_KEY, HASH_PENDING
 from ..safetensors_io import StreamingWriter, TensorInfo
 from ..sources import TensorSource, classify_keys, detect_diffusion_prefix
 from .gguf import ORIG_SHAPE_PREFIX, gguf_module
@@ -270,6 +272,11 @@ class GGUFStreamWriter(StreamingWriter):
         self.total_bytes = self._data_start + pos
         self._written: set[str] = set()
         self._filled: dict[str, int] = {}
+        # modelspec.hash_sha256 of the data section (from the first tensor's aligned start), as for safetensors
+        at = header.find(HASH_PENDING.encode()) if (metadata or {}).get(HASH_KEY) == HASH_PENDING else -1
+        self.sha256, self._hash_at, self._hashed = None, (at if at >= 0 else None), 0
+        self._sha = hashlib.sha256() if at >= 0 else None
+        self._hash_lock = threading.Lock()
         self._gather: dict[str, torch.Tensor] = {}  # row blocks of reshaped tensors, until complete
         self._gathered: dict[str, int] = {}
         self._lock = threading.Lock()

@@ -42,6 +42,13 @@ from .validate import (
 )
 
 DEFAULT_MIN_DELTA = 1e-6
+SAME_AS_RANK = -1  # conv_rank as the user gives it (node widget and CLI alike): -1 = same as rank, 0 = leave out
+
+
+def conv_rank_option(value: int | None) -> int | None:
+    """The user's conv_rank (node widget or --conv-rank, one meaning for both) as ExtractOptions takes it:
+    -1 (or None) = the same as rank, 0 = leave k×k convolutions out, n > 0 = rank n."""
+    return None if value is None or value == SAME_AS_RANK else value
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,8 @@ def check_options(opts: ExtractOptions) -> ExtractOptions:
     opts.linear_policy()  # the rank settings
     opts.conv_policy()
     if opts.conv_rank is not None and opts.conv_rank < 0:
-        raise OptionError(f"conv_rank must be ≥ 0 (got {opts.conv_rank}); give 0 to leave k×k convolutions out")
+        raise OptionError(f"conv_rank {opts.conv_rank}: give -1 for the same as rank, 0 to leave k×k convolutions out, "
+                          "or a rank above 0")
     if not (isinstance(opts.min_delta, (int, float)) and opts.min_delta >= 0 and math.isfinite(opts.min_delta)):
         raise OptionError(f"min_delta must be a finite number ≥ 0 (got {opts.min_delta}); give e.g. "
                           f"{DEFAULT_MIN_DELTA:g}, or 0 to keep every changed layer")
@@ -261,7 +269,8 @@ def extract_lora(
         report.message = (f"no layer changed enough to extract ({len(report.modules)} changed tensors, all "
                           "skipped or left out): the LoRA is empty")
     lora.metadata = {"weightsmith.extract": json.dumps(opts.as_metadata()),
-                     "weightsmith.extract_summary": json.dumps(_metadata_summary(report))}
+                     "weightsmith.extract_summary": json.dumps(_metadata_summary(report)),
+                     "weightsmith.base_arch": pair.arch}
     return lora, report
 
 

@@ -23,6 +23,8 @@ from . import keymaps as km
 from .formats_base import FORMATS, Format, UnwritableError, check_modules, register, unwritable_error, unwritable_in
 from .model import LoRA
 
+BASE_ARCH_META = "weightsmith.base_arch"  # the model an extracted LoRA came from (flux-dev, flux-schnell, …)
+
 WRITABLE_FORMATS = ("comfy", "kohya", "diffusers", "onetrainer", "lycoris")
 LORA_ARCHES = ("flux", "chroma", "sdxl", "sd15", "qwen-image", "wan")
 # When two formats match equally many keys, the more specific one wins.
@@ -323,8 +325,30 @@ def save_lora(
         meta[PEFT_KEY] = peft
     meta.update({"weightsmith.format": fmt, "weightsmith.arch": lora.arch, "weightsmith.source_format": lora.source_format})
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    meta = _stamp_lora(lora, meta, path)
     read_back(lora, fmt, sd, meta)
     return write_safetensors(path, sd, meta, protect=protect, overwrite=overwrite)
+
+
+def _stamp_lora(lora: LoRA, meta: dict[str, str], path) -> dict[str, str]:
+    """The LoRA's metadata with the provenance keys (provenance.py): what the LoRA's inputs said about
+    themselves is dropped, modelspec/ss_*/recipe are written fresh. A LoRA extracted from a Flux dev model
+    is `flux-1-dev/lora`; one for dev and schnell alike `flux-1/lora`."""
+    import json
+
+    from ..provenance import stamp
+
+    arch = lora.arch
+    base = lora.metadata.get(BASE_ARCH_META, "")
+    if base and base != arch and arch == "flux" and base in ("flux-dev", "flux-schnell"):
+        arch = base
+    names = []
+    try:  # a composed LoRA: its inputs, as compose recorded them
+        names = [i["name"] for i in json.loads(lora.metadata.get("weightsmith.compose", "{}")).get("inputs", [])]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        names = []
+    return stamp(meta, output=path, operation="save_lora", arch=arch, lora=lora, merged=names or False,
+                 summary={"arch": lora.arch, "format": meta.get("weightsmith.format")})
 
 
 def lora_summary(lora: LoRA) -> dict:

@@ -404,6 +404,16 @@ def _overflow_error(kp: KeyPlan, plan: MergePlan, dtype: torch.dtype) -> Weights
                             "Nothing was written")
 
 
+def stamp_merge(plan: MergePlan, out_path) -> dict[str, str]:
+    """The merge's metadata with the provenance keys (provenance.py): architecture and naming of A."""
+    from ..arch import detect_arch
+    from ..provenance import stamp
+
+    info = detect_arch(plan.sources[0])
+    return stamp(plan.metadata, output=out_path, operation="merge", arch=info.arch, details=info.details,
+                 sources=plan.sources, merged=True, naming=info.naming, summary=plan.summary())
+
+
 def execute_merge(
     plan: MergePlan,
     out_path: str | os.PathLike | None = None,
@@ -443,7 +453,7 @@ def execute_merge(
     writer = None
     if out_path is not None:
         make = partial(GGUFStreamWriter, qtype=gguf_type) if gguf_type else StreamingWriter
-        writer = make(out_path, layout.writer_plan(), layout.metadata(plan.metadata), protect=plan.protect_paths(),
+        writer = make(out_path, layout.writer_plan(), layout.metadata(stamp_merge(plan, out_path)), protect=plan.protect_paths(),
                       overwrite=overwrite)
     # Inputs are not scanned for NaN/Inf up front (a full extra pass over every tensor): a non-finite
     # input shows in the merged output, which is checked for free, and only then are its inputs scanned.
