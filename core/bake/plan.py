@@ -31,6 +31,7 @@ from ..lora import keymaps as km
 from ..lora.formats import infer_arch, load_lora
 from ..lora.model import LoRA, ModuleDelta
 from ..merge.rules import expand_alias, parse_rule_lines
+from ..report import an_arch, arch_name
 from ..sources import TensorSource, as_source, detect_diffusion_prefix
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,10 +191,10 @@ def _read_lora(lora: LoraInput, arch: ArchInfo, label: str, model_name: str) -> 
         try:
             lo = load_lora(lora, arch=hint)
         except MismatchError as e:
-            raise MismatchError(f"{label} does not fit the model {model_name} ({arch.arch}): {e}") from e
+            raise MismatchError(f"{label} does not fit the model {model_name} ({arch_name(arch.arch)}): {e}") from e
         own = infer_arch(lo)
     if own != "unknown" and arch_family(own) != arch_family(hint):
-        raise MismatchError(f"{label} is a {own} LoRA and {model_name} is a {arch.arch} model: it cannot be baked "
+        raise MismatchError(f"{label} is {an_arch(own)} LoRA and {model_name} is {an_arch(arch.arch)} model: it cannot be baked "
                             "into it; give a model of the LoRA's architecture")
     if hint == "chroma" and own == "flux" and any(km.is_flux_modulation(n[len(km.DIFFUSION):]) for n in lo.modules):
         raise MismatchError(f"{label} is a Flux LoRA with modulation layers Chroma does not have; convert it first "
