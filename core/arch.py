@@ -9,6 +9,20 @@ from .sources import TensorSource, detect_diffusion_prefix
 ARCHES = ("flux-dev", "flux-schnell", "chroma", "sdxl", "sd15", "qwen-image", "wan", "flux2", "lumina2", "hidream", "sd3")
 
 
+# Architectures whose weights and LoRAs share one key space. Model names (flux-dev, flux-schnell) and LoRA
+# names (flux) both map here, so every up-front "same architecture?" check (mix, bake, validate, LoRA loading)
+# uses this one table: Flux.2 is NOT Flux, although its name starts with "flux".
+_FAMILIES = {"flux": "flux", "flux-dev": "flux", "flux-schnell": "flux", "chroma": "flux", "sdxl": "sd",
+             "sd15": "sd"}
+OWN_FAMILY_ARCHES = ("qwen-image", "wan", "flux2", "lumina2", "hidream", "sd3")
+
+
+def arch_family(arch: str) -> str:
+    """The family of a model or LoRA architecture name: 'flux' (Flux dev/schnell, Chroma), 'sd' (SD1.5, SDXL: the
+    caller tells them apart), each newer architecture its own, else 'unknown'."""
+    return _FAMILIES.get(arch, arch if arch in OWN_FAMILY_ARCHES else "unknown")
+
+
 @dataclass
 class ArchInfo:
     arch: str  # one of ARCHES or "unknown"
@@ -21,13 +35,7 @@ class ArchInfo:
     @property
     def family(self) -> str:
         """'flux' for Flux dev/schnell and Chroma (one LoRA key space), 'sd' for SD UNets."""
-        if self.arch in ("flux-dev", "flux-schnell", "chroma"):
-            return "flux"
-        if self.arch in ("sdxl", "sd15"):
-            return "sd"
-        if self.arch in ("qwen-image", "wan", "flux2", "lumina2", "hidream", "sd3"):
-            return self.arch
-        return "unknown"
+        return arch_family(self.arch)
 
     @property
     def lora_arch(self) -> str:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import detect_arch
+from .arch import arch_family, detect_arch
 from .devices import resolve_device
 from .dtypes import cast_for_output, dtype_name, itemsize
 from .encodings.encode import KeyOutput, OutputLayout, finite_amax, parse_output, source_encoding, write_encoded
@@ -65,8 +65,9 @@ DEVICE_CHUNK = 1 << 25  # on an accelerator: large enough to keep it busy, small
 
 def _mix_family(arch: str) -> str:
     """Models that can be mixed with each other: Flux dev/schnell and Chroma share their block layout (keys
-    only one of them has are kept from the reference and reported); SD1.5 and SDXL do not."""
-    return "flux" if arch.startswith("flux") or arch == "chroma" else arch
+    only one of them has are kept from the reference and reported); SD1.5 and SDXL do not; Flux.2 is not Flux."""
+    family = arch_family(arch)
+    return arch if family in ("sd", "unknown") else family
 
 
 def check_same_architecture(models: Sequence[tuple[str, str]]) -> None:

@@ -91,6 +91,7 @@ class MixReport:
     nonfinite: dict[str, list[str]] = field(default_factory=dict)  # input -> mixed keys holding NaN/Inf
     decoded: dict[str, dict] = field(default_factory=dict)  # input -> encoding -> quantized keys decoded
     notes: list[str] = field(default_factory=list)  # how inputs were read (a checkpoint container, stray keys)
+    tie_warning: str = ""  # from a sampled check where this run computed no statistics (see sampled_tie_warning)
 
     def columns(self) -> list[str]:
         """The table's columns, leaving out statistics that were not computed (NaN in every row)."""
@@ -105,6 +106,7 @@ class MixReport:
             "keys_mixed": self.keys_mixed, "kept_from_a": self.copied, "kept_details": self.details,
             "extra_keys_ignored": self.extra, "output_dtypes": self.out_dtypes, "groups": self.rows,
             "nonfinite_inputs": self.nonfinite, "notes": self.notes,
+            "tie_warning": self.tie_warning or tie_warning(self.rows[0] if self.rows else {}, self.scales, self.mode),
             "decoded": self.decoded,
             "lossless_means": LOSSLESS_DECODED if self.decoded else LOSSLESS_PLAIN,
             "seconds": round(self.seconds, 3),
@@ -118,17 +120,13 @@ class MixReport:
         rule = "nearest to a" if self.mode == "min" else "farthest from a"
         lines = [f"lossless mix ({self.mode}: per element the candidate {rule}"
                  f"{', scales ' + ', '.join(f'{s:g}' for s in self.scales) if any(s != 1 for s in self.scales) else ''})",
-                 f"a = {Path(self.names[0]).name}"]
-        lines += [f"{x} = {Path(n).name}" for x, n in zip(letters, self.names[1:])]
+                 f"a = {_shown(self.names[0])}"]
+        lines += [f"{x} = {_shown(n)}" for x, n in zip(letters, self.names[1:])]
         lines += [f"note: {n}" for n in self.notes]
         lines.append(self.table())
         top = self.rows[0] if self.rows else {}
-        if top.get("blend_residual", 1.0) < 0.01 and all(s == 1 for s in self.scales):
-            lines.append(f"note: a is almost exactly a blend of b and c (a ≈ {top['blend_ratio']:.2f}·b + "
-                         f"{1 - top['blend_ratio']:.2f}·c in {top['group']}). Such a reference is equidistant from "
-                         "both (ratio 0.5) or nearer one of them in every element, so the picks are decided by "
-                         "ties (which take b) and rounding, not by the models. Bias the comparison with "
-                         "alpha/beta, or use a reference that is not a blend of the candidates.")
+        if warning := self.tie_warning or tie_warning(top, self.scales, self.mode):
+            lines.append(warning)
         for x in letters:
             share = top.get(f"from {x}", float("nan"))
             if share >= 0.999:
@@ -166,8 +164,57 @@ class MixReport:
         if not series:  # a plan-only report: how many keys each block mixes
             series = {"keys mixed": [r["keys"] for r in rows]}
         title = f"lossless mix ({self.mode}){' - dry run' if self.dry_run else ''}: similarity and share per block"
-        labels = [r["group"].replace("_blocks.", ".").replace("_block", "") for r in rows]
+        labels = [r["group"] for r in rows]  # the report table's names: one label set
         return bar_chart(labels, dict(list(series.items())[:6]), title=title)
+
+
+def tie_warning(row: dict, scales: list[float], mode: str, where: str = "") -> str:
+    """The warning for picks the models do not decide (two candidates): a reference that is a blend of b and c
+    (a weighted-sum reference, compared unscaled) is equidistant from both or nearer one of them in every
+    element. Empty when `row` (a report row with statistics) shows none. (Exact ties alone are no sign: where
+    b and c hold the same value, as fine-tunes of one base often do, a tie picks that value either way.)"""
+    tie_takes = "b" if mode == "min" else "c"
+    if row.get("blend_residual", 1.0) < 0.01 and all(s == 1 for s in scales):
+        r = row["blend_ratio"]
+        return (f"WARNING: a is almost exactly a blend of b and c (a ≈ {r:.2f}·b + {1 - r:.2f}·c in "
+                f"{row['group']}). Such a reference is equidistant from both (ratio 0.5) or nearer one of them in "
+                f"every element, so the picks are decided by ties (which take {tie_takes}) and rounding, not by the "
+                "models. Bias the comparison with alpha ≠ beta (e.g. 1.0 and 0.9), or use a reference that is not "
+                f"a blend of the candidates.{where}")
+    return ""
+
+
+SAMPLE_ELEMENTS = 1 << 22  # what the sampled tie check reads per model: a few tensors, a fraction of a second
+
+
+def sampled_tie_warning(reference, candidates, scales: list[float], mode: str, include=("unet",),
+                        device="cpu", budget: int = SAMPLE_ELEMENTS) -> str:
+    """`tie_warning` from statistics over a sample of the mixed tensors (spread over the model, about
+    `budget` elements): for runs that compute no statistics of their own, so a tie-decided mix is named in
+    every run, not only in dry runs. Inputs: what `plan_mix` takes (paths, dicts, TensorSources)."""
+    if len(candidates) != 2:
+        return ""
+    from .mix import MixPlan, execute_mix, plan_mix
+    from .sources import as_source
+
+    a, cands = as_source(reference), [as_source(c) for c in candidates]
+    plan = plan_mix(a, cands, include=include, out_dtype=torch.float32)
+    mixed = plan.mixed()
+    if not mixed:
+        return ""
+    sample, total = [], 0
+    for k in mixed[:: max(1, len(mixed) // 64)]:  # keys from every part of the model, as long as the budget lasts
+        n = math.prod(k.shape)
+        if total + n <= budget:
+            sample.append(k)
+            total += n
+    if not sample:  # every tensor is larger than the budget: the smallest one
+        sample = [min(mixed, key=lambda k: math.prod(k.shape))]
+        total = math.prod(sample[0].shape)
+    report = execute_mix(MixPlan(sample, plan.names, {}), a, cands, scales, mode, dry_run=True, device=device,
+                         stats=True)
+    row = next((r for r in report.rows if r["group"] == "unet"), report.rows[0] if report.rows else {})
+    return tie_warning(row, scales, mode, where=f" (Checked on a sample: {len(sample)} tensors, {total:,} elements.)")
 
 
 def _blend(s: ChunkStats) -> tuple[float, float]:
@@ -179,6 +226,11 @@ def _blend(s: ChunkStats) -> tuple[float, float]:
     if ac2 <= 0 or bc2 <= 0:
         return float("nan"), float("nan")
     return cross / bc2, max(0.0, 1.0 - cross * cross / (ac2 * bc2))
+
+
+def _shown(name: str) -> str:
+    """A file input by its file name; a node's input as the node names it (`model_a: … (#3)`, kept whole)."""
+    return name if ": " in name else Path(name).name
 
 
 def _nan(v) -> bool:

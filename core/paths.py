@@ -22,6 +22,10 @@ from .errors import OutputPathError
 # allowed by that command alone (`check_output_suffix(path, WRITTEN_SUFFIXES + (".gguf",))`).
 WRITTEN_SUFFIXES = (".safetensors", ".sft")
 
+# Secondary outputs by what they hold (`check_new_output`'s `what`): a JSON report without `.json`, or a chart
+# without `.png`, is a file no viewer opens by its name.
+SECONDARY_SUFFIXES = {"report": ".json", "JSON summary": ".json", "chart": ".png"}
+
 MAX_COMPONENT = 180  # bytes; leaves room for the counter and extension under the usual 255 limit
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f<>:\"|?*\\]")
 
@@ -281,6 +285,11 @@ def check_new_output(
     if path.exists() or path.is_symlink():
         raise OutputPathError(f"refusing to overwrite existing file {path} with the {what}; choose another name "
                               "or remove it")
+    suffix = SECONDARY_SUFFIXES.get(what)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise OutputPathError(f"the {what} {path} is written as {suffix[1:].upper()}, but the name ends in "
+                              f"{path.suffix or '(no suffix)'!r}; give it a {suffix} name (e.g. "
+                              f"{path.with_suffix(suffix).name})")
     if not target.parent.is_dir():
         raise OutputPathError(f"folder {path.parent} does not exist; create it or choose another path for the {what}")
     check_writable_folder(target.parent, f"the {what}")

@@ -23,6 +23,7 @@ from ..core.lora.formats import (
 from ..core.lora.model import LoRA
 from ..core.lora.reproject import REPROJECT_METHODS, ReprojectOptions, reproject_flux_to_chroma
 from ..core.provenance import describe as describe_provenance
+from ..core.report import an_arch, arch_name
 from .common import (
     CATEGORY,
     LORA_TYPE,
@@ -260,8 +261,8 @@ class WeightsmithApplyLoRA:
         family = {"flux-dev": "flux", "flux-schnell": "flux", "chroma": "flux", "flux": "flux"}
         if "unknown" not in (arch, lora.arch) and (family.get(arch, arch) != family.get(lora.arch, lora.arch)
                                                    or (lora.arch in ("sd15", "sdxl") and lora.arch != arch)):
-            raise MismatchError(f"Apply LoRA: a {lora.arch} LoRA does not fit this {arch} model; use a LoRA trained "
-                                f"for {arch} (Flux and Chroma LoRAs convert with Convert LoRA)")
+            raise MismatchError(f"Apply LoRA: {an_arch(lora.arch)} LoRA does not fit this {arch_name(arch)} model; use a LoRA "
+                                f"trained for {arch_name(arch)} (Flux and Chroma LoRAs convert with Convert LoRA)")
         if arch == "chroma" and lora.arch == "flux":
             lora, _ = flux_to_chroma(lora)  # the layers Chroma lacks would only log "lora key not loaded"
         unet_only = LoRA(modules={n: m for n, m in lora.modules.items() if n.startswith(keymaps.DIFFUSION)},

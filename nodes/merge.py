@@ -12,7 +12,7 @@ from ..core.estimate_work import merge_estimate
 from ..core.merge.execute import execute_merge, kept_gguf_type
 from ..core.merge.methods import METHODS, derive_seed, format_params
 from ..core.merge.plan import MISSING_POLICIES, OTHERS_POLICIES, MergePlan, plan_merge
-from ..core.merge.rules import PRESETS, parse_params, parse_rules, parse_weights
+from ..core.merge.rules import PRESETS, InputCountError, InputNames, parse_params, parse_rules, parse_weights
 from .common import (
     CATEGORY,
     DIFFUSION_PREFIX,
@@ -31,6 +31,22 @@ from .common import (
 )
 
 NONE = "none"
+SOCKETS = ("model_a", "model_b", "model_c", "model_d")
+
+
+def plan_for_sockets(connected: list[str], files: bool, *args, **kwargs) -> MergePlan:
+    """`plan_merge` of the connected (or chosen) inputs, whose errors about a missing or extra input name the
+    node's sockets (`connect a model to model_c`) instead of the CLI's letters."""
+    try:
+        return plan_merge(*args, **kwargs)
+    except InputCountError as e:
+        order = list(connected) + [s for s in SOCKETS if s not in connected]  # missing ones: the free sockets
+        name = lambda i: order[i] if i < len(order) else f"input {i + 1}"  # noqa: E731
+        names = (InputNames(name, "chosen", "choose a model file in", "set to none") if files
+                 else InputNames(name, "connected", "connect a model to", "disconnect"))
+        raise e.renamed(names) from None
+
+
 DEFAULT_RATIO = 0.5
 
 # One short line per method (the tooltip shows them one under the other); parameters are in params' tooltip.
@@ -219,7 +235,9 @@ class WeightsmithMergeModels:
         weights = ratio_weights(ratio, weights, method, len(models))
         device = compute_device()
         sources = [PatcherSource(m, device, name=f"model_{'abcd'[i]}") for i, m in enumerate(models)]
-        plan = plan_merge(sources, method, weights, rules, missing, params, [preset], others="drop")
+        connected = [n for n, m in zip(SOCKETS, (model_a, model_b, model_c, model_d)) if m is not None]
+        plan = plan_for_sockets(connected, False, sources, method, weights, rules, missing, params, [preset],
+                                others="drop")
         merged, notes = build_patches(plan, models)
         plan.notes.extend(notes)
         if report:
@@ -316,9 +334,10 @@ class WeightsmithMergeFiles:
     def merge(self, model_a, model_b, method, weights, rules, params, preset, missing, other_keys, dtype, dry_run,
               output_folder, filename_prefix, model_c=NONE, model_d=NONE, unique_id=None, ratio=DEFAULT_RATIO):
         chosen = [m for m in (model_a, model_b, model_c, model_d) if m and m != NONE]
+        connected = [n for n, m in zip(SOCKETS, (model_a, model_b, model_c, model_d)) if m and m != NONE]
         weights = ratio_weights(ratio, weights, method, len(chosen))
-        plan = plan_merge([resolve_model_file(m) for m in chosen], method, weights, rules, missing, params, [preset],
-                          other_keys)
+        plan = plan_for_sockets(connected, True, [resolve_model_file(m) for m in chosen], method, weights, rules,
+                                missing, params, [preset], other_keys)
         largest = max((kp.numel for kp in plan.keys), default=0)
         device = compute_device(largest * 4 * (len(chosen) + 3))
         gguf = dtype in GGUF_OUTPUT_TYPES or (dtype == "keep" and kept_gguf_type(plan) is not None)  # A is GGUF

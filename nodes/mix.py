@@ -9,6 +9,7 @@ from ..core.dtypes import MODEL_OUTPUT_CHOICES
 from ..core.errors import BadFileError, MismatchError
 from ..core.estimate_work import mix_estimate
 from ..core.mix import check_same_architecture, execute_mix, lossless_mix, pick_among, plan_mix
+from ..core.mix_report import sampled_tie_warning
 from ..core.sources import as_source
 from .common import (
     CATEGORY,
@@ -27,6 +28,7 @@ from .common import (
     resolve_model_file,
     ui_report,
 )
+from .graph_names import input_names
 
 MODES = {"min_diff (nearest)": "min", "max_diff (farthest)": "max"}
 
@@ -63,7 +65,8 @@ class WeightsmithLosslessMix:
         "to (min_diff) or farthest from (max_diff) the reference model_a, comparing |a - alpha*b| with |a - beta*c| "
         "(ties take b for min_diff, c for max_diff). alpha/beta only bias the comparison. Applied lazily as "
         "patches on a clone of model_a (no extra copy of the model). Recipe: ModelMergeSimple(a, b) as model_a, "
-        "then a and b as model_b and model_c."
+        "then a and b as model_b and model_c, with beta 0.9 (alpha = beta: that reference ties in every element "
+        "and the result is just model_b; the report warns whenever ties decide)."
     )
     CATEGORY = f"{CATEGORY}/Mix"
     FUNCTION = "mix"
@@ -97,15 +100,16 @@ class WeightsmithLosslessMix:
                                        "tooltip": "Compute the similarity report and chart now (one pass over the "
                                                   "three models on the compute device). Off: only the plan."}),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
-    def mix(self, model_a, model_b, model_c, alpha, beta, mode, report=True, unique_id=None):
+    def mix(self, model_a, model_b, model_c, alpha, beta, mode, report=True, unique_id=None, prompt=None):
         mode = MODES[mode]
         check_same_architecture([(n, model_arch(m)) for m, n in ((model_a, "model_a"), (model_b, "model_b"),
                                                                  (model_c, "model_c"))])
         device = compute_device(1 << 30)  # the report pass holds three fp32 copies of one weight at a time
-        sources = [PatcherSource(m, device, name=n) for m, n in ((model_a, "a"), (model_b, "b"), (model_c, "c"))]
+        names = input_names(prompt, unique_id, ["model_a", "model_b", "model_c"])  # what the report calls them
+        sources = [PatcherSource(m, device, name=n) for m, n in zip((model_a, model_b, model_c), names)]
         # Compare in fp32 whatever the in-memory dtypes are: the patch runs on fp32 weights too.
         plan = plan_mix(sources[0], sources[1:], include=("unet",), out_dtype=torch.float32)
         if not plan.mixed():
@@ -124,6 +128,8 @@ class WeightsmithLosslessMix:
         rep = execute_mix(plan, sources[0], sources[1:], [alpha, beta], mode, dry_run=True, device=device,
                           progress=progress(len(plan.mixed()), unique_id), stats=bool(report))
         rep.out = None
+        if not report:  # no statistics of its own: the ties are checked on a sample
+            rep.tie_warning = sampled_tie_warning(sources[0], sources[1:], [alpha, beta], mode, device=device)
         text = rep.text().replace("dry run: nothing written", "patched lazily (nothing written)")
         return {"ui": ui_report(text, rep.to_json()), "result": (mixed, text, image_tensor(rep.chart()))}
 
@@ -204,9 +210,13 @@ class WeightsmithLosslessMixFiles:
         sources = [as_source(p) for p in paths]
         est = mix_estimate(plan_mix(sources[0], sources[1:], include), sources, out, device, dtype)
         est.check_disk()  # before any work: the output does not fit
+        # a real run computes no statistics: its ties are checked on a sample (a dry run has them all)
+        sampled = "" if dry_run else sampled_tie_warning(paths[0], paths[1:], [alpha, beta], MODES[mode], include,
+                                                         device)
         rep = lossless_mix(paths[0], paths[1], paths[2], alpha=alpha, beta=beta, mode=MODES[mode], out=out,
                            include=include, dry_run=dry_run, device=device, out_dtype=dtype,
                            progress=progress(1, unique_id))
+        rep.tie_warning = rep.tie_warning or sampled
         text = est.text() + "\n" + rep.text()
         return {"ui": ui_report(text, rep.to_json()),
                 "result": ("" if out is None else str(out), text, image_tensor(rep.chart()))}

@@ -164,8 +164,8 @@ def test_lora_for_one_architecture_refused_for_another(model):
     kind, _, sd = model
     lora, _ = extract_lora(sd, _tuned(sd), rank=2, dtype="fp32")
     lsd = lora_state_dict(lora, "comfy")
-    mine = "qwen-image" if kind == "qwen" else "wan"
-    with pytest.raises(MismatchError, match=f"{mine} LoRA, not a flux one"):
+    mine = "Qwen-Image" if kind == "qwen" else "Wan"
+    with pytest.raises(MismatchError, match=f"{mine} LoRA, not a Flux one"):
         load_lora(lsd, arch="flux")
 
 

@@ -173,7 +173,7 @@ def test_arch_mismatch_refused_before_any_work(tmp_path):
     sd_lora = random_lora(sd_unet_shapes("sd15", "tiny"), "sd15", rank=2)
     save_lora(sd_lora, tmp_path / "sd.safetensors", fmt="kohya")
     out = tmp_path / "out.safetensors"
-    with pytest.raises(MismatchError, match="sd15.*flux|flux.*sd15"):
+    with pytest.raises(MismatchError, match="SD1.5.*Flux|Flux.*SD1.5"):
         bake(model, [tmp_path / "sd.safetensors"], out)
     assert not out.exists()
 
@@ -240,7 +240,7 @@ def test_cli_bake_and_exit_codes(tmp_path, capsys):
     sd_lora = tmp_path / "sd.safetensors"
     save_lora(random_lora(sd_unet_shapes("sd15", "tiny"), "sd15", rank=2), sd_lora, fmt="kohya")
     cases = [
-        ([str(model), str(sd_lora), "-o", str(tmp_path / "x.safetensors")], "sd15"),
+        ([str(model), str(sd_lora), "-o", str(tmp_path / "x.safetensors")], "SD1.5"),
         ([str(model), str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "x.safetensors")], "no such LoRA"),
         ([str(model), f"{p1}:abc", "-o", str(tmp_path / "x.safetensors")], "FILE:STRENGTH"),
         ([str(model), str(p1), "-o", str(p1), "--overwrite"], "one of the inputs"),

@@ -89,9 +89,9 @@ def test_wrong_architectures_are_refused_clearly():
     sd15 = random_lora(sd_unet_shapes("sd15", "tiny"), "sd15", rank=2)
     with pytest.raises(MismatchError, match="needs a Flux LoRA; this one is for sd15"):
         flux_to_chroma(sd15)
-    with pytest.raises(MismatchError, match="cannot convert a sd15 LoRA to chroma"):
+    with pytest.raises(MismatchError, match="cannot convert an SD1.5 LoRA to Chroma"):
         convert_lora(sd15, "chroma")
-    with pytest.raises(MismatchError, match="cannot convert a flux LoRA to sdxl"):
+    with pytest.raises(MismatchError, match="cannot convert a Flux LoRA to SDXL"):
         convert_lora(full_flux_lora(), "sdxl")
 
 
@@ -136,7 +136,7 @@ def test_cli_inspect_full_model_and_bad_input(tmp_path, capsys):
     assert not (tmp_path / "x.safetensors").exists()
     sd15 = save_lora(random_lora(sd_unet_shapes("sd15", "tiny"), "sd15", rank=2), tmp_path / "s.safetensors")
     assert main(["convert", str(sd15), "-o", str(tmp_path / "y.safetensors"), "--target-arch", "chroma"]) == 2
-    assert "cannot convert a sd15 LoRA to chroma" in capsys.readouterr().err
+    assert "cannot convert an SD1.5 LoRA to Chroma" in capsys.readouterr().err
 
 
 def test_cli_inspect_reports_nan_tensors(tmp_path, capsys):

@@ -139,7 +139,7 @@ def test_apply_node_matches_comfys_loader(flux, chroma):
     (on_chroma,) = nodes()["WeightsmithApplyLoRA"]().apply(c_patcher, lora, 1.0)
     assert_patched(on_chroma, c_base, flux_to_chroma(lora)[0])
     sd15 = random_lora(sd_unet_shapes("sd15", "tiny"), "sd15", rank=2)
-    with pytest.raises(Exception, match="sd15 LoRA does not fit this flux-dev model") as err:
+    with pytest.raises(Exception, match="an SD1.5 LoRA does not fit this Flux dev model") as err:
         nodes()["WeightsmithApplyLoRA"]().apply(patcher, sd15, 1.0)
     assert type(err.value).__name__ == MismatchError.__name__  # the pack's own copy of the class
 

@@ -332,7 +332,7 @@ def test_arch_detection_and_wrong_arch_errors(tmp_path):
     assert load_lora(lora_state_dict(plain, "comfy"), arch="chroma").arch == "chroma"  # shared layers only
     with pytest.raises(MismatchError, match="Chroma does not have"):
         load_lora(lora_state_dict(sample_lora("flux"), "comfy"), arch="chroma")
-    with pytest.raises(MismatchError, match="sd15 LoRA, not a flux"):
+    with pytest.raises(MismatchError, match="an SD1.5 LoRA, not a Flux"):
         load_lora(lora_state_dict(sample_lora("sd15"), "kohya"), arch="flux")
     model = tmp_path / "model.safetensors"
     from weightsmith.testmodels import write_model

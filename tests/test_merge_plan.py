@@ -289,7 +289,7 @@ def test_plan_validation_errors(dev_schnell):
         plan_merge([dev, schnell], weights="0.5")
     with pytest.raises(WeightsmithError, match="has no parameter density"):
         plan_merge([dev, schnell], params="density=0.3")
-    with pytest.raises(WeightsmithError, match="base 'C' is not one of the 2 inputs"):
+    with pytest.raises(WeightsmithError, match="base 'C' names model C, but only 2 inputs are given"):
         plan_merge([dev, schnell], "ties", params="base=C")
     with pytest.raises(WeightsmithError, match="every key dropped"):
         plan_merge([dev, schnell], rules=[".=drop"])

@@ -375,7 +375,7 @@ def test_report_flags_a_reference_that_is_a_blend_of_the_candidates():
     assert rep.rows[0]["blend_ratio"] == pytest.approx(0.3, abs=1e-3)
     assert rep.rows[0]["blend_residual"] < 1e-3
     assert rep.rows[0]["from c"] == 1.0  # a 0.3/0.7 blend is nearer c in every element
-    assert "note: a is almost exactly a blend of b and c (a ≈ 0.30·b + 0.70·c" in rep.text()
+    assert "WARNING: a is almost exactly a blend of b and c (a ≈ 0.30·b + 0.70·c" in rep.text()
     assert "note: c supplied 100.0%" in rep.text()
 
 

@@ -105,9 +105,9 @@ def test_recipe_weighted_sum_reference_then_a_or_b(nodes, tmp_path):
         assert bool(((got[k] == a[k]) | (got[k] == b[k])).all()), k
     # a 0.5 weighted sum is equidistant from a and b: the picks are decided by ties and fp32 rounding of the
     # reference, not by the models; the report says so instead of leaving the user with a meaningless mix
-    assert "note: a is almost exactly a blend of b and c (a ≈ 0.50·b + 0.50·c" in text
+    assert "WARNING: a is almost exactly a blend of b and c (a ≈ 0.50·b + 0.50·c" in text
     biased = nodes["WeightsmithLosslessMix"]().mix(ab, pa, pb, 0.98, 1.0, "min_diff (nearest)", True)["result"]
-    assert "note:" not in biased[1]
+    assert "WARNING" not in biased[1]
 
 
 def test_model_node_keeps_mismatching_keys(nodes):

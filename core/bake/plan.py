@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from ..arch import ArchInfo, detect_arch
+from ..arch import ArchInfo, arch_family, detect_arch
 from ..engine import OutputKey
 from ..errors import MismatchError, WeightsmithError
 from ..lora import keymaps as km
 from ..lora.formats import infer_arch, load_lora
 from ..lora.model import LoRA, ModuleDelta
 from ..merge.rules import expand_alias, parse_rule_lines
+from ..report import an_arch, arch_name
 from ..sources import TensorSource, as_source, detect_diffusion_prefix
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,10 +169,6 @@ def _as_spec(item) -> tuple[LoraInput, float, list[StrengthRule]]:
     return item, 1.0, []
 
 
-def _family(arch: str) -> str:
-    return {"flux": "flux", "chroma": "flux", "sdxl": "sd", "sd15": "sd"}.get(arch, "unknown")
-
-
 def _lora_label(lora: LoraInput, i: int) -> str:
     if isinstance(lora, (str, os.PathLike)):
         return Path(lora).name
@@ -194,10 +191,10 @@ def _read_lora(lora: LoraInput, arch: ArchInfo, label: str, model_name: str) -> 
         try:
             lo = load_lora(lora, arch=hint)
         except MismatchError as e:
-            raise MismatchError(f"{label} does not fit the model {model_name} ({arch.arch}): {e}") from e
+            raise MismatchError(f"{label} does not fit the model {model_name} ({arch_name(arch.arch)}): {e}") from e
         own = infer_arch(lo)
-    if own != "unknown" and _family(own) != _family(hint):
-        raise MismatchError(f"{label} is a {own} LoRA and {model_name} is a {arch.arch} model: it cannot be baked "
+    if own != "unknown" and arch_family(own) != arch_family(hint):
+        raise MismatchError(f"{label} is {an_arch(own)} LoRA and {model_name} is {an_arch(arch.arch)} model: it cannot be baked "
                             "into it; give a model of the LoRA's architecture")
     if hint == "chroma" and own == "flux" and any(km.is_flux_modulation(n[len(km.DIFFUSION):]) for n in lo.modules):
         raise MismatchError(f"{label} is a Flux LoRA with modulation layers Chroma does not have; convert it first "

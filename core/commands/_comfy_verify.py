@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadFileError, WeightsmithError
+from ..report import an_arch
 
 _CLIP_LAYER_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 _T5_PARTS = ("layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v", "layer.0.SelfAttention.o",
@@ -56,7 +57,7 @@ def meta_model(comfy, shapes: dict[str, tuple[int, ...]], arch: str):
     sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     cfg = comfy.model_detection.detect_unet_config(sd, "")
     if cfg is None:
-        raise BadFileError(f"ComfyUI does not recognise a {arch} model in these weights")
+        raise BadFileError(f"ComfyUI does not recognise {an_arch(arch)} model in these weights")
     if cfg.get("image_model") in ("flux", "chroma") and cfg.get("hidden_size") != 3072:
         heads = 2  # narrow test models: ComfyUI hard-codes 24 heads x 128, so pick heads that divide the width
         hd = cfg["hidden_size"] // heads
@@ -137,7 +138,7 @@ def verify(lora_sd: dict[str, torch.Tensor], arch: str, model_shapes: dict[str, 
     except WeightsmithError as e:
         raise BadFileError(f"{model_name}: {e}; give the {arch} model file the LoRA is for") from None
     except Exception as e:  # ComfyUI's detection assumes a well-formed model: odd shapes fail anywhere in it
-        raise BadFileError(f"{model_name}: ComfyUI cannot build a {arch} model from this file's layout "
+        raise BadFileError(f"{model_name}: ComfyUI cannot build {an_arch(arch)} model from this file's layout "
                            f"({type(e).__name__}: {e}); give the {arch} model file the LoRA is for") from None
     key_map = comfy.lora.model_lora_keys_unet(model, {})
     key_map = comfy.lora.model_lora_keys_clip(_Keys(_te_keys(arch)), key_map)

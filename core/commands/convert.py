@@ -20,9 +20,11 @@ from ..lora.formats import (
 )
 from ..lora.model import LoRA
 from ..lora.reproject import REPROJECT_METHODS
+from ..lora.svd import OPTIMAL_MEANS
 from ..paths import check_new_output, check_output_suffix, refuse_input_target
-from ..report import format_table, write_json
+from ..report import an_arch, format_table, write_json
 from ..sources import open_model
+from ._roles import has_adapter_keys
 
 
 class UsageError(WeightsmithError):
@@ -135,6 +137,7 @@ def _to_lowrank(lora: LoRA, args: argparse.Namespace) -> tuple[LoRA, list[dict]]
                  "method": r["method"]} for r in layers]
         print(format_table(rows, title=f"to plain LoRA: {len(layers)} layers (relative Frobenius error vs the "
                                        "optimal rank-r error)"))
+        print(f"note: {OPTIMAL_MEANS}.")
     return out, layers
 
 
@@ -200,13 +203,6 @@ def _inspect_model(path: Path) -> dict:
             "parts": {r["part"]: r for r in rows}, "dtypes": dtypes, "encodings": encodings}
 
 
-def _has_adapter_keys(keys: list[str]) -> bool:
-    from ..lora.formats_base import KOHYA_SUFFIXES, PEFT_SUFFIXES
-
-    suffixes = tuple(suf for suf, _ in KOHYA_SUFFIXES + PEFT_SUFFIXES + [(".down.weight", ""), (".up.weight", "")])
-    return any(k.endswith(suffixes) for k in keys)
-
-
 def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         check_new_output(args.json, "JSON summary", protect=[args.file])
@@ -215,9 +211,13 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     for note in src.notes:  # where in a trainer's checkpoint the tensors were found
         print(f"note: {note}")
+    if not src.keys():  # a valid header with no tensor in it: neither a model nor a LoRA
+        print(f"{args.file}: empty: a valid file that holds no tensors (an export or download that wrote only "
+              "the header?); nothing to inspect: re-export or download it again")
+        data: dict = {"kind": "empty"}
     # a full checkpoint's `model.diffusion_model.` keys also look like ComfyUI LoRA keys: a model is a model; so is
     # a file of plain weights no adapter suffix marks (an unknown model: explained, not read as a LoRA)
-    if detect_format(src.keys()) == "unknown" or detect_arch(src).arch != "unknown" or not _has_adapter_keys(src.keys()):
+    elif detect_format(src.keys()) == "unknown" or detect_arch(src).arch != "unknown" or not has_adapter_keys(src.keys()):
         data = _inspect_model(args.file)
     else:
         lora = load_lora(src)
@@ -282,13 +282,51 @@ def run_verify(args: argparse.Namespace) -> int:
     for b in bad:
         print(f"  shape: {b}")
     if missing or bad:
-        lora = load_lora(src)
-        print(f"hint: `weightsmith convert {args.lora} -o fixed.safetensors --to comfy"
-              + (" --target-arch chroma" if args.arch == "chroma" and lora.arch == "flux" else "") + "` writes a file "
-              "ComfyUI loads fully")
+        for hint in verify_hints(load_lora(src), args, result, shapes):
+            print(f"hint: {hint}")
         return 1
     print("OK: every key loads")
     return 0
+
+
+def verify_hints(lora: LoRA, args: argparse.Namespace, result: dict, shapes) -> list[str]:
+    """What to do about the keys ComfyUI would not load, by their cause: a LoRA of another architecture
+    (no conversion helps), layers of other sizes (another model size or variant: none helps either), or
+    keys a conversion maps onto the model — offered only when the converted LoRA, verified the same way,
+    loads fully."""
+    from ._comfy_verify import verify
+
+    against = f"{args.model}" if args.model is not None else f"the full-size {args.arch} layout"
+    retarget = lora.arch == "flux" and args.arch == "chroma"  # the one pair a conversion bridges
+    if lora.arch not in ("unknown", args.arch) and not retarget:
+        return [f"{args.lora} is {an_arch(lora.arch)} LoRA, not {an_arch(args.arch)} one: its layers do not exist in "
+                f"{an_arch(args.arch)} model and no conversion changes that (only Flux -> Chroma can be converted). Use "
+                f"it with {an_arch(lora.arch)} model; `weightsmith verify {args.lora} --arch {lora.arch}` checks it there"]
+    hints = []
+    if result["shape_errors"]:
+        hints.append(f"{len(result['shape_errors'])} modules have other sizes than the layers they patch in {against}: "
+                     "the LoRA was trained for a model of another size or variant, and a conversion keeps every size. "
+                     "Use it with the model it was trained on" + ("" if args.model is not None else
+                                                                  "; check it against that file with --model"))
+    if not result["not_loaded"]:
+        return hints
+    try:
+        converted, report = convert_lora(lora, "chroma" if retarget else None)
+        fixed = verify(lora_state_dict(converted, "comfy"), args.arch, shapes, lora_name=str(args.lora),
+                       model_name=str(args.model))
+    except WeightsmithError:  # a module the comfy format cannot carry, a file ComfyUI's loader fails on
+        fixed = None
+    if fixed is not None and not fixed["not_loaded"] and not fixed["shape_errors"]:
+        dropped = (f" (it drops the {len(report.dropped)} Flux modulation layers Chroma does not have; "
+                   "they cannot act on Chroma)" if report.dropped else "")
+        hints.append(f"`weightsmith convert {args.lora} -o fixed.safetensors --to comfy"
+                     + (" --target-arch chroma" if retarget else "") + f"` writes a file ComfyUI loads fully{dropped}")
+    else:
+        left = len(fixed["not_loaded"]) if fixed is not None else len(result["not_loaded"])
+        hints.append(f"{left} keys name layers {against} does not have, in any format this tool writes, so no "
+                     f"conversion makes them load: the LoRA was made for another model variant, or these keys are "
+                     "not LoRA weights. `weightsmith inspect --modules` lists what it holds")
+    return hints
 
 
 __all__ = ["register", "lora_state_dict"]

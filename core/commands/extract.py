@@ -18,6 +18,7 @@ from ..paths import check_name_fits, check_new_output, check_output_suffix, refu
 from ..progress import TerminalProgress
 from ..report import save_png, write_json
 from ..sources import as_source
+from ._roles import check_roles
 
 
 def _positive_or_none(text: str) -> int | None:
@@ -114,6 +115,7 @@ def run_extract(args: argparse.Namespace) -> int:
     if not args.output.parent.is_dir():
         raise OutputPathError(f"folder {args.output.parent} does not exist; create it or choose another path "
                               f"for {args.output.name}")
+    check_roles("extract", [("base", args.base), ("tuned", args.tuned)])
     rank_mode = args.rank_mode or ("budget" if args.size is not None else "fixed")
     if args.size is not None and rank_mode != "budget":
         raise OptionError(f"--size allocates ranks for a file size (rank mode budget); it does not go with "
@@ -147,6 +149,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
 def run_validate(args: argparse.Namespace) -> int:
     _check_outputs(args, [args.base, args.tuned, args.lora])
+    check_roles("validate", [("base", args.base), ("tuned", args.tuned), ("lora", args.lora)], lora_slot="lora")
     report = validate_lora(args.base, args.tuned, args.lora, device=args.device, strength=args.strength,
                            progress=TerminalProgress("validate"), missing=args.missing)
     _emit(report, args)

@@ -11,6 +11,7 @@ from ..encodings.encode import parse_output
 from ..errors import WeightsmithError
 from ..estimate_work import mix_estimate
 from ..mix import GROUPS, lossless_mix, plan_mix, resolve_device
+from ..mix_report import sampled_tie_warning
 from ..paths import check_new_output, check_output_suffix
 from ..progress import TerminalProgress
 from ..report import save_png, write_json
@@ -24,8 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Per element of every mixed tensor, write the element of B or C (or further candidates) "
                     "whose value is nearest to the reference A, comparing |A - alpha*B| with |A - beta*C| (ties "
                     "take B); --maxdiff takes the farther one (ties take C). alpha/beta only bias the "
-                    "comparison, the written value is unscaled. Recipe: merge A and B with a weighted sum into "
-                    "AB, then `weightsmith mix AB A B -o out.safetensors`.",
+                    "comparison, the written value is unscaled. Recipe, each element from A or B: merge A and B "
+                    "with a weighted sum into AB, then `weightsmith mix AB A B --alpha 1 --beta 0.9 -o "
+                    "out.safetensors`. Compared unscaled, a 50/50 AB is equally far from A and B in every element: "
+                    "every element ties and the mix is just A (the first candidate; a 60/40 AB is nearer A "
+                    "everywhere: A again); alpha ≠ beta makes the values decide, and the report shows the split. "
+                    "A reference that is not a blend of the candidates (a third model) needs no bias.",
     )
     p.add_argument("reference", type=Path, help="model A, the reference (its keys and layout make the output)")
     p.add_argument("candidates", type=Path, nargs="+", help="models B, C (and more): where the elements come from")
@@ -94,12 +99,18 @@ def run(args: argparse.Namespace) -> int:
     est.check_disk()  # before anything is read or written, --plan-only too
     if args.plan_only:
         return 0
+    comparison = scales or [args.alpha, args.beta] + [1.0] * (len(args.candidates) - 2)
+    mode = "max" if args.maxdiff else "min"
+    # a run without statistics cannot see ties: a sample is checked, so the report names a tie-decided mix
+    sampled = "" if args.dry_run or args.stats else sampled_tie_warning(
+        args.reference, args.candidates, comparison, mode, include, args.device)
     report = lossless_mix(
         args.reference, candidates=args.candidates, alpha=args.alpha, beta=args.beta, scales=scales,
         mode="max" if args.maxdiff else "min", out=output, include=include,
         on_mismatch=args.on_mismatch, dry_run=args.dry_run, device=args.device, out_dtype=args.dtype,
         overwrite=args.overwrite, progress=TerminalProgress("mix"), stats=True if args.stats else None,
     )
+    report.tie_warning = report.tie_warning or sampled
     print(report.text())
     if args.report:
         write_json(args.report, report.to_json())

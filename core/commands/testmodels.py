@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..dtypes import parse_dtype
+from ..paths import check_output_suffix
 from ..testmodels import FLUX_E2E, FluxConfig, flux_diffusers_shapes, flux_shapes, write_model
 
 
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_suffix(args.output)
     if args.hidden == 3072:
         cfg = FluxConfig(**{**FLUX_E2E.__dict__, "depth": args.double, "depth_single": args.single})
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import MismatchError
+from ..report import an_arch, arch_name
 from . import keymaps as km
 from .model import LoRA, ModuleDelta
 
@@ -106,7 +107,7 @@ def flux_to_chroma(lora: LoRA) -> tuple[LoRA, ConversionReport]:
         return _remap(lora, "chroma", lambda name: None)
     if lora.arch != "flux":
         raise MismatchError(f"flux_to_chroma needs a Flux LoRA; this one is for {lora.arch} "
-                            f"(its layers do not exist in Chroma): use it with a {lora.arch} model")
+                            f"(its layers do not exist in Chroma): use it with {an_arch(lora.arch)} model")
     return _remap(lora, "chroma", _flux_only_reason)
 
 
@@ -114,7 +115,7 @@ def chroma_to_flux(lora: LoRA) -> tuple[LoRA, ConversionReport]:
     """A Chroma LoRA for Flux: shared layers unchanged, distilled-guidance-layer modules dropped."""
     if lora.arch != "chroma":
         raise MismatchError(f"chroma_to_flux needs a Chroma LoRA; this one is for {lora.arch}: use it with a "
-                            f"{lora.arch} model")
+                            f"{arch_name(lora.arch)} model")
     return _remap(lora, "flux", _chroma_only_reason)
 
 
@@ -132,6 +133,6 @@ def convert_lora(lora: LoRA, to_arch: str | None) -> tuple[LoRA, ConversionRepor
         return flux_to_chroma(lora)
     if (lora.arch, target) == ("chroma", "flux"):
         return chroma_to_flux(lora)
-    raise MismatchError(f"cannot convert a {lora.arch} LoRA to {target}: the two architectures share no layers "
-                        f"a LoRA could be remapped onto (only Flux <-> Chroma can be converted); use it with a "
-                        f"{lora.arch} model")
+    raise MismatchError(f"cannot convert {an_arch(lora.arch)} LoRA to {arch_name(target)}: the two architectures share no layers "
+                        f"a LoRA could be remapped onto (only Flux <-> Chroma can be converted); use it with "
+                        f"{an_arch(lora.arch)} model")

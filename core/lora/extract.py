@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -195,7 +194,9 @@ def plan_extraction(pair: ModelPair, opts: ExtractOptions) -> list[LayerPlan]:
 
 def _key_seed(seed: int, key: str) -> int:
     """A per-layer seed independent of layer order (so any subset of layers extracts identically)."""
-    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**62)
+    from .svd import key_seed  # `optimal_at_rank` seeds each layer the same way
+
+    return key_seed(seed, key)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
@@ -233,7 +234,15 @@ def extract_layer(plan: LayerPlan, delta: torch.Tensor, norm: float, opts: Extra
                  down=down.reshape(r, *shape[1:]).cpu(), alpha=float(r))
     )
     note = "" if lr.target_met else f"target not reached within the rank cap {plan.policy.cap(min(mat.shape))}"
-    return ModuleReport(plan.key, shape, plan.kind, "lowrank", norm, err, lr.optimal_error, lr.optimal_is_exact,
+    # "optimal" as validate computes it for this LoRA: the factorisation's own value where it is that very
+    # computation (a fixed rank with the default seed and method), else computed the same way
+    from .svd import is_optimal_at_rank, optimal_at_rank
+
+    if is_optimal_at_rank(lr, plan.policy, opts.method, opts.seed, tuple(mat.shape)):
+        opt, exact = lr.optimal_error, lr.optimal_is_exact
+    else:
+        opt, exact = optimal_at_rank(mat, r, plan.key) if r else (1.0, True)
+    return ModuleReport(plan.key, shape, plan.kind, "lowrank", norm, err, opt, exact,
                         r, lr.energy, lr.method, note)
 
 

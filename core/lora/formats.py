@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from ..arch import arch_family
 from ..errors import BadFileError, MismatchError
+from ..report import an_arch
 from ..safetensors_io import write_safetensors
 from ..sources import DictSource, TensorSource, as_source, open_model
 from . import formats_diffsynth, formats_kohya, formats_peft  # noqa: F401  (they register the formats)
@@ -297,15 +299,6 @@ def flux_generation(lora: LoRA) -> str | None:
     return None
 
 
-_FAMILIES = {"flux": "flux", "chroma": "flux", "sdxl": "sd", "sd15": "sd"}
-
-
-def _family(arch: str) -> str:
-    """LoRAs of one family share a key space: Flux and Chroma; SD1.5 and SDXL (told apart by the caller). Every
-    other known architecture is its own family."""
-    return _FAMILIES.get(arch, arch if arch in LORA_ARCHES else "unknown")
-
-
 def _checked_arch(lora: LoRA, hint: str | None, where: str) -> str:
     found = infer_arch(lora)
     if hint is None:
@@ -314,8 +307,8 @@ def _checked_arch(lora: LoRA, hint: str | None, where: str) -> str:
         return hint  # names and shapes both fit: an attention-only LoRA on either generation
     if hint in ("flux", "chroma", "flux2", "qwen-image") and _inputs_only_and_undecided(lora):
         return hint  # img_in alone (width 64) fits Flux and Qwen-Image alike
-    if found != "unknown" and _family(found) != _family(hint):
-        raise MismatchError(f"{where}: this is a {found} LoRA, not a {hint} one; use it with a {found} model")
+    if found != "unknown" and arch_family(found) != arch_family(hint):
+        raise MismatchError(f"{where}: this is {an_arch(found)} LoRA, not {an_arch(hint)} one; use it with {an_arch(found)} model")
     names = [n[len(km.DIFFUSION):] for n in lora.modules if n.startswith(km.DIFFUSION)]
     if hint == "chroma" and (mod := [n for n in names if km.is_flux_modulation(n)]):
         raise MismatchError(f"{where}: this Flux LoRA targets layers Chroma does not have ({', '.join(mod[:4])}…); "

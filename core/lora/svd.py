@@ -412,3 +412,36 @@ def clamp_factors(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tupl
     k = min(max(int(math.ceil(quantile * values.numel())), 1), values.numel())
     hi = values.kthvalue(k).values
     return up.clamp(-hi, hi), down.clamp(-hi, hi)
+
+
+# What every report calls "optimal" (extract, validate, convert --to-type lora): one definition, one
+# computation, so the same LoRA gets the same number from every command.
+OPTIMAL_MEANS = ("optimal: the smallest relative error any change of the module's rank can reach (Eckart-Young, "
+                 "from the singular values of the true change). '(bound)': for layers too large for the exact SVD "
+                 "it is what the randomized SVD extraction uses reaches at that rank, an upper bound typically "
+                 "0.2-2% above the true optimum: an extraction shows a ratio near 1 there, and another tool's LoRA "
+                 "may show a ratio slightly below 1")
+
+
+def key_seed(seed: int, key: str) -> int:
+    """A per-layer seed independent of layer order (so any subset of layers extracts identically)."""
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**62)
+
+
+def optimal_at_rank(delta: torch.Tensor, rank: int, key: str) -> tuple[float, bool]:
+    """(relative error of the best rank-`rank` approximation of `delta` (the weight `key`'s change), exact?):
+    the exact SVD where `low_rank` would use it, else the randomized SVD with extraction's settings and the
+    layer's seed — so an extraction at a fixed rank already holds this very number (`is_optimal_at_rank`)."""
+    mat = delta.reshape(delta.shape[0], -1)
+    if rank >= min(mat.shape):
+        return 0.0, True
+    lr = low_rank(mat, RankPolicy("fixed", rank=rank), seed=key_seed(0, key))
+    return lr.optimal_error, lr.optimal_is_exact
+
+
+def is_optimal_at_rank(lr: LowRank, policy: RankPolicy, method: str, seed: int, shape: tuple[int, int]) -> bool:
+    """Whether the factorisation `lr` (made under `policy`/`method`/`seed`) is the computation
+    `optimal_at_rank` does for its rank, so its optimal error can be reported as it is."""
+    return (policy.mode == "fixed" and method == "auto" and seed == 0 and lr.rank == policy.cap(min(shape)))

@@ -4,8 +4,9 @@ For every weight the base and tuned models share, the true change ΔW = tuned �
 with the change the LoRA applies, ΔŴ (`ModuleDelta.dense_delta`, diffs, biases, `set_weight`):
 
     error          ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F
-    optimal error  the best any rank-r matrix can do, r = the module's rank (from the singular values of
-                   ΔW: exact for the exact SVD, a tight upper bound for the randomized one; 0 for diffs)
+    optimal error  the best any rank-r matrix can do, r = the module's rank (`svd.optimal_at_rank`, the one
+                   definition extract and validate share: exact where the exact SVD is used, else an upper
+                   bound from the randomized SVD extraction uses; 0 for diffs)
     energy kept    the fraction of ‖ΔW‖² the module keeps
 
 Totals weight modules by ‖ΔW‖ (so an untouched-but-noisy layer does not dominate): `error_weighted`
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..arch import detect_arch
+from ..arch import arch_family, detect_arch
 from ..dtypes import all_finite
 from ..encodings.report import decoded_line, decoded_reads
 from ..errors import BadFileError, MismatchError
@@ -35,7 +36,7 @@ from ..sources import TensorSource, as_source, diffusion_view
 from . import keymaps
 from .formats import LORA_ARCHES, load_lora
 from .model import LoRA, ModuleDelta
-from .svd import OptionError, RankPolicy, frobenius, low_rank, subtract_
+from .svd import OPTIMAL_MEANS, OptionError, frobenius, optimal_at_rank, subtract_
 
 # ---------------------------------------------------------------------------------------------------
 # Pairing two models
@@ -297,7 +298,9 @@ class ReconstructionReport:
         decoded = [line] if (line := decoded_line(self.decoded)) else []
         unpaired = [f"{len(ks)} tensors only in the {who} model, not compared: {', '.join(ks)}"
                     for who, ks in self.unpaired.items()]
-        parts = [self.headline(), *self.warnings(), *decoded, *unpaired, "",
+        explained = [f"note: {OPTIMAL_MEANS}."] if any(m.optimal_error is not None and m.status == "lowrank"
+                                                       for m in self.modules) else []
+        parts = [self.headline(), *explained, *self.warnings(), *decoded, *unpaired, "",
                  format_table(self.blocks(), title="per block")]
         if per_module:
             parts += ["", format_table([m.row() for m in self.modules], title="per module")]
@@ -383,22 +386,9 @@ def relative_error(delta: torch.Tensor, approx: torch.Tensor, norm: float) -> fl
     return frobenius(delta - approx) / norm
 
 
-def optimal_at_rank(delta: torch.Tensor, rank: int, seed: int = 0) -> tuple[float, bool]:
-    """(relative error of the best rank-`rank` approximation of `delta`, exact?). Where the randomized SVD
-    is used it runs 4 power iterations (not 2): a bound other LoRAs are judged against should be tight."""
-    mat = delta.reshape(delta.shape[0], -1)
-    if rank >= min(mat.shape):
-        return 0.0, True
-    lr = low_rank(mat, RankPolicy("fixed", rank=rank), power_iterations=4, seed=seed)
-    return lr.optimal_error, lr.optimal_is_exact
-
 
 # ---------------------------------------------------------------------------------------------------
 # Validation of any LoRA
-
-
-def _family(arch: str) -> str:
-    return {"flux": "flux", "chroma": "flux", "sdxl": "sd", "sd15": "sd"}.get(arch, "unknown")
 
 
 def _as_lora(lora, arch: str) -> LoRA:
@@ -408,7 +398,7 @@ def _as_lora(lora, arch: str) -> LoRA:
         return load_lora(lora, arch=hint)
     if not isinstance(lora, LoRA):
         raise TypeError(f"expected a LoRA, a path or a state dict, got {type(lora).__name__}")
-    if hint and "unknown" not in (lora.arch, hint) and _family(lora.arch) != _family(hint):
+    if hint and "unknown" not in (lora.arch, hint) and arch_family(lora.arch) != arch_family(hint):
         raise MismatchError(f"the LoRA is for {lora.arch} but the models are {arch}; validate it against the "
                             f"{lora.arch} models it was made from, or pick a LoRA made for {arch}")
     return lora
@@ -534,7 +524,7 @@ def validate_lora(base, tuned, lora, device: str | torch.device = "cpu", strengt
                                                max(0.0, 1 - err * err), "+".join(md.types())))
             continue
         rank = md.rank
-        opt, exact = optimal_at_rank(delta, rank)
+        opt, exact = optimal_at_rank(delta, rank, key)
         report.modules.append(ModuleReport(key, info.shape, kind, "lowrank", norm, err, opt, exact, rank,
                                            max(0.0, 1 - err * err)))
         del b, delta, applied

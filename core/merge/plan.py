@@ -27,6 +27,7 @@ from ..arch import detect_arch
 from ..engine import OutputKey
 from ..errors import MismatchError, WeightsmithError
 from ..sources import DiffusionLayout, TensorSource, as_source, diffusion_layout, key_group
+from . import rules as _rules
 from .methods import METHODS, MergeMethod, format_params, get_method
 from .rules import Rule, input_label, parse_input_ref, parse_params, parse_rules, parse_weights, preset_rules, resolve
 
@@ -127,12 +128,33 @@ class MergePlan:
             lines.append(format_table([{"rule": r.text, "does": r.describe(), "keys": self.rule_hits.get(r.text, 0)}
                                        for r in self.rules], title="rules (first match wins)"))
         if self.only_in:
-            items = list(self.only_in.items())
-            shown = ", ".join(f"{k} [{'+'.join(v)}]" for k, v in items[:limit])
-            more = f" … and {len(items) - limit} more" if len(items) > limit else ""
-            lines.append(f"{len(items)} keys not in every input ({self.missing}): {shown}{more}")
+            lines.append(f"{len(self.only_in)} keys not in every input:")
+            for outcome, names in self.partial_outcomes().items():
+                shown = ", ".join(f"{k} [only {'+'.join(self.only_in[k])}]" for k in names[:limit])
+                more = f" … and {len(names) - limit} more" if len(names) > limit else ""
+                lines.append(f"  {len(names)} {outcome}: {shown}{more}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def partial_outcomes(self) -> dict[str, list[str]]:
+        """What became of the keys not every input has, as it happened (a rule may have decided them rather
+        than the missing-key policy): outcome text -> key names."""
+        plans = {k.name: k for k in self.keys if k.name in self.only_in}
+        out: dict[str, list[str]] = {}
+        for name in self.only_in:
+            kp = plans.get(name)
+            if kp is None:
+                what = "left out"
+            elif kp.decided_by.startswith("missing: "):
+                what = f"{kp.decided_by[len('missing: '):]} (missing-key policy {self.missing})"
+            elif kp.action == "drop":
+                what = f"dropped by the rule {kp.decided_by!r}"
+            elif kp.action == "take":
+                what = f"taken from {input_label(kp.reads[0][0])} by the rule {kp.decided_by!r}"
+            else:
+                what = f"merged from {'+'.join(input_label(i) for i, _ in kp.reads)} by the rule {kp.decided_by!r}"
+            out.setdefault(what, []).append(name)
+        return out
 
 
 def _public_params(params: dict) -> dict:
@@ -163,6 +185,10 @@ def _method_params(method: MergeMethod, given: dict, n_inputs: int, where: str) 
     if "base" in params:
         b = params["base"]
         idx = parse_input_ref(b, f"{where}: base") if isinstance(b, str) else int(b)
+        if idx >= n_inputs:
+            raise _rules.InputCountError(lambda nm: f"{where}: base {b!r} names {nm.name(idx)}, but only {n_inputs} inputs "
+                                             f"are {nm.given} ({nm.names(range(n_inputs))}): {nm.add} {nm.name(idx)} or "
+                                             "name one of those as the base")
         if not 0 <= idx < n_inputs:
             raise WeightsmithError(f"{where}: base {b!r} is not one of the {n_inputs} inputs")
         params["base"] = idx
@@ -178,8 +204,27 @@ def _method_params(method: MergeMethod, given: dict, n_inputs: int, where: str) 
 
 
 def _check_inputs(method: MergeMethod, n: int, where: str) -> None:
-    if n < method.min_inputs or (method.max_inputs is not None and n > method.max_inputs):
-        raise WeightsmithError(f"{where}: {method.name} takes {method.inputs_text()} models, got {n}")
+    takes = f"{where}: {method.name} ({method.description}) takes {method.inputs_text()} models"
+    if n < method.min_inputs:
+        raise _rules.InputCountError(lambda nm: f"{takes}, but only {n} are {nm.given} ({nm.names(range(n))}): {nm.add} "
+                                         f"{nm.names(range(n, method.min_inputs))} too")
+    if method.max_inputs is not None and n > method.max_inputs:
+        raise _rules.InputCountError(lambda nm: f"{takes}, but {n} are {nm.given}: {nm.remove} "
+                                         f"{nm.names(range(method.max_inputs, n))}, or choose a method for {n} models")
+
+
+def _check_rule_inputs(rules: list[Rule], n: int) -> None:
+    """A rule that takes from (or names as base) an input that is not there: refused before any key is planned,
+    naming the rule and the inputs there are (rules that match no key would otherwise pass unnoticed)."""
+    for r in rules:
+        refs = [r.take] if r.kind == "take" and r.take is not None else []
+        if r.kind == "method" and isinstance(r.params.get("base"), str):
+            refs.append(parse_input_ref(r.params["base"], f"rule {r.text!r}: base"))
+        for idx in refs:
+            if idx >= n:
+                raise _rules.InputCountError(lambda nm, r=r, idx=idx: (
+                    f"rule {r.text!r} names {nm.name(idx)}, but only {n} inputs are {nm.given} "
+                    f"({nm.names(range(n))}): {nm.add} {nm.name(idx)}, or change the rule to one of those"))
 
 
 def _parts(source: TensorSource, layout: DiffusionLayout) -> tuple[dict[str, str], dict[str, str]]:
@@ -246,6 +291,7 @@ def plan_merge(
     elif m.weights == "none":
         notes.append(f"{m.name} does not use weights; the given weights apply only where a rule picks another method")
     rule_list = parse_rules(rules) + parse_rules(preset_rules(presets or []))
+    _check_rule_inputs(rule_list, n)
 
     infos, prefixes, layouts, namings, families = [], [], [], [], []
     for i, s in enumerate(srcs):

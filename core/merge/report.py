@@ -160,27 +160,13 @@ class MergeReport:
         rows = [r for r in self.groups() if r.get("change") is not None][:max_groups]
         if not rows:
             rows = self.groups()[:max_groups]
-        labels = [short_group(r["group"]) for r in rows]
+        labels = [r["group"] for r in rows]  # the report table's names: one label set
         series: dict[str, list[float]] = {}
         for lab in self.labels[1:]:
             series[f"1-cos(A,{lab})"] = [_floor(1 - r[f"cos(A,{lab})"]) if r.get(f"cos(A,{lab})") is not None else float("nan")
                                          for r in rows]
         series["|out-A|/|A|"] = [_floor(r["change"]) if r.get("change") is not None else float("nan") for r in rows]
-        return bar_chart(labels, series, title=f"merge: {self.plan.method}, per key group", ylabel="log scale", log=True)
-
-
-_SHORT = (("single_transformer_blocks.", "stb."), ("transformer_blocks.", "tb."), ("double_blocks.", "double."),
-          ("single_blocks.", "single."), ("input_blocks.", "in."), ("output_blocks.", "out."), ("middle_block", "mid"),
-          ("down_blocks.", "down."), ("up_blocks.", "up."), ("time_text_embed.", ""),
-          ("distilled_guidance_layer", "approximator"))
-
-
-def short_group(group: str) -> str:
-    """A group name short enough for a chart axis label ('double_blocks.12' -> 'double.12')."""
-    for long, short in _SHORT:
-        if group.startswith(long):
-            return short + group[len(long):]
-    return group
+        return bar_chart(labels, series, title=f"merge: {self.plan.method}, per key group", ylabel="1 - cos, relative change", log=True)
 
 
 def _floor(v: float) -> float:

@@ -34,6 +34,36 @@ def input_label(i: int) -> str:
     return LETTERS[i] if i < len(LETTERS) else f"#{i + 1}"
 
 
+@dataclass(frozen=True)
+class InputNames:
+    """How messages name the inputs and tell the user to add or remove one: the CLI's files are 'model C',
+    a node's sockets 'model_c'."""
+
+    name: Callable[[int], str]
+    given: str  # "given" / "connected"
+    add: str  # "give" / "connect a model to"
+    remove: str  # "leave out" / "disconnect"
+
+    def names(self, indices) -> str:
+        return ", ".join(self.name(i) for i in indices)
+
+
+CLI_INPUT_NAMES = InputNames(lambda i: f"model {input_label(i)}", "given", "give", "leave out")
+
+
+class InputCountError(WeightsmithError):
+    """A method or rule needs an input that is not there (add_difference with two models, `take:C` with A and
+    B only), or gets more than it takes. The message names the inputs the way the caller does: `renamed`
+    rewrites it for a node's sockets."""
+
+    def __init__(self, build: Callable[[InputNames], str], names: InputNames = CLI_INPUT_NAMES):
+        self.build = build
+        super().__init__(build(names))
+
+    def renamed(self, names: InputNames) -> InputCountError:
+        return InputCountError(self.build, names)
+
+
 def parse_input_ref(text: str, what: str = "input") -> int:
     """'A'/'b'/'1'/'2' -> 0-based input index."""
     t = str(text).strip()
