@@ -118,6 +118,7 @@ def mix_estimate(plan, sources, out: str | os.PathLike | None, device, out_dtype
 
 def bake_estimate(plan, out: str | os.PathLike | None, dtype, device) -> Estimate:
     """A bake plan's estimate: every key copied (cast), patched keys get their LoRAs' products added."""
+    from .bake.execute import rowwise
     dev = torch.device(device or "cpu")
     workers = default_workers(dev)
     src = plan.source
@@ -133,7 +134,10 @@ def bake_estimate(plan, out: str | os.PathLike | None, dtype, device) -> Estimat
             rank = sum(int(t.down.shape[0]) for t in getattr(p.delta, "terms", []))
             flops += 2.0 * numel * max(rank, 1)
         passes = numel * (2 + 3 * len(patches))
-        working = numel * 4 * (2 if patches else 0) + min(numel, TASK_ELEMS) * 4 * workers
+        if patches and rowwise(patches, tuple(info.shape)):  # row blocks in per-worker fp32 buffers (in, out)
+            working = min(numel, TASK_ELEMS) * 4 * 2 * workers
+        else:  # adapters take the key whole (weight and result in fp32); plain copies go in row blocks
+            working = numel * 4 * (2 if patches else 0) + min(numel, TASK_ELEMS) * 4 * workers
         work.append(KeyWork(info.nbytes, int(out_b), passes, flops, int(working)))
     lora_bytes = sum(p.stat().st_size for p in plan.lora_paths if Path(p).exists())
     return estimate("bake", work, dev, out, inputs=list(src.paths()), workers=workers, held_bytes=lora_bytes)

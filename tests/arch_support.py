@@ -5,11 +5,13 @@ it back and writing ComfyUI's naming is exact)."""
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 from comfy_support import apply_lora, effective_weights
 
 from weightsmith.lora.formats import detect_format, load_lora, lora_state_dict
+from weightsmith.report import an_arch
 
 
 def tuned(sd: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
@@ -80,3 +82,8 @@ def assert_reads_back_exactly(lora, lsd, fmt, arch=None) -> None:
     assert set(again) == set(first), (fmt, sorted(set(again) ^ set(first))[:4])
     for k in first:
         torch.testing.assert_close(again[k], first[k], rtol=1e-6, atol=1e-7, msg=f"{fmt}: {k}")
+
+
+def arch_refusal(mine: str, other: str) -> str:
+    """The pattern of the refusal of a `mine` LoRA where an `other` model is given (display names, articles)."""
+    return re.escape(f"{an_arch(mine)} LoRA, not {an_arch(other)} one")

@@ -8,7 +8,14 @@ import copy
 
 import pytest
 import torch
-from arch_support import assert_comfy_patches_exactly, assert_reads_back_exactly, expected_weights, only, tuned
+from arch_support import (
+    arch_refusal,
+    assert_comfy_patches_exactly,
+    assert_reads_back_exactly,
+    expected_weights,
+    only,
+    tuned,
+)
 from comfy_support import dit_patcher, import_comfy
 
 from weightsmith.arch import detect_arch
@@ -131,7 +138,7 @@ def test_lora_refused_for_other_architectures(model):
     kind, _, _, _, lora = model
     comfy = lora_state_dict(lora, "comfy")
     for other in ("flux", "flux2", "qwen-image", "wan", "lumina2", "sdxl", "hidream" if kind == "sd3" else "sd3"):
-        with pytest.raises(MismatchError, match=f"{ARCH[kind]} LoRA, not a {other} one"):
+        with pytest.raises(MismatchError, match=arch_refusal(ARCH[kind], other)):
             load_lora(comfy, arch=other)
 
 

@@ -162,3 +162,18 @@ def test_compose_size(files, tmp_path):
     assert abs(out.stat().st_size - 120_000) <= 0.02 * 120_000
     assert cli_main(["compose", str(files["lora"]), "-o", str(tmp_path / "x.safetensors"), "--size", "1kB"]) == 2
     assert not math.isnan(out.stat().st_size)
+
+
+def test_a_calibration_taken_on_a_busy_machine_is_measured_again_when_it_is_quieter(monkeypatch):
+    import time
+
+    from weightsmith import calibration
+
+    fresh = {"measured": time.time(), "load": 0.5}
+    busy = dict(fresh, load=100.0)
+    monkeypatch.setattr(calibration, "_load", lambda: 1.0)
+    assert not calibration._stale(fresh)
+    assert calibration._stale(busy)  # measured at load 100, now 1: its speeds would make estimates too slow
+    monkeypatch.setattr(calibration, "_load", lambda: 90.0)
+    assert not calibration._stale(busy)  # still as busy: the measurement stands
+    assert calibration._stale(dict(fresh, measured=time.time() - calibration.CACHE_SECONDS - 1))

@@ -21,7 +21,7 @@ FLUX_LORA = DEMO + "flux-kohya-r8.safetensors"
 SD15 = [f"diffusion_models/{DEMO}sd15-tiny-{t}.safetensors" for t in "ab"]
 # The nodes that write a file, or whose purpose is the report they show (Validate LoRA).
 OUTPUT_NODES = {"WeightsmithMergeFiles", "WeightsmithLosslessMixFiles", "WeightsmithBakeLoRAs", "WeightsmithSaveLoRA",
-                "WeightsmithValidateLoRA"}
+                "WeightsmithSaveModel", "WeightsmithValidateLoRA"}
 
 
 @pytest.fixture(scope="module")

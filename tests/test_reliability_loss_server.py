@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from server_support import ComfyClient
+from server_support import ComfyClient, PromptRejected
 
 from weightsmith.lora.formats import load_lora, save_lora
 from weightsmith.lora.testloras import random_lora
@@ -103,15 +103,20 @@ def test_convert_then_save_over_the_api_writes_every_module(comfy_server, comfy_
 
 @pytest.mark.parametrize("weights,why", [("0,0", "every weight is 0"), ("nan,1", "not a finite number")])
 def test_merge_weights_over_the_api_are_refused(comfy_server, comfy_client, info, weights, why):
+    """Refused when the prompt is queued (the nodes validate their text inputs, as core nodes validate ranges):
+    POST /prompt answers 400 naming the node, nothing runs, nothing is written."""
     before = files_under(comfy_server.base_dir)
     files = {"1": node(info, "WeightsmithMergeFiles", model_a="diffusion_models/" + FLUX_TINY,
                        model_b="diffusion_models/" + FLUX_TUNED, weights=weights,
                        filename_prefix=f"loss/merge_{uuid.uuid4().hex[:6]}")}
-    assert why in failed_at(comfy_client.run(files, timeout=120), "1", "WeightsmithMergeFiles")
     graph = {"1": unet(SD15[0]), "2": unet(SD15[1]),
              "3": node(info, "WeightsmithMergeModels", model_a=["1", 0], model_b=["2", 0], weights=weights),
              "4": {"class_type": "ModelSave", "inputs": {"model": ["3", 0], "filename_prefix": "never/merged"}}}
-    assert why in failed_at(comfy_client.run(graph, timeout=120), "3", "WeightsmithMergeModels")
+    for prompt, nid in ((files, "1"), (graph, "3")):
+        with pytest.raises(PromptRejected) as e:
+            comfy_client.run(prompt, timeout=120)
+        errors = e.value.body["node_errors"][nid]["errors"]
+        assert any(why in err["details"] and err["extra_info"]["input_name"] == "weights" for err in errors), errors
     assert files_under(comfy_server.base_dir) == before
 
 

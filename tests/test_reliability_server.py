@@ -142,6 +142,9 @@ def validation_failures(info) -> dict[str, tuple[dict, str]]:
         "WeightsmithLoRAFromLoraModel": ({"1": lora(info, FLUX_LORA), "2": node(
             info, "WeightsmithLoRAToLoraModel", lora=["1", 0]), "3": node(
             info, "WeightsmithLoRAFromLoraModel", lora_model=["2", 0], arch="sd4")}, "3"),
+        # an output dtype the node does not offer
+        "WeightsmithSaveModel": ({"1": unet(SD15[0]), "2": node(info, "WeightsmithSaveModel", model=["1", 0],
+                                                                dtype="fp4")}, "2"),
     }
 
 

@@ -258,7 +258,9 @@ def test_saving_a_few_hundred_mb_model_holds_no_second_copy(comfy, tmp_path, mon
         path, text = node().save(model, "fp32", "diffusion_models", "big")["result"]
     assert Path(path).stat().st_size > model_bytes
     # a handful of one-tensor temporaries (the base weight, the merge partner's, the LoRA product), no model
-    assert rss.delta < max(8 * largest, 0.25 * model_bytes), (
+    # copy (that would be >= 100% of the model; ComfyUI's own route measures ~150%). The bound leaves room for
+    # allocator noise on a loaded machine (+33..+83 MB measured here).
+    assert rss.delta < max(8 * largest, 0.4 * model_bytes), (
         f"peak RssAnon +{rss.delta / 1e6:.0f} MB while saving a {model_bytes / 1e6:.0f} MB model "
         f"(largest tensor {largest / 1e6:.1f} MB)")
     # The instrument sees a second copy: ComfyUI's own save route patches the model in memory first.
