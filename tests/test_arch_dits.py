@@ -4,11 +4,12 @@ naming ComfyUI 0.3.75 maps for them, loaded and applied by real ComfyUI (tiny mo
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from arch_support import arch_refusal
+from arch_support import deltas as _deltas
+from arch_support import tuned as _tuned
+from arch_support import without as _without
 from comfy_support import apply_lora, dit_patcher, effective_weights, import_comfy
 
 from weightsmith.arch import detect_arch as _detect
@@ -24,40 +25,6 @@ NAMINGS = {"qwen": ("comfy", "kohya", "diffusers", "lycoris"), "wan-t2v": ("comf
            "wan-i2v": ("comfy", "kohya")}
 REFUSED = {"qwen": ("onetrainer",), "wan-t2v": ("diffusers", "onetrainer", "lycoris"),
            "wan-i2v": ("diffusers", "onetrainer", "lycoris")}
-
-
-def _tuned(sd: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
-    """Every linear and conv weight gets a rank-2 change; every other tensor (biases, norms) a dense one."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in sd.items():
-        if v.ndim >= 2 and k.endswith(".weight"):
-            d = torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v[0].numel(), generator=g)
-            out[k] = v + 0.05 * d.reshape(v.shape)
-        else:
-            out[k] = v + 0.05 * torch.randn(v.shape, generator=g)
-    return out
-
-
-def _deltas(comfy_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per module of a comfy-named LoRA state dict, the change it makes (ΔW = alpha/rank · up @ down; diffs)."""
-    out = {}
-    for k, v in comfy_sd.items():
-        if k.endswith(".lora_up.weight"):
-            m = k[: -len(".lora_up.weight")]
-            down = comfy_sd[m + ".lora_down.weight"].double()
-            alpha = comfy_sd.get(m + ".alpha")
-            scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
-            out[m] = scale * (v.double().flatten(1) @ down.flatten(1))
-        elif k.endswith((".diff", ".diff_b", ".set_weight")):
-            out[k] = v.double()
-    return out
-
-
-def _without(lora, names):
-    out = copy.copy(lora)
-    out.modules = {n: m for n, m in lora.modules.items() if n not in names}
-    return out
 
 
 def _without_sd(comfy_sd, names):

@@ -144,29 +144,60 @@ _GLOBAL = {
     "distilled_guidance_layer.in_proj": "distilled_guidance_layer.in_proj",
     "distilled_guidance_layer.out_proj": "distilled_guidance_layer.out_proj",
 }
-_DOUBLE_INV: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
-for _d, (_b, _r) in _DOUBLE.items():
-    _DOUBLE_INV.setdefault(_b, []).append((_d, _r))
-_SINGLE_INV: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
-for _d, (_b, _r) in _SINGLE.items():
-    _SINGLE_INV.setdefault(_b, []).append((_d, _r))
-_GLOBAL_INV = {b: d for d, b in _GLOBAL.items()}
+BlockTable = dict[str, tuple[str, "tuple[int, int] | None"]]  # diffusers suffix -> (BFL suffix, rows)
+_DIFFUSERS_BLOCKS = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks"}
+_BFL_BLOCKS = {b: d for d, b in _DIFFUSERS_BLOCKS.items()}
+
+
+class TwoStreamNames:
+    """diffusers <-> BFL names of a two-stream (double + single block) transformer: Flux and Flux.2 share this
+    layout and its norm_out half swap, not their tables."""
+
+    def __init__(self, double: BlockTable, single: BlockTable, globals_: dict[str, str]) -> None:
+        self.tables = {"double_blocks": double, "single_blocks": single}
+        self.inverse: dict[str, dict[str, list[tuple[str, tuple[int, int] | None]]]] = {}
+        for block, table in self.tables.items():
+            inv = self.inverse[block] = {}
+            for d, (b, r) in table.items():
+                inv.setdefault(b, []).append((d, r))
+        self.globals = globals_
+        self.globals_inv = {b: d for d, b in globals_.items()}
+
+    def from_diffusers(self, name: str) -> Piece | None:
+        """diffusers module name (no `transformer.` prefix) -> BFL piece, or None."""
+        m = re.match(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", name)
+        if m:
+            block = _DIFFUSERS_BLOCKS[m.group(1)]
+            hit = self.tables[block].get(m.group(3))
+            return None if hit is None else Piece(f"{block}.{m.group(2)}.{hit[0]}", hit[1])
+        if name == "norm_out.linear":
+            return Piece("final_layer.adaLN_modulation.1", None, swap=True)
+        if name in self.globals:
+            return Piece(self.globals[name])
+        return None
+
+    def to_diffusers(self, bfl: str) -> list[tuple[str, Piece]]:
+        """BFL module -> [(diffusers name, piece)]: one entry, or the slices of a fused weight; empty when
+        diffusers has no name for it."""
+        m = re.match(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$", bfl)
+        if m:
+            prefix = _BFL_BLOCKS[m.group(1)]
+            return [(f"{prefix}.{m.group(2)}.{d}", Piece(bfl, r)) for d, r in self.inverse[m.group(1)].get(m.group(3), [])]
+        if bfl == "final_layer.adaLN_modulation.1":
+            return [("norm_out.linear", Piece(bfl, None, swap=True))]
+        if bfl in self.globals_inv:
+            return [(self.globals_inv[bfl], Piece(bfl))]
+        return []
+
+
+FLUX_NAMES = TwoStreamNames(_DOUBLE, _SINGLE, _GLOBAL)
 
 
 def flux_from_diffusers(name: str) -> Piece | None:
     """diffusers Flux/Chroma module name (no `transformer.` prefix) -> BFL piece, or None."""
-    m = re.match(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", name)
-    if m:
-        table = _DOUBLE if m.group(1) == "transformer_blocks" else _SINGLE
-        hit = table.get(m.group(3))
-        if hit is None:
-            return None
-        prefix = "double_blocks" if table is _DOUBLE else "single_blocks"
-        return Piece(f"{prefix}.{m.group(2)}.{hit[0]}", hit[1])
-    if name == "norm_out.linear":
-        return Piece("final_layer.adaLN_modulation.1", None, swap=True)
-    if name in _GLOBAL:
-        return Piece(_GLOBAL[name])
+    piece = FLUX_NAMES.from_diffusers(name)
+    if piece is not None:
+        return piece
     m = re.match(r"^distilled_guidance_layer\.(layers\.\d+)\.linear_([12])$", name)
     if m:
         return Piece(f"distilled_guidance_layer.{m.group(1)}.{'in_layer' if m.group(2) == '1' else 'out_layer'}")
@@ -179,15 +210,9 @@ def flux_from_diffusers(name: str) -> Piece | None:
 def flux_to_diffusers(bfl: str) -> list[tuple[str, Piece]]:
     """BFL module -> [(diffusers name, piece)]: one entry, or the q/k/v(/mlp) slices of a fused weight.
     Empty when diffusers has no name for it."""
-    m = re.match(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$", bfl)
-    if m:
-        inv = _DOUBLE_INV if m.group(1) == "double_blocks" else _SINGLE_INV
-        prefix = "transformer_blocks" if m.group(1) == "double_blocks" else "single_transformer_blocks"
-        return [(f"{prefix}.{m.group(2)}.{d}", Piece(bfl, r)) for d, r in inv.get(m.group(3), [])]
-    if bfl == "final_layer.adaLN_modulation.1":
-        return [("norm_out.linear", Piece(bfl, None, swap=True))]
-    if bfl in _GLOBAL_INV:
-        return [(_GLOBAL_INV[bfl], Piece(bfl))]
+    names = FLUX_NAMES.to_diffusers(bfl)
+    if names:
+        return names
     m = re.match(r"^distilled_guidance_layer\.(layers\.\d+)\.(in_layer|out_layer)$", bfl)
     if m:
         return [(f"distilled_guidance_layer.{m.group(1)}.linear_{'1' if m.group(2) == 'in_layer' else '2'}", Piece(bfl))]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from .keymaps import Piece, flux_from_diffusers
+from .keymaps import Piece, TwoStreamNames, flux_from_diffusers
 
 _N = r"\d+"
 FLUX2_ONLY_RE = re.compile(r"^(?:double_stream_modulation_(?:img|txt)\.lin|single_stream_modulation\.lin)$")
@@ -55,12 +55,7 @@ _GLOBAL = {
     "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
     "single_stream_modulation.linear": "single_stream_modulation.lin",
 }
-_INV: dict[str, dict[str, list[tuple[str, tuple[int, int] | None]]]] = {"double_blocks": {}, "single_blocks": {}}
-for _d, (_b, _r) in _DOUBLE.items():
-    _INV["double_blocks"].setdefault(_b, []).append((_d, _r))
-for _d, (_b, _r) in _SINGLE.items():
-    _INV["single_blocks"].setdefault(_b, []).append((_d, _r))
-_GLOBAL_INV = {b: d for d, b in _GLOBAL.items()}
+FLUX2_NAMES = TwoStreamNames(_DOUBLE, _SINGLE, _GLOBAL)
 # diffusers roots of Flux.2 names that Flux's diffusers names do not have (to recognise prefix-less files)
 FLUX2_DIFFUSERS_ROOTS = ("time_guidance_embed.", "double_stream_modulation_", "single_stream_modulation.")
 FLUX2_DIFFUSERS_ONLY_RE = re.compile(
@@ -79,33 +74,13 @@ def is_flux2_only(bfl: str) -> bool:
 
 def flux2_from_diffusers(name: str) -> Piece | None:
     """diffusers Flux2Transformer2DModel module name (no `transformer.` prefix) -> BFL piece, or None."""
-    m = re.match(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", name)
-    if m:
-        table = _DOUBLE if m.group(1) == "transformer_blocks" else _SINGLE
-        hit = table.get(m.group(3))
-        if hit is None:
-            return None
-        block = "double_blocks" if table is _DOUBLE else "single_blocks"
-        return Piece(f"{block}.{m.group(2)}.{hit[0]}", hit[1])
-    if name == "norm_out.linear":
-        return Piece("final_layer.adaLN_modulation.1", None, swap=True)
-    if name in _GLOBAL:
-        return Piece(_GLOBAL[name])
-    return None
+    return FLUX2_NAMES.from_diffusers(name)
 
 
 def flux2_to_diffusers(bfl: str) -> list[tuple[str, Piece]]:
     """BFL module -> [(diffusers name, piece)] (q/k/v slices of a double block's qkv); empty when diffusers has no
     name for it."""
-    m = re.match(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$", bfl)
-    if m:
-        prefix = "transformer_blocks" if m.group(1) == "double_blocks" else "single_transformer_blocks"
-        return [(f"{prefix}.{m.group(2)}.{d}", Piece(bfl, r)) for d, r in _INV[m.group(1)].get(m.group(3), [])]
-    if bfl == "final_layer.adaLN_modulation.1":
-        return [("norm_out.linear", Piece(bfl, None, swap=True))]
-    if bfl in _GLOBAL_INV:
-        return [(_GLOBAL_INV[bfl], Piece(bfl))]
-    return []
+    return FLUX2_NAMES.to_diffusers(bfl)
 
 
 def comfy_loads_flux2_diffusers(name: str, piece: Piece) -> bool:
