@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def rss_anon_bytes(pid: int | str = "self") -> int:
@@ -131,13 +132,14 @@ def measure_capped(name: str, fn: Callable, *args, cap_bytes: int | None = None,
 def run_contender(name: str, fn: Callable, args: tuple, warm=(), outputs=(), repeat: int = 1,
                   cap_bytes: int | None = None, timeout: float | None = None) -> Measurement:
     """The shared contender loop of the bench scripts: `repeat` runs of fn(*args) in fresh children, each
-    after warming `warm` (drop_page_cache_hint) and deleting `outputs` of the run before; the fastest
-    run is kept, with its CPU seconds. A failed run (see measure_capped) ends the repeats and is returned."""
+    after warming `warm` (drop_page_cache_hint) and deleting `outputs` of the run before (a folder: the
+    .safetensors files in it, whatever a contender named them); the fastest run is kept, with its CPU
+    seconds. A failed run (see measure_capped) ends the repeats and is returned."""
     best = None
     for _ in range(max(1, repeat)):
         for o in outputs:
-            if os.path.exists(o):
-                os.unlink(o)
+            for f in (Path(o).glob("*.safetensors") if os.path.isdir(o) else [Path(o)]):
+                f.unlink(missing_ok=True)
         if sum(os.path.getsize(p) for p in warm) < mem_available() // 2:
             drop_page_cache_hint(warm)
         elif hasattr(os, "sync"):  # inputs larger than RAM: warming them would only evict each other

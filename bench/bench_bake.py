@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _util import drop_page_cache_hint, estimate_line, in_child, measure, table  # noqa: E402
+from _util import estimate_line, in_child, measure, run_contender, table  # noqa: E402
 from bench_merge import FULL, QUICK, write_input  # noqa: E402
 
 from weightsmith.safetensors_io import StreamingWriter, read_header  # noqa: E402
@@ -153,28 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             out_dir = work / name.split()[0].lower()
             out_dir.mkdir()
             out = out_dir / "out.safetensors"
-            best = None
-            for _ in range(max(1, args.repeat)):
-                for f in out_dir.glob("*.safetensors"):
-                    f.unlink()
-                drop_page_cache_hint([model, *loras])
-                if name.startswith("weightsmith") and name not in estimates:
-                    estimates[name] = in_child(estimate_weightsmith, str(model), [str(p) for p in loras], str(out),
-                                               args.device)
-                before = resource.getrusage(resource.RUSAGE_CHILDREN)
-                try:
-                    m = measure(name, fn, str(model), [str(p) for p in loras], str(out), args.device)
-                except RuntimeError as e:
-                    print(f"{name}: FAILED ({e})")
-                    break
-                after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-                if best is None or m.seconds < best[0].seconds:
-                    best = (m, cpu)
-            if best is None:
+            fargs = (str(model), [str(p) for p in loras], str(out), args.device)
+            if name.startswith("weightsmith"):
+                estimates[name] = in_child(estimate_weightsmith, *fargs)
+            m = run_contender(name, fn, fargs, warm=[model, *loras], outputs=[out_dir], repeat=args.repeat)
+            if m.failed:
+                print(f"{name}: FAILED ({m.failed})")
                 continue
-            m, cpu = best
-            cpu_seconds[name] = cpu
+            cpu = cpu_seconds[name] = m.cpu
             print(f"  {name}: {m.seconds:.2f} s wall, {cpu:.2f} s CPU, peak RssAnon {m.peak_anon / 2**20:.0f} MB")
             if name in estimates:
                 print("  " + estimate_line(estimates[name], m))

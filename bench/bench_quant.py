@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _util import drop_page_cache_hint, measure, table  # noqa: E402
+from _util import measure, run_contender, table  # noqa: E402
 
 from weightsmith.safetensors_io import StreamingWriter, read_header  # noqa: E402
 from weightsmith.testmodels import FluxConfig, flux_shapes  # noqa: E402
@@ -204,26 +203,12 @@ def main(argv: list[str] | None = None) -> int:
             out_dir = work / name.split()[0].lower()
             out_dir.mkdir()
             out = out_dir / "out.safetensors"
-            best = None
-            for _ in range(max(1, args.repeat)):
-                for f in out_dir.glob("*.safetensors"):
-                    f.unlink()
-                drop_page_cache_hint([a, b])
-                before = resource.getrusage(resource.RUSAGE_CHILDREN)
-                try:
-                    m = measure(name, fn, str(a), str(b), str(out))
-                except RuntimeError as e:
-                    print(f"{name}: FAILED ({e})")
-                    break
-                after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-                if best is None or m.seconds < best[0].seconds:
-                    best = (m, cpu)
-            if best is None:
+            m = run_contender(name, fn, (str(a), str(b), str(out)), warm=[a, b], outputs=[out_dir], repeat=args.repeat)
+            if m.failed:
+                print(f"{name}: FAILED ({m.failed})")
                 ok = False
                 continue
-            m, cpu = best
-            cpu_seconds[name] = cpu
+            cpu = cpu_seconds[name] = m.cpu
             produced = list(out_dir.glob("*.safetensors"))
             print(f"  {name}: {m.seconds:.2f} s wall, {cpu:.2f} s CPU, peak RssAnon {m.peak_anon / 2**20:.0f} MB"
                   + ("" if produced else "  (no output file!)"))
