@@ -226,3 +226,22 @@ def effective_weights(patcher, keys=None) -> dict[str, torch.Tensor]:
         t = conv(comfy.model_management.cast_to_device(w, torch.device("cpu"), torch.float32, copy=True), inplace=True)
         out[short] = comfy.lora.calculate_weight(entries[1:], t, k, intermediate_dtype=torch.float32)
     return out
+
+
+def node_defaults(cls) -> dict:
+    """Every widget input of a node class at its default (combos at their default or first choice)."""
+    out = {}
+    for section in ("required", "optional"):
+        for name, (kind, *rest) in cls.INPUT_TYPES().get(section, {}).items():
+            opts = rest[0] if rest else {}
+            if isinstance(kind, list):
+                out[name] = opts.get("default", kind[0] if kind else None)
+            elif "default" in opts:
+                out[name] = opts["default"]
+    return out
+
+
+def call_node(nodes: dict, name: str, **inputs):
+    """Run node class `nodes[name]` as ComfyUI would: its widgets at their defaults, `inputs` on top."""
+    cls = nodes[name]
+    return getattr(cls(), cls.FUNCTION)(**{**node_defaults(cls), **inputs})

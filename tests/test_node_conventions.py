@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfy_support import call_node as call
 from comfy_support import import_comfy, import_pack
 from safetensors.torch import load_file
 
@@ -90,21 +91,6 @@ def spec(cls, name: str):
     return s["required"].get(name) or s.get("optional", {}).get(name)
 
 
-def defaults(cls) -> dict:
-    out = {}
-    for section in ("required", "optional"):
-        for name, (kind, *rest) in cls.INPUT_TYPES().get(section, {}).items():
-            opts = rest[0] if rest else {}
-            if isinstance(kind, list):
-                out[name] = opts.get("default", kind[0] if kind else None)
-            elif "default" in opts:
-                out[name] = opts["default"]
-    return out
-
-
-def call(nodes, name: str, **inputs):
-    cls = nodes[name]
-    return getattr(cls(), cls.FUNCTION)(**{**defaults(cls), **inputs})
 
 
 # -- item 3: conv_rank -----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from comfy_support import LogCapture, flux_patcher, import_pack, unet_patcher
+from comfy_support import call_node as call
 from reliability_cases import assert_actionable, folder_state
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -46,22 +47,6 @@ def pack(module: str):
     return importlib.import_module(f"{import_pack().__name__}.core.{module}")
 
 
-def defaults(cls) -> dict:
-    spec = cls.INPUT_TYPES()
-    out = {}
-    for section in ("required", "optional"):
-        for name, (kind, *rest) in spec.get(section, {}).items():
-            opts = rest[0] if rest else {}
-            if isinstance(kind, list):
-                out[name] = opts.get("default", kind[0] if kind else None)
-            elif "default" in opts:
-                out[name] = opts["default"]
-    return out
-
-
-def call(nodes, name: str, **inputs):
-    cls = nodes[name]
-    return getattr(cls(), cls.FUNCTION)(**{**defaults(cls), **inputs})
 
 
 @pytest.fixture(scope="module")

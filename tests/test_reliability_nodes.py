@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfy_support import call_node as call
 from comfy_support import flux_patcher, import_pack, unet_patcher
 from reliability_cases import ESCAPING_PREFIXES, HOSTILE_FILES, MARKER, assert_actionable, folder_state
 from safetensors.torch import save_file
@@ -94,24 +95,6 @@ def folders(tmp_path, monkeypatch, comfy, model_files) -> Folders:
     return f
 
 
-def defaults(cls) -> dict:
-    """Every widget input at its default (combos at their default or first choice)."""
-    spec = cls.INPUT_TYPES()
-    out = {}
-    for section in ("required", "optional"):
-        for name, (kind, *rest) in spec.get(section, {}).items():
-            opts = rest[0] if rest else {}
-            if isinstance(kind, list):
-                out[name] = opts.get("default", kind[0] if kind else None)
-            elif "default" in opts:
-                out[name] = opts["default"]
-    return out
-
-
-def call(nodes, name: str, **inputs):
-    cls = nodes[name]
-    kwargs = {**defaults(cls), **inputs}
-    return getattr(cls(), cls.FUNCTION)(**kwargs)
 
 
 def merge_files(nodes, prefix="weightsmith/merged", **kw):
