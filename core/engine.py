@@ -59,10 +59,13 @@ class KeyJob:
     """One output key's work. `tasks` run on the worker threads (results in task order go to `finish`, on
     the calling thread, in key order); `alone`, when set, is one big whole-tensor computation run after
     the queue drains, with all cores and nothing else in memory (its result is `finish`'s one result);
-    `drain` first empties the queue (a key whose inputs come decoded into fresh memory: one at a time)."""
+    `drain` first empties the queue (a key whose inputs come decoded into fresh memory: one at a time);
+    `then(results)`, when set, returns a second list of tasks that start on the workers as soon as the
+    first ones are done (a key quantized once the amax of all its rows is known), before `finish`."""
 
     tasks: list[Callable[[], Any]] = field(default_factory=list)
     finish: Callable[[list], None] | None = None
+    then: Callable[[list], Sequence[Callable[[], Any]]] | None = None
     alone: Callable[[], Any] | None = None
     drain: bool = False
 
@@ -116,7 +119,7 @@ def run_keys(
                         if job.alone is not None:
                             finished(job)([pipe.run_alone(job.alone)])
                         else:  # a key with no task still finishes in key order, after those before it
-                            pipe.add(job.tasks, finished(job))
+                            pipe.add(job.tasks, finished(job), then=job.then)
             except BaseException as e:
                 if writer is not None:
                     writer.__exit__(type(e), e, e.__traceback__)

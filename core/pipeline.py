@@ -53,7 +53,7 @@ class WorkerBuffers:
     def get(self, slot: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat tensor of `numel` elements of `dtype`, this thread's own under `slot` (grown as needed)."""
         bufs = self._local.__dict__.setdefault("bufs", {})
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         buf = bufs.get(slot)
         if buf is None or buf.numel() < nbytes:
             buf = bufs[slot] = torch.empty(nbytes, dtype=torch.uint8)
@@ -67,6 +67,61 @@ def _run(inference: bool, fn: Callable[[], Any]) -> Any:
         return fn()
 
 
+def _drop_results(finish: Callable[[list[Any]], None]) -> Callable[[list[Any]], None]:
+    """A key with no first tasks ran its follow-ups directly: its `finish` gets no results."""
+    return lambda _results: finish([])
+
+
+class _SecondPhase:
+    """A key's follow-up tasks (`then(results)` of its first tasks), started on the worker that finishes
+    the last first task, so the cores never wait for the calling thread to hand them out (a key written
+    fp8-scaled is quantized this way once its amax over all rows is known)."""
+
+    def __init__(self, n: int, then: Callable[[list[Any]], Sequence[Callable[[], Any]]]):
+        self.then = then
+        self.left = n
+        self.results: list[Any] = [None] * n
+        self.failed = False
+        self.lock = threading.Lock()
+        self.started = threading.Event()
+        self.futures: list[Future] = []
+        self.error: BaseException | None = None
+
+    def wrap(self, i: int, task: Callable[[], Any], pipe: KeyPipeline) -> Callable[[], Any]:
+        def run() -> Any:
+            try:
+                r = self.results[i] = task()
+            except BaseException:
+                self.failed = True
+                raise
+            finally:
+                with self.lock:
+                    self.left -= 1
+                    last = self.left == 0
+                if last:
+                    self._start(pipe)
+            return r
+        return run
+
+    def _start(self, pipe: KeyPipeline) -> None:
+        try:
+            if not self.failed and not pipe.closing:
+                assert pipe._pool is not None
+                self.futures = [pipe._pool.submit(_run, pipe._inference, t) for t in self.then(list(self.results))]
+        except BaseException as e:  # reported by the calling thread when it finishes the key
+            self.error = e
+        finally:
+            self.started.set()
+
+    def wait(self) -> None:
+        """Wait for the follow-up tasks (after the first ones' futures are all done); re-raise their error."""
+        self.started.wait()
+        if self.error is not None:
+            raise self.error
+        for f in self.futures:
+            f.result()
+
+
 class KeyPipeline:
     """Tasks of consecutive keys on a thread pool, finished in key order. Use as a context manager: on an
     exception no queued task starts and running ones are waited for before the caller closes the file."""
@@ -75,7 +130,8 @@ class KeyPipeline:
         self.workers = max(1, workers)
         self.max_in_flight = max_in_flight or 2 * self.workers + 2
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: deque[tuple[list[Future], Callable[[list[Any]], None]]] = deque()
+        self._pending: deque[tuple[list[Future], Callable[[list[Any]], None], _SecondPhase | None]] = deque()
+        self.closing = False
         self._in_flight = 0
         self._single = single_threaded_torch
         self._threads_before = torch.get_num_threads()
@@ -92,11 +148,21 @@ class KeyPipeline:
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="weightsmith-task")
         return self
 
-    def add(self, tasks: Sequence[Callable[[], Any]], finish: Callable[[list[Any]], None]) -> None:
-        """Queue one key's tasks; `finish(results)` (results in task order) runs later on this thread."""
+    def add(self, tasks: Sequence[Callable[[], Any]], finish: Callable[[list[Any]], None],
+            then: Callable[[list[Any]], Sequence[Callable[[], Any]]] | None = None) -> None:
+        """Queue one key's tasks; `finish(results)` (results in task order) runs later on this thread.
+        `then(results)`, when given, returns follow-up tasks that start as soon as the last task is done
+        (on that worker); `finish` runs after them too."""
         assert self._pool is not None, "KeyPipeline.add outside its with-block"
+        second = None
+        if then is not None:
+            if not tasks:
+                tasks, second = list(then([])), None
+            else:
+                second = _SecondPhase(len(tasks), then)
+                tasks = [second.wrap(i, t, self) for i, t in enumerate(tasks)]
         futures = [self._pool.submit(_run, self._inference, t) for t in tasks]
-        self._pending.append((futures, finish))
+        self._pending.append((futures, finish if second is not None or then is None else _drop_results(finish), second))
         self._in_flight += len(futures)
         while self._in_flight > self.max_in_flight and self._pending:
             self._finish_oldest()
@@ -114,9 +180,12 @@ class KeyPipeline:
                 torch.set_num_threads(1)
 
     def _finish_oldest(self) -> None:
-        futures, finish = self._pending.popleft()
+        futures, finish, second = self._pending.popleft()
         self._in_flight -= len(futures)
-        finish([f.result() for f in futures])
+        results = [f.result() for f in futures]
+        if second is not None:
+            second.wait()
+        finish(results)
 
     def drain(self) -> None:
         while self._pending:
@@ -127,13 +196,14 @@ class KeyPipeline:
             if exc_type is None:
                 self.drain()
         finally:
-            queued = [f for futures, _ in self._pending for f in futures]
+            self.closing = True  # no follow-up tasks start from here on
+            queued = [f for futures, _, _ in self._pending for f in futures]
             for f in queued:
                 f.cancel()
             wait(queued)
             self._pending.clear()
             assert self._pool is not None
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             if self._single:
                 torch.set_num_threads(self._threads_before)
             if self._gc_was_enabled:

@@ -33,7 +33,7 @@ from .paths import check_name_fits, check_writable_folder, create_temp_beside, r
 from .provenance import HASH_KEY as _HASH_KEY
 from .provenance import HASH_PENDING as _HASH_PENDING
 
-_HASH_READ = 8 << 20  # read-back block when hashing what was written out of order
+_HASH_READ = 8 << 20  # bytes the hashing thread reads back at once (and waits for before it wakes)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit the safetensors library applies
 REFETCH = "download the file again or re-export it"  # what to do about a damaged file
@@ -259,6 +259,86 @@ def _write_all_at(fd: int, data: memoryview, pos: int, lock: threading.Lock) -> 
         data, pos = data[n:], pos + n
 
 
+class _FollowingHasher:
+    """SHA-256 of a file's bytes [start, end) while they are written in any order: writers report each
+    written range (`written`), and a thread hashes the contiguous prefix as it grows, reading it back
+    from the page cache (pread: a copy, ~0.1 s/GB). Hashing at commit instead cost the whole hash after
+    the last byte (measured: 0.7 s of a 3.7 s scaled-fp8 merge of 2 x 1 GB, with the cores idle); here
+    it runs beside the work and only the last few MB are left at commit."""
+
+    def __init__(self, fd: int, start: int, end: int):
+        self._fd, self._end = fd, end
+        self._sha = hashlib.sha256()
+        self._frontier = self._hashed = start  # written without gaps up to / hashed up to
+        self._ahead: dict[int, int] = {}  # written ranges past the frontier: start -> end
+        self._cond = threading.Condition()
+        self._closing = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="weightsmith-hash", daemon=True)
+        self._thread.start()
+
+    def written(self, start: int, end: int) -> None:
+        if end <= start:  # an empty tensor: nothing to hash (and its offset may start a real range)
+            return
+        with self._cond:
+            if start != self._frontier:
+                self._ahead[start] = end
+                return
+            self._frontier = end
+            while self._frontier in self._ahead:
+                self._frontier = self._ahead.pop(self._frontier)
+            if self._frontier - self._hashed >= _HASH_READ or self._frontier == self._end:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and self._frontier - self._hashed < _HASH_READ \
+                            and self._frontier != self._end:
+                        self._cond.wait()
+                    upto = self._frontier
+                    if upto == self._hashed and (self._closing or upto == self._end):
+                        return
+                pos = self._hashed
+                while pos < upto:
+                    chunk = _read_at(self._fd, min(_HASH_READ, upto - pos), pos)
+                    if not chunk:
+                        raise OSError("the temp file is shorter than written")
+                    self._sha.update(chunk)
+                    pos += len(chunk)
+                with self._cond:
+                    self._hashed = pos
+        except BaseException as e:  # raised at commit by finish()
+            self._error = e
+
+    def finish(self) -> str:
+        """Wait for the hash of every byte (all written by now) and return its hex digest."""
+        with self._cond:
+            self._closing = True  # the thread hashes what is written and stops
+            self._cond.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise OutputPathError(f"could not read back the output to hash it: {self._error}")
+        if self._hashed != self._end:
+            raise RuntimeError(f"output hashed up to byte {self._hashed} of {self._end}: bytes were never written")
+        return self._sha.hexdigest()
+
+    def stop(self) -> None:
+        """Abandon the hash (the output is being aborted)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+
+def _read_at(fd: int, n: int, pos: int) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(fd, n, pos)
+    os.lseek(fd, pos, os.SEEK_SET)
+    return os.read(fd, n)
+
+
 class StreamingWriter:
     """Write a safetensors file tensor by tensor, atomically.
 
@@ -310,14 +390,11 @@ class StreamingWriter:
         self._data_start = len(self._header)
         self.total_bytes = self._data_start + pos
         # modelspec.hash_sha256 (see provenance.py): the placeholder's place in the header, filled at commit
-        # with the SHA-256 of the data section. Bytes written in file order are hashed as they come (from
-        # memory); whatever arrives out of order is read back from the temp file at commit.
+        # with the SHA-256 of the data section, hashed by a thread that follows the written bytes (_Follower)
         self.sha256: str | None = None
         at = raw.find(_HASH_PENDING.encode()) if meta.get(_HASH_KEY) == _HASH_PENDING else -1
         self._hash_at = 8 + at if at >= 0 else None
-        self._sha = hashlib.sha256() if self._hash_at is not None else None
-        self._hashed = 0  # bytes of the data section hashed so far
-        self._hash_lock = threading.Lock()
+        self._hasher: _FollowingHasher | None = None
         self._written: set[str] = set()  # keys written whole
         self._filled: dict[str, int] = {}  # bytes written so far by write_at
         self._lock = threading.Lock()
@@ -342,6 +419,8 @@ class StreamingWriter:
                                   "permissions and free space") from e
         try:
             _write_all_at(self._fd, memoryview(self._header), 0, self._lock)
+            if self._hash_at is not None:
+                self._hasher = _FollowingHasher(self._fd, self._data_start, self.total_bytes)
         except BaseException as e:
             self._abort()
             if isinstance(e, OSError):  # a full disk or file size limit already at the header
@@ -365,31 +444,15 @@ class StreamingWriter:
             _write_all_at(fd, data, self._data_start + self._offsets[key] + pos, self._lock)
         except OSError as e:  # disk full, file size limit, I/O error: say where, the temp file goes away
             raise OutputPathError(f"could not write {self.path} (tensor {key!r}): {e}; free disk space and retry") from e
-        if self._sha is not None and self._offsets[key] + pos == self._hashed and self._hash_lock.acquire(blocking=False):
-            try:  # never waits: a writer that finds the hash busy leaves its bytes to the read-back at commit
-                if self._offsets[key] + pos == self._hashed:
-                    self._sha.update(data)
-                    self._hashed += len(data)
-            finally:
-                self._hash_lock.release()
+        if self._hasher is not None:
+            start = self._data_start + self._offsets[key] + pos
+            self._hasher.written(start, start + len(data))
 
     def _finish_hash(self, fd: int) -> None:
-        """Hash the data not hashed while writing (read back from the temp file) and write the digest
-        into the header's placeholder."""
-        assert self._sha is not None and self._hash_at is not None
-        pos, end = self._data_start + self._hashed, self.total_bytes
-        while pos < end:
-            n = min(_HASH_READ, end - pos)
-            if hasattr(os, "pread"):
-                chunk = os.pread(fd, n, pos)
-            else:
-                os.lseek(fd, pos, os.SEEK_SET)
-                chunk = os.read(fd, n)
-            if not chunk:
-                raise OutputPathError(f"could not read back {self.path} to hash it: the temp file is shorter than written")
-            self._sha.update(chunk)
-            pos += len(chunk)
-        self.sha256 = "0x" + self._sha.hexdigest()
+        """The data section's digest (the hashing thread finishes what it has not hashed yet) written into
+        the header's placeholder."""
+        assert self._hasher is not None and self._hash_at is not None
+        self.sha256 = "0x" + self._hasher.finish()
         _write_all_at(fd, memoryview(self.sha256.encode()), self._hash_at, self._lock)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -422,6 +485,8 @@ class StreamingWriter:
         self._put(key, data, byte_offset)
 
     def _abort(self) -> None:
+        if self._hasher is not None:
+            self._hasher.stop()
         if self._fd is not None:
             try:
                 os.close(self._fd)
@@ -441,7 +506,7 @@ class StreamingWriter:
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} planned tensors never written, e.g. {missing[:3]}")
         assert self._fd is not None and self._tmp is not None
-        if self._sha is not None:
+        if self._hasher is not None:
             self._finish_hash(self._fd)
         os.fsync(self._fd)
         os.close(self._fd)

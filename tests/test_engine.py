@@ -119,3 +119,71 @@ def test_integer_blend_is_torch_where_bit_for_bit(dtype):
     in_place = y.clone()
     _select(take, x, in_place, in_place)  # out may be the if-false operand itself
     assert torch.equal(in_place.view(bits), want.view(bits))
+
+
+def test_follow_up_tasks_start_when_a_keys_tasks_are_done_and_errors_surface():
+    """KeyJob.then: the second list of tasks starts on the workers once every first task is done (their
+    results in task order), finish runs after both; an error in either fails the run; a failed first
+    task starts no follow-up."""
+    from weightsmith.pipeline import KeyPipeline
+
+    log: list = []
+
+    def then(results):
+        log.append(("then", results))
+        return [lambda: log.append("second-a"), lambda: log.append("second-b")]
+
+    with KeyPipeline(2) as pipe:
+        pipe.add([lambda: 1, lambda: 2, lambda: 3], lambda r: log.append(("finish", r)), then=then)
+        pipe.add([], lambda r: log.append(("finish-empty", r)), then=lambda r: [lambda: log.append("only")])
+    assert log[0] == ("then", [1, 2, 3])
+    assert log.index(("finish", [1, 2, 3])) > max(log.index("second-a"), log.index("second-b"))
+    assert log[-1] == ("finish-empty", []) and "only" in log
+
+    def boom():
+        raise ValueError("second phase failed")
+
+    with pytest.raises(ValueError, match="second phase"), KeyPipeline(2) as pipe:
+        pipe.add([lambda: 1], lambda r: None, then=lambda r: [boom])
+    started = []
+
+    def bad():
+        raise KeyError("first")
+
+    with pytest.raises(KeyError), KeyPipeline(2) as pipe:
+        pipe.add([bad, lambda: 2], lambda r: None, then=lambda r: started.append(r) or [])
+    assert not started
+
+
+def test_the_output_hash_follows_writes_in_any_order(tmp_path):
+    """modelspec.hash_sha256 is the data section's SHA-256 whatever order the parts arrive in (the hashing
+    thread follows the contiguous written prefix), with empty tensors among them; an aborted writer
+    stops its thread and leaves no file."""
+    import hashlib
+    import random
+
+    from weightsmith.provenance import HASH_KEY, HASH_PENDING
+    from weightsmith.safetensors_io import StreamingWriter, read_header
+
+    plan = {"a": ((300, 1000), torch.float32), "empty": ((0,), torch.float32), "b": ((7,), torch.bfloat16),
+            "c": ((5000, 1000), torch.uint8)}
+    data = {k: (torch.rand(s) * 100).to(dt) for k, (s, dt) in plan.items()}
+    parts = [(k, off) for k, step in (("a", 12_000), ("c", 1 << 20)) for off in range(0, data[k].nbytes, step)]
+    random.Random(0).shuffle(parts)
+    out = tmp_path / "o.safetensors"
+    with StreamingWriter(out, plan, {HASH_KEY: HASH_PENDING}) as w:
+        w.write("empty", data["empty"])
+        for k, off in parts:
+            flat = data[k].reshape(-1).view(torch.uint8)
+            piece = flat[off:off + (12_000 if k == "a" else 1 << 20)]
+            w.write_at(k, off, piece.view(data[k].dtype))
+        w.write("b", data["b"])
+    raw = out.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert w.sha256 == "0x" + hashlib.sha256(raw[8 + n:]).hexdigest()
+    assert read_header(out).metadata[HASH_KEY] == w.sha256
+    bad = tmp_path / "bad.safetensors"
+    with pytest.raises(RuntimeError), StreamingWriter(bad, plan, {HASH_KEY: HASH_PENDING}) as w:
+        w.write("b", data["b"])
+        raise RuntimeError("stop")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.safetensors"]  # no output, no temp file

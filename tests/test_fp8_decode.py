@@ -99,3 +99,20 @@ def test_thread_pool_is_made_anew_in_a_forked_child(monkeypatch):
     if p.exitcode is None:
         p.kill()
     assert p.exitcode == 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.7e-4, 3e38])
+def test_flush_to_zero_thread_takes_the_fp16_route(scale):
+    """e4m3's small codes are fp32 subnormals on the fast route; a thread that flushes subnormals
+    (torch.set_flush_denormal) decodes through fp16 instead, with the same bits as torch there."""
+    q = all_codes(E4M3, 4)
+    s = torch.tensor(scale, dtype=torch.float32)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    try:
+        assert not fp8.keeps_subnormals()
+        assert same_bits(fp8.decode_fp8(q, s), q.to(torch.float32) * s)
+        assert same_bits(fp8.decode_fp8(q), q.to(torch.float32))
+    finally:
+        torch.set_flush_denormal(False)
+    assert fp8.keeps_subnormals()

@@ -20,7 +20,7 @@ from ..dtypes import dtype_name
 from ..errors import UnsupportedEncodingError
 from ..safetensors_io import TensorInfo
 from ..sources import TensorSource
-from .fp8 import decode_fp8, fast_decodable, fold_shift
+from .fp8 import decode_fp8, decode_fp8_moved, fast_decodable, fold_shift
 
 FP8_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2"}
 
@@ -135,11 +135,11 @@ class ScaledWeight:
     def _decode_fp8(self, q: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
         if s is None or self.broadcast == "tensor":
             return decode_fp8(q, s)
-        w = decode_fp8(q, shifted=True)  # exact values, e4m3 ones / 2^8: the scale's multiply is the rounding
+        w, shift = decode_fp8_moved(q)  # exact values, e4m3 ones / 2^k: the scale's multiply is the rounding
         if q.dtype != torch.float8_e4m3fn:
             return apply_scale(w, s, self.broadcast)
-        folded, then = fold_shift(s)
-        if then is not None:  # 2^8 · s overflows: two multiplies, the first exact
+        folded, then = fold_shift(s, shift)
+        if then is not None:  # 2^k · s overflows: two multiplies, the first exact
             return apply_scale(w.mul_(folded), then, self.broadcast)
         return apply_scale(w, folded, self.broadcast)
 

@@ -30,6 +30,7 @@ import torch
 from ..dtypes import MODEL_OUTPUT_CHOICES, dtype_name, parse_dtype
 from ..errors import WeightsmithError
 from ..sources import detect_diffusion_prefix
+from . import fp8_native
 from .base import KeyEncoding
 from .fp8 import decode_fp8, fast_decodable
 
@@ -66,6 +67,11 @@ def quantize_fp8(w: torch.Tensor, scale: torch.Tensor, fp8: torch.dtype, out: to
     kind's range (NaN stays NaN). Divides in fp32, so the decoded value q * scale is w within half a step.
     `saturate=False` when every value is finite and `scale` came from their amax (w / scale is then in range
     up to one fp32 rounding, which the cast rounds back); `inplace` divides an fp32 `w` in place."""
+    if native_quantizable(w, scale, fp8, out):  # one pass, same bits (fp8_native.c)
+        if out is None:
+            out = torch.empty(w.shape, dtype=fp8)
+        fp8_native.quantize_e4m3(w, out, float(scale), saturate)
+        return out
     y = w.div_(scale) if inplace and w.dtype == torch.float32 else w.float() / scale
     if saturate:
         m = FP8_MAX[fp8]
@@ -73,6 +79,15 @@ def quantize_fp8(w: torch.Tensor, scale: torch.Tensor, fp8: torch.dtype, out: to
     if out is None:
         return y.to(fp8)
     return out.copy_(y)
+
+
+def native_quantizable(w: torch.Tensor, scale: torch.Tensor, fp8: torch.dtype, out: torch.Tensor | None) -> bool:
+    """Whether quantize_fp8 can take the native kernel: e4m3fn from contiguous fp32 on the CPU, one
+    scale, and the kernels built."""
+    return (fp8 == torch.float8_e4m3fn and w.dtype == torch.float32 and w.device.type == "cpu"
+            and w.is_contiguous() and scale.numel() == 1
+            and (out is None or (out.is_contiguous() and out.numel() == w.numel() and out.dtype == fp8))
+            and fp8_native.library() is not None)
 
 
 class ScaledRows:
@@ -84,11 +99,12 @@ class ScaledRows:
         self.scale = scale.float().reshape(())
         self.shape = payload.shape
         self.dtype = torch.float32
+        self._factors: dict = {}  # decode_fp8's folded factors for this scale, made once
 
     def __getitem__(self, rows) -> torch.Tensor:
         q = self.payload[rows]
         if fast_decodable(q):
-            return decode_fp8(q, self.scale)
+            return decode_fp8(q, self.scale, factors=self._factors)
         return q.float().mul_(self.scale)
 
     def rows(self, r0: int, r1: int, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,7 +115,7 @@ class ScaledRows:
         if torch.device(device).type == "cpu" and fast_decodable(q):
             if out is not None:
                 out = out.view(-1)[: q.numel()].view(q.shape)
-            return decode_fp8(q, self.scale, out=out)
+            return decode_fp8(q, self.scale, out=out, factors=self._factors)
         y = q.to(device).float().mul_(self.scale.to(device))
         return y if out is None or out.device != y.device else out.view(-1)[: y.numel()].view(y.shape).copy_(y)
 

@@ -42,6 +42,7 @@ from ..errors import BadFileError, WeightsmithError
 from ..pipeline import TASK_ELEMS, WorkerBuffers, default_workers, row_ranges
 from ..progress import ProgressFn
 from ..safetensors_io import StreamingWriter
+from .fp8_fused import NativeWeightedSum, native_weighted_sum
 from .methods import METHODS, derive_seed
 from .plan import KeyPlan, MergePlan, plan_merge
 from .report import KeyStats, MergeReport
@@ -146,13 +147,19 @@ class _MergeContext:
             return KeyJob([], finish)
         if self.blockwise(kp):
             full = self.row_inputs(kp)
+            # inputs read by rows (mapped pages, or fp8 payloads decoded a block at a time) hold no whole
+            # decoded copy: such a key need not be alone in flight
+            drain = drain and any(self.decoded(kp, j) and not isinstance(t, ScaledRows) for j, t in enumerate(full))
             cols = kp.numel // kp.shape[0]
             step = max(1, self.chunk // cols)
             ranges = row_ranges(kp.shape[0], cols, step, max(self.chunk, TASK_ELEMS))
-            if encoded:  # row blocks into one fp32 result; quantized when all are in (amax of the whole)
-                y = self.results.take(kp.numel)
-                return KeyJob([partial(self.encode_rows_task, kp, full, y, r0, r1, step) for r0, r1 in ranges],
-                              _then(partial(self.finish_encoded, ko, y), finish), drain=drain)
+            if encoded:  # row blocks into one fp32 result, quantized by the workers once all are in (amax of the whole)
+                native = native_weighted_sum(kp, full, dict(kp.params)) if self.dev.type == "cpu" else None
+                # natively, the rows' amax first and the sum recomputed when quantizing: no fp32 result kept
+                y = None if native is not None else self.results.take(kp.numel)
+                quant = _Quantization(self, kp, ko, y, native)
+                return KeyJob([partial(self.encode_rows_task, kp, full, y, native, r0, r1, step) for r0, r1 in ranges],
+                              _then(quant.finish, finish), then=quant.tasks, drain=drain)
             # decoded inputs are freed with the key's last task, not at the next key
             return KeyJob([partial(self.rows_task, kp, full, r0, r1, step) for r0, r1 in ranges], finish, drain=drain)
         task = partial(self.encoded_task, kp, ko, self.inputs(kp)) if encoded else \
@@ -167,8 +174,12 @@ class _MergeContext:
     def decoded_and_large(self, kp: KeyPlan) -> bool:
         """Whether a key's inputs come decoded (quantized files: fresh fp32 memory, not mapped pages) and
         are large enough that only one such key should be in flight at a time."""
-        return kp.numel * 4 * len(kp.reads) > ALONE_BYTES and any(
-            getattr(self.plan.sources[i], "encoding", lambda _: None)(raw) is not None for i, raw in kp.reads)
+        return kp.numel * 4 * len(kp.reads) > ALONE_BYTES and any(self.decoded(kp, j) for j in range(len(kp.reads)))
+
+    def decoded(self, kp: KeyPlan, j: int) -> bool:
+        """Whether the key's j-th input is stored encoded (its source decodes it)."""
+        i, raw = kp.reads[j]
+        return getattr(self.plan.sources[i], "encoding", lambda _: None)(raw) is not None
 
     def method_args(self, kp: KeyPlan) -> tuple:
         method = METHODS[kp.method]
@@ -256,9 +267,12 @@ class _MergeContext:
             out.append(rows if rows is not None else src.get(raw))
         return out
 
-    def encode_rows_task(self, kp: KeyPlan, full: list, y: torch.Tensor, r0: int, r1: int, step: int) -> _TaskResult:
+    def encode_rows_task(self, kp: KeyPlan, full: list, y: torch.Tensor | None, native: NativeWeightedSum | None,
+                         r0: int, r1: int, step: int) -> _TaskResult:
         """Merge rows [r0, r1) of a key written encoded into its fp32 result buffer `y`, noting their amax
-        (the key is quantized once every row is in: `finish_encoded`)."""
+        (the key is quantized once every row is in: `_Quantization`). With `native` (y None) only the
+        amax is computed here, where the native pass can (fp8_fused.py), the other blocks the generic
+        way into a buffer of this thread's."""
         fn, weights, params = self.method_args(kp)
         inplace = METHODS[kp.method].inplace
         cols = kp.numel // kp.shape[0]
@@ -267,10 +281,23 @@ class _MergeContext:
             b1 = min(r1, b0 + step)
             shape = (b1 - b0, *kp.shape[1:])
             xs = []
+            sampled = self.sample_every > 0 and (b0 // step) % self.sample_every == 0
+            if native is not None and not sampled:  # one native pass over the fp8 rows, nothing stored
+                amax = native.amax(b0 * cols, b1 * cols)
+                if amax is not None:
+                    result.amax = max(result.amax, amax)
+                    result.unsampled = True
+                    continue
+            dst = (y[b0 * cols:b1 * cols] if y is not None else
+                   self.buffers.get("rows", (b1 - b0) * cols, torch.float32)).view(shape)
             for i, t in enumerate(full):
                 n = (b1 - b0) * cols
                 if isinstance(t, ScaledRows):  # decoded into this thread's buffer: an in-place method may use it
-                    xs.append(t.rows(b0, b1, self.dev, out=self._decode_buffer(i, n)))
+                    # the first input straight into the result's rows: an in-place method then leaves its
+                    # result there (weighted_sum_ does), sparing a copy of every element
+                    into = dst if (i == 0 and inplace is not None and not sampled and self.dev.type == "cpu") \
+                        else self._decode_buffer(i, n)
+                    xs.append(t.rows(b0, b1, self.dev, out=into))
                     continue
                 block = t[b0:b1]
                 if self.dev.type != "cpu":
@@ -279,14 +306,14 @@ class _MergeContext:
                     xs.append(block)  # methods never write their inputs: the mapped file is read in place
                 else:
                     xs.append(_to_fp32(block, self.buffers.get(f"in{i}", n, torch.float32).view(shape)))
-            sampled = self.sample_every > 0 and (b0 // step) % self.sample_every == 0
             yb = (fn if sampled or inplace is None else inplace)(xs, weights, **params)
             result.amax = max(result.amax, _note_amax(yb, result))
             if sampled:
                 result.sums.append(_block_sums(xs, yb))
             else:
                 result.unsampled = True
-            y[b0 * cols:b1 * cols].view(shape).copy_(yb)
+            if y is not None and yb.data_ptr() != dst.data_ptr():
+                dst.copy_(yb)
         return result
 
     def finish_encoded(self, ko: KeyOutput, y: torch.Tensor, results: list[_TaskResult]) -> None:
@@ -377,6 +404,62 @@ class _MergeContext:
 
 
 STATS_MODES = ("sample", "full", "off")
+
+
+class _Quantization:
+    """The second phase of a key written fp8-scaled from row blocks: once every block's amax is in, the
+    fresh scale amax / fp8 max, and the key quantized range by range on the workers (`tasks`): its
+    stored fp32 result in place, or, with `native`, the sum recomputed from the fp8 inputs straight into
+    fp8 (fp8_fused.py). `finish` (calling thread, key order) writes the scale and frees the buffer."""
+
+    def __init__(self, ctx: _MergeContext, kp: KeyPlan, ko: KeyOutput, y: torch.Tensor | None,
+                 native: NativeWeightedSum | None):
+        self.ctx, self.kp, self.ko, self.y, self.native = ctx, kp, ko, y, native
+        self.scale: torch.Tensor | None = None
+
+    def tasks(self, results: list[_TaskResult]) -> list:
+        assert self.ko.fmt is not None
+        self.scale = fp8_scale(max((r.amax for r in results), default=0.0), self.ko.fmt.fp8)
+        saturate = any(r.nonfinite for r in results)  # finite values divided by amax / max stay in range
+        n = self.kp.numel
+        if self.native is None:
+            assert self.y is not None
+            return [partial(self.ctx._quantize_range, self.ko, self.y, self.scale, saturate, lo, min(n, lo + QUANT_ELEMS))
+                    for lo in range(0, n, QUANT_ELEMS)]
+        if saturate:  # NaN/Inf in the sum: the key's finish refuses it (or reports it on a dry run)
+            return []
+        return [partial(self._native_range, lo, min(n, lo + QUANT_ELEMS)) for lo in range(0, n, QUANT_ELEMS)]
+
+    def _native_range(self, lo: int, hi: int) -> None:
+        assert self.native is not None and self.ko.fmt is not None and self.scale is not None
+        stage = self.ctx.buffers.get("quant", hi - lo, self.ko.fmt.fp8)
+        if not self.native.quantize(lo, hi, float(self.scale), stage):
+            # a NaN code (the finish refuses the key) or a flush-to-zero thread: the generic route's bytes
+            y = self.ctx.buffers.get("rows", hi - lo, torch.float32)
+            cols = self.kp.numel // self.kp.shape[0]
+            ctx = self.ctx
+            full = ctx.row_inputs(self.kp)
+            fn, weights, params = ctx.method_args(self.kp)
+            y = _generic_flat(full, fn, weights, params, lo, hi, cols, y)
+            quantize_fp8(y, self.scale, self.ko.fmt.fp8, out=stage, saturate=True, inplace=True)
+        if self.ctx.writer is not None:
+            self.ctx.writer.write_at(self.ko.key, lo, stage)
+
+    def finish(self, results: list[_TaskResult]) -> None:
+        assert self.scale is not None
+        if self.ctx.writer is not None:
+            self.ctx.writer.write(self.ko.scale_key, self.scale)
+        if self.y is not None:
+            self.ctx.results.give_back(self.y)
+
+
+def _generic_flat(full: list, fn, weights, params, lo: int, hi: int, cols: int, out: torch.Tensor) -> torch.Tensor:
+    """Elements [lo, hi) of a row-wise method's result over flat ranges that may cut rows: computed row
+    by row block over the rows they touch, copied into `out`."""
+    r0, r1 = lo // cols, -(-hi // cols)
+    xs = [t.rows(r0, r1, torch.device("cpu")) if isinstance(t, ScaledRows) else t[r0:r1].float() for t in full]
+    y = fn(xs, weights, **params).reshape(-1)[lo - r0 * cols:hi - r0 * cols]
+    return out.copy_(y)
 
 
 def _to_fp32(block: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:

@@ -122,14 +122,15 @@ def _deltas(ts: Tensors, base: int) -> list[tuple[int, torch.Tensor]]:
 def weighted_sum(ts: Tensors, weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
     """Σ wᵢ·Mᵢ. Evaluated as ComfyUI's patch chain does (w₀·M₀, then += wᵢ·Mᵢ), so an in-graph merge
     built on nested patches gives bit-identical fp32 weights."""
-    w = _sum_weights(weights, normalize)
+    w = sum_weights(weights, normalize)
     out = ts[0] * w[0]
     for t, wi in zip(ts[1:], w[1:]):
         out += t * wi
     return out
 
 
-def _sum_weights(weights: Sequence[float], normalize: bool) -> list[float]:
+def sum_weights(weights: Sequence[float], normalize: bool = True) -> list[float]:
+    """The weights weighted_sum multiplies by (normalized to sum 1 unless asked not to or they sum to 0)."""
     w = list(weights)
     total = sum(w)
     if normalize and total != 0:
@@ -139,7 +140,7 @@ def _sum_weights(weights: Sequence[float], normalize: bool) -> list[float]:
 
 @inplace_twin("weighted_sum")
 def weighted_sum_(ts: Tensors, weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
-    w = _sum_weights(weights, normalize)
+    w = sum_weights(weights, normalize)
     out = ts[0].mul_(w[0])
     for t, wi in zip(ts[1:], w[1:]):
         out += t.mul_(wi)

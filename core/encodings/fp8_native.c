@@ -1,0 +1,165 @@
+/* fp8 e4m3fn kernels for the CPU, built once per machine by fp8_native.py (cc -O3 -march=native
+ * -ffp-contract=off: no fused multiply-add, no fast-math, so every fp32 operation rounds exactly as
+ * torch's kernels do and the results equal the torch route bit for bit; tests/test_fp8_native.py).
+ *
+ * torch needs about five passes over a block to decode e4m3 and two more to quantize (each a Python
+ * call); here each job is one vectorised pass, and the merge of tensor-wise scaled inputs is one pass
+ * over all of them.
+ *
+ * Decoding moves a code's bits into an fp32 (see fp8.py): `s eeee mmm` -> `s 0000eeee mmm0...0`, the
+ * e4m3 value / 2^120 exactly (the small codes are fp32 subnormals: the caller checks that its thread
+ * keeps them), then one multiply by the folded factor 2^120 * scale is the single rounding of q * scale.
+ * Its NaN codes land on +-480 / 2^120: the kernels report them and the caller takes the exact route.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define E4M3_MASK 0x87F00000u
+
+static inline float moved(int8_t code) {
+    uint32_t bits = ((uint32_t)(int32_t)code << 20) & E4M3_MASK;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline int is_nan_code(int8_t code) { return ((uint8_t)code & 0x7F) == 0x7F; }
+
+/* out[i] = moved(q[i]) * f1 (then * f2 when two_factors); returns 1 when a NaN code was seen (out then
+ * holds a finite stand-in there, which the caller overwrites). */
+int ws_decode_e4m3(const int8_t *restrict q, float *restrict out, int64_t n, float f1, float f2,
+                   int two_factors) {
+    int nan = 0;
+    if (two_factors) {
+        for (int64_t i = 0; i < n; i++) {
+            out[i] = moved(q[i]) * f1 * f2;
+            nan |= is_nan_code(q[i]);
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            out[i] = moved(q[i]) * f1;
+            nan |= is_nan_code(q[i]);
+        }
+    }
+    return nan;
+}
+
+static inline uint32_t abs_bits(float v) {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    return b & 0x7FFFFFFFu;
+}
+
+#define TILE 2048 /* elements per tile: the tile's sums (8 KB) stay in L1 while each input is added */
+
+/* One tile of the weighted sum: yt[i] = sum over inputs j of (moved(q_j[i]) * f_j) * w_j, added in input
+ * order: what decoding each input (q * scale) and then weighted_sum_ (x0 * w0, += xj * wj) computes,
+ * each step rounded to fp32. Returns 1 when a NaN code was seen. */
+static int wsum_tile(int k, const int8_t *const *q, const float *f, const float *w, int64_t t0,
+                     int64_t len, float *restrict yt) {
+    int nan = 0;
+    const int8_t *restrict q0 = q[0] + t0;
+    const float f0 = f[0], w0 = w[0];
+    for (int64_t i = 0; i < len; i++) {
+        float x = moved(q0[i]) * f0;
+        yt[i] = x * w0;
+        nan |= is_nan_code(q0[i]);
+    }
+    for (int j = 1; j < k; j++) {
+        const int8_t *restrict qj = q[j] + t0;
+        const float fj = f[j], wj = w[j];
+        for (int64_t i = 0; i < len; i++) {
+            float x = moved(qj[i]) * fj;
+            yt[i] = yt[i] + x * wj;
+            nan |= is_nan_code(qj[i]);
+        }
+    }
+    return nan;
+}
+
+/* The weighted sum's max |y| only, as fp32 bits (integer max: it vectorises where a float max may not;
+ * above 0x7F800000 a NaN, equal to it an Inf), without storing y: a key written fp8-scaled needs the
+ * amax of all its rows before any can be quantized, and recomputing the sum costs less than writing
+ * and re-reading a 4-byte result per element. Returns 1 when a NaN code was seen. */
+int ws_wsum_e4m3_amax(int k, const int8_t *const *q, const float *f, const float *w, int64_t n,
+                      uint32_t *amax_bits) {
+    float yt[TILE];
+    int nan = 0;
+    uint32_t m = 0;
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+        int64_t len = n - t0 < TILE ? n - t0 : TILE;
+        nan |= wsum_tile(k, q, f, w, t0, len, yt);
+        for (int64_t i = 0; i < len; i++) {
+            uint32_t a = abs_bits(yt[i]);
+            m = a > m ? a : m;
+        }
+    }
+    *amax_bits = m;
+    return nan;
+}
+
+/* y stored (fp32) with its max |y| as above: for a caller that keeps the sum (a plain output dtype). */
+int ws_wsum_e4m3(int k, const int8_t *const *q, const float *f, const float *w, float *restrict y,
+                 int64_t n, uint32_t *amax_bits) {
+    int nan = 0;
+    uint32_t m = 0;
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+        int64_t len = n - t0 < TILE ? n - t0 : TILE;
+        nan |= wsum_tile(k, q, f, w, t0, len, y + t0);
+        for (int64_t i = 0; i < len; i++) {
+            uint32_t a = abs_bits(y[t0 + i]);
+            m = a > m ? a : m;
+        }
+    }
+    *amax_bits = m;
+    return nan;
+}
+
+/* fp32 -> e4m3fn as torch 2.x casts on the CPU: rounding to nearest even and saturating, so anything
+ * above 464 (halfway between 448 and the absent 480), infinities included, gives +-448 (0x7E), and NaN
+ * gives the NaN code 0x7F, each with x's sign. From 2^-6 up, the mantissa is rounded to 3 bits by
+ * integer arithmetic (add 0x7FFFF plus the kept bit's parity, drop 20 bits) and the exponent rebiased;
+ * below 2^-6, adding 2^14 (whose fp32 ulp is 2^-9, the e4m3 subnormal step) lets the hardware's own
+ * rounding leave the code in the low bits. All are computed and one picked, so the loop vectorises.
+ * (Checked against torch over all 2^32 fp32 bit patterns when written.) */
+static inline uint8_t to_e4m3(float x) {
+    const uint32_t half_up = 0x43E80000u;   /* 464.0f: above it rounds past 448 */
+    const uint32_t inf_bits = 0x7F800000u;
+    const uint32_t min_normal = 121u << 23; /* 2^-6 */
+    const uint32_t magic_bits = 141u << 23; /* 2^14 */
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    uint32_t sign = bits & 0x80000000u;
+    uint32_t a = bits ^ sign;
+    float af, magic;
+    memcpy(&af, &a, 4);
+    memcpy(&magic, &magic_bits, 4);
+    float t = af + magic;
+    uint32_t tb;
+    memcpy(&tb, &t, 4);
+    uint32_t sub = tb - magic_bits;
+    uint32_t norm = (a + ((uint32_t)(7 - 127) << 23) + 0x7FFFFu + ((a >> 20) & 1u)) >> 20;
+    uint32_t r = a > inf_bits ? 0x7Fu : (a > half_up ? 0x7Eu : (a < min_normal ? sub : norm));
+    return (uint8_t)((r & 0xFFu) | (sign >> 24));
+}
+
+/* q[i] = e4m3(y[i] / scale): torch's quantize_fp8 route (div, clamp to +-448 when asked, cast) in one
+ * pass. The cast saturates by itself, so the clamp changes no code and `saturate` needs no work. */
+void ws_quantize_e4m3(const float *restrict y, uint8_t *restrict q, int64_t n, float scale, int saturate) {
+    (void)saturate;
+    for (int64_t i = 0; i < n; i++) q[i] = to_e4m3(y[i] / scale);
+}
+
+/* The weighted sum quantized straight to e4m3 with `scale` (y / scale, cast): the second pass of a key
+ * written fp8-scaled. Returns 1 when a NaN code was seen. */
+int ws_wsum_quantize_e4m3(int k, const int8_t *const *q, const float *f, const float *w, int64_t n,
+                          float scale, uint8_t *restrict out) {
+    float yt[TILE];
+    int nan = 0;
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+        int64_t len = n - t0 < TILE ? n - t0 : TILE;
+        nan |= wsum_tile(k, q, f, w, t0, len, yt);
+        for (int64_t i = 0; i < len; i++) out[t0 + i] = to_e4m3(yt[i] / scale);
+    }
+    return nan;
+}
