@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from . import commands
 from .errors import WeightsmithError
 from .outputs import output_set
-from .provenance import cli_recording, recording
+from .provenance import cli_recording, recording, without_output_hash
 from .signals import InputChanged, Terminated, cli_signals
 from .sources import set_default_nonfinite
 
@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--nonfinite", choices=["report", "error"], default="report",
         help="what a NaN/Inf weight in an input does: report it (default) or refuse the input, naming file and key",
+    )
+    parser.add_argument(
+        "--no-hash", action="store_true",
+        help="leave modelspec.hash_sha256 out of the outputs (the SHA-256 of the data costs ~0.6 CPU-s per GB "
+             "written; free on a machine with a core to spare) (also WEIGHTSMITH_HASH=0)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument(
@@ -134,7 +139,7 @@ def _main(argv: list[str] | None) -> int:
         # and carries the run's recipe (provenance.py), built from the parsed options; `replay` records the run
         # it replays itself
         rec = None if getattr(args, "records_itself", False) else cli_recording(args)
-        with cli_signals(), output_set(), recording(rec):
+        with cli_signals(), output_set(), recording(rec), without_output_hash(args.no_hash):
             return int(args.func(args) or 0)
     except WeightsmithError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -40,10 +40,12 @@ import torch
 from .arch import arch_family, detect_arch
 from .devices import resolve_device
 from .dtypes import cast_for_output, dtype_name, itemsize
+from .encodings import fp8_native
 from .encodings.encode import KeyOutput, OutputLayout, finite_amax, parse_output, source_encoding, write_encoded
 from .encodings.report import decoded_reads
 from .engine import KeyJob, OutputKey, all_finite, run_keys
 from .errors import BadFileError, MismatchError, OutputPathError, WeightsmithError
+from .mix_native import native_input, native_mix_task, native_out_kind
 from .mix_report import GROUPS, ChunkStats, MixReport, Totals, candidate_letters
 from .pipeline import TASK_ELEMS, WorkerBuffers
 from .progress import ProgressFn, no_progress
@@ -494,14 +496,38 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
                 for part in results:  # in element order: the sums do not depend on thread timing
                     s.merge(part)
                 if s.nonfinite:  # rare: find out which inputs hold the NaN/Inf, for the report
-                    for src, key, x in zip((a, *candidates), [kp.key, *kp.sources], inputs):
+                    held = inputs if inputs is not None else [a.get(kp.key)] + [c.get(k) for c, k in zip(candidates, kp.sources)]
+                    for src, key, x in zip((a, *candidates), [kp.key, *kp.sources], held):
                         if not all_finite(x):
                             nonfinite.setdefault(src.name, []).append(key)
                 for label in dict.fromkeys((kp.group, kp.block)):  # te/vae keys are their own block
                     totals.setdefault(label, Totals(len(candidates))).add(s)
         return finish
 
+    def native_job(kp: KeyPlan) -> KeyJob | None:
+        """The key's tasks in native passes (mix_native.py), where they give the torch route's bytes."""
+        if device.type != "cpu" or full or fp8_native.library() is None or not 2 <= len(candidates) <= 8:
+            return None
+        srcs = [(a, kp.key)] + list(zip(candidates, kp.sources))
+        if compute_dtype(*(s.info(k).dtype for s, k in srcs)) != torch.float32:
+            return None
+        encoded = layout.keys[kp.key].fmt is not None
+        dtype = torch.float32 if encoded else kp.dtype
+        ins = [native_input(s, k) for s, k in srcs]
+        if any(x is None for x in ins):
+            return None
+        out_kind = native_out_kind(ins, dtype)
+        n = ins[0].flat.numel()
+        if out_kind is None or any(x.flat.numel() != n for x in ins):
+            return None
+        dest = torch.empty(n, dtype=torch.float32) if encoded and writer is not None else None
+        return KeyJob([partial(native_mix_task, ins, list(scales), mode, out_kind, dtype, lo, min(n, lo + task_elems),
+                               kp.key, writer, buffers, dest) for lo in range(0, n, task_elems)],
+                      finisher(kp, None, dest))
+
     def job(kp: KeyPlan) -> KeyJob:
+        if kp.action == "mix" and (native := native_job(kp)) is not None:
+            return native
         if kp.action == "mix":
             # inputs are read here, on the calling thread: sources need not be thread-safe
             inputs = [a.get(kp.key)] + [c.get(k) for c, k in zip(candidates, kp.sources)]

@@ -338,3 +338,21 @@ def test_merge_files_node_records_its_widgets_and_files(comfy, flux, tmp_path, m
     assert recipe["inputs"][1]["fingerprint"] == fingerprint_file(dm / "b.safetensors")
     assert meta["modelspec.architecture"] == "flux-1-dev" and meta["modelspec.merged_from"] == "a, b"
     assert meta[HASH_KEY] == data_sha256(path)
+
+
+def test_no_hash_leaves_the_data_hash_out(flux, tmp_path, monkeypatch):
+    """`weightsmith --no-hash` (and WEIGHTSMITH_HASH=0) write no modelspec.hash_sha256; everything else of the
+    provenance stays, and the option is not part of the recipe (replay reproduces the tensors either way)."""
+    a, b = flux / "a.safetensors", flux / "b.safetensors"
+    out = tmp_path / "nohash.safetensors"
+    assert main(["--no-hash", "merge", str(a), str(b), "-o", str(out)]) == 0
+    meta = meta_of(out)
+    assert HASH_KEY not in meta and "modelspec.architecture" in meta and '"no_hash"' not in meta["weightsmith.recipe"]
+    monkeypatch.setenv("WEIGHTSMITH_HASH", "0")
+    out2 = tmp_path / "env.safetensors"
+    assert main(["merge", str(a), str(b), "-o", str(out2)]) == 0
+    assert HASH_KEY not in meta_of(out2)
+    monkeypatch.delenv("WEIGHTSMITH_HASH")
+    out3 = tmp_path / "hashed.safetensors"
+    assert main(["merge", str(a), str(b), "-o", str(out3)]) == 0
+    assert meta_of(out3)[HASH_KEY] == data_sha256(out3)

@@ -163,3 +163,101 @@ int ws_wsum_quantize_e4m3(int k, const int8_t *const *q, const float *f, const f
     }
     return nan;
 }
+
+/* ---- lossless mix (mix.py): per element, the candidate nearest to (or farthest from) the reference ---- */
+
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_E4M3 = 2 };
+enum { OUT_F32 = 0, OUT_RAW16 = 1 };
+#define MAX_CANDIDATES 8
+
+/* a tile of an input as fp32: fp32 copied, bf16 moved to the upper half (exact, NaN payloads kept),
+ * e4m3 moved and multiplied by its folded factor (2^120 * scale: the decoded value, one rounding) */
+static void load_tile(int kind, const void *p, int64_t t0, int64_t len, float factor, float *restrict out) {
+    if (kind == KIND_F32) {
+        memcpy(out, (const float *)p + t0, (size_t)len * 4);
+    } else if (kind == KIND_BF16) {
+        const uint16_t *restrict s = (const uint16_t *)p + t0;
+        for (int64_t i = 0; i < len; i++) {
+            uint32_t b = (uint32_t)s[i] << 16;
+            memcpy(&out[i], &b, 4);
+        }
+    } else {
+        const int8_t *restrict s = (const int8_t *)p + t0;
+        for (int64_t i = 0; i < len; i++) out[i] = moved(s[i]) * factor;
+    }
+}
+
+/* The mix of mix.py's _choose/_gather for one range, without statistics beyond the shares taken:
+ * distance_j = |scale_j * x_j - a| (a plain subtraction where scale_j is 1), each rounded to fp32 as
+ * torch computes it; candidate j replaces the best so far where the best is strictly farther (min) or
+ * where it is not (max); the picked element is written as its fp32 value (OUT_F32) or as its own
+ * 16-bit pattern (OUT_RAW16: every candidate stored in the output's 16-bit dtype). taken[j] counts the
+ * elements taken from candidate j; *dist_max_bits is the largest |distance| as fp32 bits (>= 0x7F800000:
+ * some distance is Inf or NaN, i.e. an input holds one, or fp32 overflowed). Returns 0, or -1 when the
+ * arguments are out of range. */
+int ws_mix(int n, int kind_a, const void *a, float factor_a, const int *kinds, const void *const *xs,
+           const float *factors, const float *scales, int mode_max, int64_t len_total, int out_kind, void *out,
+           int64_t *taken, uint32_t *dist_max_bits) {
+    if (n < 2 || n > MAX_CANDIDATES) return -1;
+    float at[TILE], xt[TILE], best[TILE], d[TILE];
+    uint8_t idx[TILE];
+    uint32_t dm = 0;
+    int64_t counts[MAX_CANDIDATES] = {0};
+    for (int64_t t0 = 0; t0 < len_total; t0 += TILE) {
+        int64_t len = len_total - t0 < TILE ? len_total - t0 : TILE;
+        load_tile(kind_a, a, t0, len, factor_a, at);
+        for (int j = 0; j < n; j++) {
+            load_tile(kinds[j], xs[j], t0, len, factors[j], xt);
+            const float s = scales[j];
+            if (s == 1.0f) {
+                for (int64_t i = 0; i < len; i++) {
+                    float v = xt[i] - at[i];
+                    d[i] = v < 0 ? -v : v;
+                }
+            } else {
+                for (int64_t i = 0; i < len; i++) {
+                    float v = xt[i] * s - at[i];
+                    d[i] = v < 0 ? -v : v;
+                }
+            }
+            for (int64_t i = 0; i < len; i++) {
+                uint32_t b = abs_bits(d[i]);
+                dm = b > dm ? b : dm;
+            }
+            if (j == 0) {
+                memcpy(best, d, (size_t)len * 4);
+                memset(idx, 0, (size_t)len);
+                if (out_kind == OUT_F32) memcpy((float *)out + t0, xt, (size_t)len * 4);
+                else memcpy((uint16_t *)out + t0, (const uint16_t *)xs[0] + t0, (size_t)len * 2);
+                continue;
+            }
+            /* take where the best so far is strictly farther (min); max: where it is not (ties, NaN) */
+            if (out_kind == OUT_F32) {
+                float *restrict o = (float *)out + t0;
+                for (int64_t i = 0; i < len; i++) {
+                    int take = (best[i] > d[i]) ^ mode_max;
+                    o[i] = take ? xt[i] : o[i];
+                    idx[i] = take ? (uint8_t)j : idx[i];
+                    best[i] = take ? d[i] : best[i];
+                }
+            } else {
+                uint16_t *restrict o = (uint16_t *)out + t0;
+                const uint16_t *restrict r = (const uint16_t *)xs[j] + t0;
+                for (int64_t i = 0; i < len; i++) {
+                    int take = (best[i] > d[i]) ^ mode_max;
+                    o[i] = take ? r[i] : o[i];
+                    idx[i] = take ? (uint8_t)j : idx[i];
+                    best[i] = take ? d[i] : best[i];
+                }
+            }
+        }
+        for (int j = 0; j < n; j++) {
+            int64_t c = 0;
+            for (int64_t i = 0; i < len; i++) c += idx[i] == j;
+            counts[j] += c;
+        }
+    }
+    for (int j = 0; j < n; j++) taken[j] = counts[j];
+    *dist_max_bits = dm;
+    return 0;
+}

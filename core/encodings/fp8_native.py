@@ -98,6 +98,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ws_wsum_e4m3_amax.restype = i32
     lib.ws_wsum_quantize_e4m3.argtypes = [i32, vp, vp, vp, i64, f32, vp]
     lib.ws_wsum_quantize_e4m3.restype = i32
+    lib.ws_mix.argtypes = [i32, i32, vp, f32, vp, vp, vp, vp, i32, i64, i32, vp, vp, ctypes.POINTER(ctypes.c_uint32)]
+    lib.ws_mix.restype = i32
     lib.ws_quantize_e4m3.argtypes = [vp, vp, i64, f32, i32]
     lib.ws_quantize_e4m3.restype = None
     return lib
@@ -196,3 +198,30 @@ def quantize_e4m3(y: torch.Tensor, out: torch.Tensor, scale: float, saturate: bo
     lib = library()
     assert lib is not None
     lib.ws_quantize_e4m3(_ptr(y), _ptr(out), y.numel(), scale, int(saturate))
+
+
+KIND_F32, KIND_BF16, KIND_E4M3 = 0, 1, 2  # how ws_mix reads an input (fp8_native.c)
+OUT_F32, OUT_RAW16 = 0, 1
+
+
+def mix(a: tuple[torch.Tensor, int, float], xs: list[tuple[torch.Tensor, int, float]], scales: list[float],
+        mode_max: bool, out: torch.Tensor, out_kind: int) -> tuple[list[int], float]:
+    """The lossless mix of one range (flat contiguous CPU tensors of one length; each input as (tensor,
+    kind, factor)) into `out`; returns (elements taken per candidate, the largest |distance|: not finite
+    when an input holds NaN/Inf or fp32 overflowed)."""
+    lib = library()
+    assert lib is not None
+    n = len(xs)
+    length = a[0].numel()
+    assert 2 <= n <= 8 and all(x.numel() == length for x, _, _ in xs) and out.numel() == length
+    kinds = (ctypes.c_int * n)(*[k for _, k, _ in xs])
+    ptrs = (ctypes.c_void_p * n)(*[_ptr(x) for x, _, _ in xs])
+    factors = (ctypes.c_float * n)(*[f for _, _, f in xs])
+    sc = (ctypes.c_float * n)(*scales)
+    taken = (ctypes.c_int64 * n)()
+    dist = ctypes.c_uint32(0)
+    rc = lib.ws_mix(n, a[1], _ptr(a[0]), a[2], kinds, ptrs, factors, sc, int(mode_max), length, out_kind, _ptr(out),
+                    taken, ctypes.byref(dist))
+    if rc != 0:
+        raise ValueError(f"ws_mix refused its arguments ({rc})")
+    return list(taken), _bits_to_float(dist.value)
