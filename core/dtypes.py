@@ -76,9 +76,27 @@ def cast_for_output(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cast a computed fp32 tensor to the output dtype. fp8 saturates instead of overflowing to NaN:
     e4m3fn has no inf, so an out-of-range value would otherwise become NaN."""
     if dtype in FP8_DTYPES and t.dtype != dtype:
+        if dtype == torch.float8_e4m3fn and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous():
+            from .encodings import fp8_native  # the native cast: the same bits (checked over all fp32 values)
+
+            if fp8_native.library() is not None:
+                out = torch.empty(t.shape, dtype=dtype)
+                fp8_native.quantize_e4m3(t, out, 1.0, True)
+                return out
         info = torch.finfo(dtype)
         t = t.float().clamp(info.min, info.max)
     return t.to(dtype)
+
+
+def fp8_nonfinite(t: torch.Tensor, nan_only: bool = False) -> bool:
+    """Whether an fp8 tensor holds a non-finite code (NaN for e4m3fn, which has no Inf; Inf or NaN for e5m2;
+    `nan_only`: NaN alone), from its bytes: torch has no fp8 kernels, and its conversion to fp16 for a
+    sum runs one element at a time (measured: most of a bake into an fp8 model)."""
+    u = t.contiguous().view(torch.uint8)
+    if t.dtype == torch.float8_e4m3fn:
+        return bool(torch.bitwise_and(u, 0x7F).eq_(0x7F).any())
+    low = torch.bitwise_and(u, 0x7F)
+    return bool(low.gt_(0x7C).any()) if nan_only else bool(low.ge_(0x7C).any())
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -88,6 +106,6 @@ def all_finite(t: torch.Tensor) -> bool:
     also give by overflowing (fp16 beyond 65504), pays for the exact check."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    if t.dtype.itemsize == 1:
-        t = t.to(torch.float16)  # no fp8 kernels; the conversion is exact
+    if t.dtype in FP8_DTYPES:
+        return not fp8_nonfinite(t)
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())

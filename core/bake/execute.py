@@ -22,6 +22,7 @@ import torch
 from ..devices import resolve_device
 from ..dtypes import FP8_DTYPES, cast_for_output, dtype_name, parse_dtype
 from ..encodings.encode import WRITABLE, KeyOutput, OutputLayout, source_encoding, write_encoded
+from ..encodings.fp8 import decode_fp8, fast_decodable
 from ..engine import KeyJob, run_keys, written_finite
 from ..errors import WeightsmithError
 from ..lora.model import ModuleDelta
@@ -272,7 +273,11 @@ def execute_bake(
         out_dtype = layout[key][1]
         rows = t[r0:r1].reshape(r1 - r0, -1)
         if on_cpu:
-            block = buffers.get("w", rows.numel(), torch.float32).view(rows.shape).copy_(rows)
+            block = buffers.get("w", rows.numel(), torch.float32).view(rows.shape)
+            if fast_decodable(rows):  # torch converts fp8 one element at a time; the same values, vectorised
+                decode_fp8(rows.contiguous(), out=block)
+            else:
+                block.copy_(rows)
         else:
             block = rows.to(dev, torch.float32, copy=True)
         ops.apply(block, r0)
