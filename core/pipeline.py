@@ -67,11 +67,6 @@ def _run(inference: bool, fn: Callable[[], Any]) -> Any:
         return fn()
 
 
-def _drop_results(finish: Callable[[list[Any]], None]) -> Callable[[list[Any]], None]:
-    """A key with no first tasks ran its follow-ups directly: its `finish` gets no results."""
-    return lambda _results: finish([])
-
-
 class _SecondPhase:
     """A key's follow-up tasks (`then(results)` of its first tasks), started on the worker that finishes
     the last first task, so the cores never wait for the calling thread to hand them out (a key written
@@ -86,6 +81,7 @@ class _SecondPhase:
         self.started = threading.Event()
         self.futures: list[Future] = []
         self.error: BaseException | None = None
+        self.next: _SecondPhase | None = None
 
     def wrap(self, i: int, task: Callable[[], Any], pipe: KeyPipeline) -> Callable[[], Any]:
         def run() -> Any:
@@ -107,19 +103,30 @@ class _SecondPhase:
         try:
             if not self.failed and not pipe.closing:
                 assert pipe._pool is not None
-                self.futures = [pipe._pool.submit(_run, pipe._inference, t) for t in self.then(list(self.results))]
+                out = self.then(list(self.results))
+                # (tasks, next then): a third phase and more, each started by the last task of the one before
+                tasks, after = out if isinstance(out, tuple) else (out, None)
+                if after is not None:
+                    self.next = _SecondPhase(len(tasks), after)
+                    tasks = [self.next.wrap(i, t, pipe) for i, t in enumerate(tasks)]
+                self.futures = [pipe._pool.submit(_run, pipe._inference, t) for t in tasks]
+                if self.next is not None and not tasks:
+                    self.next._start(pipe)
         except BaseException as e:  # reported by the calling thread when it finishes the key
             self.error = e
         finally:
             self.started.set()
 
     def wait(self) -> None:
-        """Wait for the follow-up tasks (after the first ones' futures are all done); re-raise their error."""
+        """Wait for the follow-up tasks (after the first ones' futures are all done), and for the phases
+        after them; re-raise their error."""
         self.started.wait()
         if self.error is not None:
             raise self.error
         for f in self.futures:
             f.result()
+        if self.next is not None:
+            self.next.wait()
 
 
 class KeyPipeline:
@@ -152,17 +159,16 @@ class KeyPipeline:
             then: Callable[[list[Any]], Sequence[Callable[[], Any]]] | None = None) -> None:
         """Queue one key's tasks; `finish(results)` (results in task order) runs later on this thread.
         `then(results)`, when given, returns follow-up tasks that start as soon as the last task is done
-        (on that worker); `finish` runs after them too."""
+        (on that worker), or (tasks, then2) for one more phase after those, and so on; `finish` runs after
+        them all (with the first tasks' results)."""
         assert self._pool is not None, "KeyPipeline.add outside its with-block"
-        second = None
-        if then is not None:
-            if not tasks:
-                tasks, second = list(then([])), None
-            else:
-                second = _SecondPhase(len(tasks), then)
-                tasks = [second.wrap(i, t, self) for i, t in enumerate(tasks)]
+        second = _SecondPhase(len(tasks), then) if then is not None else None
+        if second is not None:
+            tasks = [second.wrap(i, t, self) for i, t in enumerate(tasks)]
         futures = [self._pool.submit(_run, self._inference, t) for t in tasks]
-        self._pending.append((futures, finish if second is not None or then is None else _drop_results(finish), second))
+        if second is not None and not tasks:
+            second._start(self)  # no first tasks: the follow-ups start now
+        self._pending.append((futures, finish, second))
         self._in_flight += len(futures)
         while self._in_flight > self.max_in_flight and self._pending:
             self._finish_oldest()

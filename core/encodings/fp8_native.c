@@ -261,3 +261,138 @@ int ws_mix(int n, int kind_a, const void *a, float factor_a, const int *kinds, c
     *dist_max_bits = dm;
     return 0;
 }
+
+/* ---- TIES-merging (merge/methods.py `ties`) in passes over row ranges (merge/ties_native.py) ---- */
+
+#define MAX_INPUTS 8
+
+/* Pass 1 (refine = 0): per delta j (each input but the base, in order), hist[j][bits >> 16]++ of
+ * |x_j - x_base| as fp32 bits (non-negative floats order as their bits; NaN sorts highest, as in torch's
+ * kthvalue). Pass 2 (refine = 1): only elements whose top 16 bits equal hi[j]: hist[j][bits & 0xFFFF]++.
+ * hist: (n - 1) x 65536 counts, added to. */
+int ws_ties_hist(int n, const int *kinds, const void *const *xs, const float *factors, int base, int64_t len_total,
+                 int refine, const uint32_t *hi, int64_t *hist) {
+    if (n < 2 || n > MAX_INPUTS || base < 0 || base >= n) return -1;
+    float bt[TILE], xt[TILE];
+    uint32_t bits[TILE];
+    for (int64_t t0 = 0; t0 < len_total; t0 += TILE) {
+        int64_t len = len_total - t0 < TILE ? len_total - t0 : TILE;
+        load_tile(kinds[base], xs[base], t0, len, factors[base], bt);
+        int slot = 0;
+        for (int j = 0; j < n; j++) {
+            if (j == base) continue;
+            load_tile(kinds[j], xs[j], t0, len, factors[j], xt);
+            for (int64_t i = 0; i < len; i++) bits[i] = abs_bits(xt[i] - bt[i]);
+            int64_t *h = hist + (int64_t)slot * 65536;
+            if (!refine) {
+                for (int64_t i = 0; i < len; i++) h[bits[i] >> 16]++;
+            } else {
+                const uint32_t want = hi[slot];
+                for (int64_t i = 0; i < len; i++)
+                    if ((bits[i] >> 16) == want) h[bits[i] & 0xFFFFu]++;
+            }
+            slot++;
+        }
+    }
+    return 0;
+}
+
+/* Pass 3: the merged values y of elements [0, len_total) of this range, as `ties` computes them: delta j
+ * kept where |d| > thr[j], or == thr[j] while fewer than quota[j] equal ones were kept before in flat
+ * order (quota: the room left for this range; < 0: none, a huge value: all), else +0.0; weighted
+ * wd = d * w; total = 0 + wd_0 + wd_1 ...; elected = total >= 0 ? 1 : -1; merged and divisor add wd and w
+ * where sign(d) == elected; merged /= divisor (0 -> 1) when normalize; y = x_base + merged * scale.
+ * sums (when given): |x_i|^2 for every input, x_A . x_i (A = input 0) and |y - x_A|^2, in double.
+ * Returns the largest |y| as fp32 bits in *amax_bits (>= 0x7F800000: Inf/NaN). */
+int ws_ties_apply(int n, const int *kinds, const void *const *xs, const float *factors, int base, int64_t len_total,
+                  const uint32_t *thr, const int64_t *quota, const float *w, int normalize, float scale,
+                  float *restrict y, double *sums, uint32_t *amax_bits) {
+    if (n < 2 || n > MAX_INPUTS || base < 0 || base >= n) return -1;
+    float xt[MAX_INPUTS][TILE];
+    float total[TILE], merged[TILE], divisor[TILE], wd[MAX_INPUTS - 1][TILE], dt[MAX_INPUTS - 1][TILE];
+    int64_t kept_eq[MAX_INPUTS] = {0};
+    uint32_t m = 0;
+    double sq[MAX_INPUTS] = {0}, dot[MAX_INPUTS] = {0}, change = 0;
+    for (int64_t t0 = 0; t0 < len_total; t0 += TILE) {
+        int64_t len = len_total - t0 < TILE ? len_total - t0 : TILE;
+        for (int j = 0; j < n; j++) load_tile(kinds[j], xs[j], t0, len, factors[j], xt[j]);
+        const float *bt = xt[base];
+        for (int64_t i = 0; i < len; i++) total[i] = 0.0f;
+        int slot = 0;
+        for (int j = 0; j < n; j++) {
+            if (j == base) continue;
+            float *restrict d = dt[slot];
+            const uint32_t t = thr[slot];
+            for (int64_t i = 0; i < len; i++) {
+                float v = xt[j][i] - bt[i];
+                uint32_t b = abs_bits(v);
+                /* NaN is never kept: torch's comparisons with it are false (its magnitude sorts highest) */
+                d[i] = (b > t && b <= 0x7F800000u) ? v : 0.0f;
+            }
+            if (quota[slot] > kept_eq[slot] && t <= 0x7F800000u) { /* equal magnitudes at the threshold: first ones */
+                for (int64_t i = 0; i < len; i++) {
+                    float v = xt[j][i] - bt[i];
+                    if (abs_bits(v) == t && kept_eq[slot] < quota[slot]) {
+                        d[i] = v;
+                        kept_eq[slot]++;
+                    }
+                }
+            }
+            const float wj = w[slot];
+            float *restrict o = wd[slot];
+            for (int64_t i = 0; i < len; i++) {
+                o[i] = d[i] * wj;
+                total[i] = total[i] + o[i];
+            }
+            slot++;
+        }
+        for (int64_t i = 0; i < len; i++) {
+            merged[i] = 0.0f;
+            divisor[i] = 0.0f;
+        }
+        for (int s = 0; s < slot; s++) {
+            const float ws_ = w[s];
+            for (int64_t i = 0; i < len; i++) {
+                float e = total[i] >= 0.0f ? 1.0f : -1.0f;
+                float sg = dt[s][i] > 0.0f ? 1.0f : (dt[s][i] < 0.0f ? -1.0f : 0.0f);
+                int agree = sg == e;
+                merged[i] = merged[i] + (agree ? wd[s][i] : 0.0f);
+                divisor[i] = divisor[i] + (agree ? ws_ : 0.0f);
+            }
+        }
+        for (int64_t i = 0; i < len; i++) {
+            float mg = merged[i];
+            if (normalize) mg = mg / (divisor[i] == 0.0f ? 1.0f : divisor[i]);
+            float v = bt[i] + mg * scale;
+            y[t0 + i] = v;
+            uint32_t b = abs_bits(v);
+            m = b > m ? b : m;
+        }
+        if (sums) {
+            for (int j = 0; j < n; j++) {
+                double s = 0, dd = 0;
+                for (int64_t i = 0; i < len; i++) {
+                    s += (double)xt[j][i] * xt[j][i];
+                    dd += (double)xt[0][i] * xt[j][i];
+                }
+                sq[j] += s;
+                dot[j] += dd;
+            }
+            double c = 0;
+            for (int64_t i = 0; i < len; i++) {
+                double v = (double)y[t0 + i] - xt[0][i];
+                c += v * v;
+            }
+            change += c;
+        }
+    }
+    if (sums) {
+        for (int j = 0; j < n; j++) {
+            sums[j] = sq[j];
+            sums[n + j] = dot[j];
+        }
+        sums[2 * n] = change;
+    }
+    *amax_bits = m;
+    return 0;
+}

@@ -100,6 +100,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ws_wsum_quantize_e4m3.restype = i32
     lib.ws_mix.argtypes = [i32, i32, vp, f32, vp, vp, vp, vp, i32, i64, i32, vp, vp, ctypes.POINTER(ctypes.c_uint32)]
     lib.ws_mix.restype = i32
+    lib.ws_ties_hist.argtypes = [i32, vp, vp, vp, i32, i64, i32, vp, vp]
+    lib.ws_ties_hist.restype = i32
+    lib.ws_ties_apply.argtypes = [i32, vp, vp, vp, i32, i64, vp, vp, vp, i32, f32, vp, vp,
+                                  ctypes.POINTER(ctypes.c_uint32)]
+    lib.ws_ties_apply.restype = i32
     lib.ws_quantize_e4m3.argtypes = [vp, vp, i64, f32, i32]
     lib.ws_quantize_e4m3.restype = None
     return lib

@@ -10,6 +10,7 @@ cache run on every core, and no whole merged tensor is held.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -46,12 +47,14 @@ from .fp8_fused import NativeWeightedSum, native_weighted_sum
 from .methods import METHODS, derive_seed
 from .plan import KeyPlan, MergePlan, plan_merge
 from .report import KeyStats, MergeReport
+from .ties_native import NativeTies, native_ties
 
 CPU_CHUNK_ELEMS = 1 << 18  # 1 MB of fp32 per input: temporaries stay in cache, few ops (measured fastest)
 CUDA_CHUNK_ELEMS = 1 << 24  # 64 MB of fp32 per input: keeps a GPU busy; the few staging buffers stay small
 # A whole-tensor (non-row-wise) merge whose fp32 inputs exceed this runs alone, with all cores and
 # nothing else in memory beside it, instead of as one task among others.
 ALONE_BYTES = 64 << 20
+NATIVE_TIES_ELEMS = 1 << 16  # TIES keys from this size take the native passes (smaller ones: torch, as cheap)
 QUANT_ELEMS = 1 << 22  # elements per quantization range of a key written encoded (4 MB of fp8 written at once)
 
 
@@ -143,6 +146,10 @@ class _MergeContext:
             return KeyJob([task], finish, drain=drain)
         if kp.action != "merge":
             return KeyJob([], finish)
+        if kp.action == "merge" and kp.method == "ties" and self.dev.type == "cpu" and kp.numel >= NATIVE_TIES_ELEMS:
+            native = native_ties(kp, self.row_inputs(kp), dict(kp.params))
+            if native is not None:
+                return self.ties_job(kp, ko, native, finish)
         if self.blockwise(kp):
             full = self.row_inputs(kp)
             # inputs read by rows (mapped pages, or fp8 payloads decoded a block at a time) hold no whole
@@ -163,6 +170,65 @@ class _MergeContext:
         task = partial(self.encoded_task, kp, ko, self.inputs(kp)) if encoded else \
             partial(self.whole_task, kp, self.inputs(kp))
         return KeyJob([] if big else [task], finish, alone=task if big else None, drain=drain)
+
+    def ties_job(self, kp: KeyPlan, ko: KeyOutput | None, nt: NativeTies, finish) -> KeyJob:
+        """A TIES key in passes over element ranges (ties_native.py): the threshold's top bits, its low
+        bits, the merged values into one fp32 result, then quantized (written encoded) or cast and
+        written. `finish` gets the merged ranges' results (sums, NaN/Inf), as from the torch route."""
+        n = kp.numel
+        ranges = [(lo, min(n, lo + TASK_ELEMS)) for lo in range(0, n, TASK_ELEMS)]
+        starts = [lo for lo, _ in ranges]
+        y = self.results.take(n)
+        merged: list[_TaskResult] = []
+        quant = _Quantization(self, kp, ko, y, None) if ko is not None and ko.fmt is not None else None
+
+        def apply_phase():
+            tasks = [partial(self._ties_apply, nt, y, lo, hi) for lo, hi in ranges]
+            return tasks, after_apply
+
+        def after_top(results):
+            nt.choose_top(results)
+            return [partial(nt.hist_low, lo, hi) for lo, hi in ranges], after_low
+
+        def after_low(results):
+            nt.choose_low(starts, results)
+            return apply_phase()
+
+        def after_apply(results):
+            merged[:] = results
+            if quant is not None:
+                return quant.tasks(results)
+            return [partial(self._cast_write, kp, y, r, lo, hi) for r, (lo, hi) in zip(results, ranges)]
+
+        def done(_results) -> None:
+            if quant is not None:
+                quant.finish(merged)
+            else:
+                self.results.give_back(y)
+            finish(merged)
+
+        if nt.trivial():
+            nt.choose_trivial(starts)
+            tasks, then = apply_phase()
+            return KeyJob(tasks, done, then=then)
+        return KeyJob([partial(nt.hist_top, lo, hi) for lo, hi in ranges], done, then=after_top)
+
+    def _ties_apply(self, nt: NativeTies, y: torch.Tensor, lo: int, hi: int) -> _TaskResult:
+        amax, sums = nt.apply(lo, hi, y[lo:hi], self.sample_every > 0)
+        result = _TaskResult([sums] if sums is not None else [])
+        result.amax = _note_amax(y[lo:hi], result) if not math.isfinite(amax) else amax
+        return result
+
+    def _cast_write(self, kp: KeyPlan, y: torch.Tensor, result: _TaskResult, lo: int, hi: int) -> None:
+        """Elements [lo, hi) of a merged fp32 result stored in the output dtype and written at their place."""
+        want = output_dtype(kp, self.out_dtype)
+        part = y[lo:hi]
+        out = part if want == torch.float32 else self.buffers.get("out", hi - lo, want)
+        if out is not part:
+            _store(out, part)
+        _check_written(out, part, result)
+        if self.writer is not None:
+            self.writer.write_at(kp.out_key, lo * out.element_size(), out)
 
     def inputs(self, kp: KeyPlan) -> list[torch.Tensor]:
         """The key's input tensors (memory-mapped views; read on the calling thread, so sources need not
