@@ -45,7 +45,7 @@ from .encodings.encode import KeyOutput, OutputLayout, finite_amax, parse_output
 from .encodings.report import decoded_reads
 from .engine import KeyJob, OutputKey, all_finite, run_keys
 from .errors import BadFileError, MismatchError, OutputPathError, WeightsmithError
-from .mix_native import native_input, native_mix_task, native_out_kind
+from .mix_native import EncodedPicks, native_input, native_mix_task, native_out_kind
 from .mix_report import GROUPS, ChunkStats, MixReport, Totals, candidate_letters
 from .pipeline import TASK_ELEMS, WorkerBuffers
 from .progress import ProgressFn, no_progress
@@ -521,9 +521,17 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
         if out_kind is None or any(x.flat.numel() != n for x in ins):
             return None
         dest = torch.empty(n, dtype=torch.float32) if encoded and writer is not None else None
-        return KeyJob([partial(native_mix_task, ins, list(scales), mode, out_kind, dtype, lo, min(n, lo + task_elems),
-                               kp.key, writer, buffers, dest) for lo in range(0, n, task_elems)],
-                      finisher(kp, None, dest))
+        tasks = [partial(native_mix_task, ins, list(scales), mode, out_kind, dtype, lo, min(n, lo + task_elems),
+                         kp.key, writer, buffers, dest) for lo in range(0, n, task_elems)]
+        if dest is None:
+            return KeyJob(tasks, finisher(kp, None, None))
+        picks = EncodedPicks(layout.keys[kp.key], dest, writer, buffers, task_elems)
+        stats_of = finisher(kp, None, None)
+
+        def finish(results: list) -> None:
+            picks.finish()
+            stats_of(results)
+        return KeyJob(tasks, finish, then=picks.tasks)
 
     def job(kp: KeyPlan) -> KeyJob:
         if kp.action == "mix" and (native := native_job(kp)) is not None:

@@ -13,11 +13,12 @@ one, the written element the picked candidate's own (tests/test_fp8_native.py co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from .encodings import fp8_native
-from .encodings.encode import scaled_rows
+from .encodings.encode import KeyOutput, finite_amax, fp8_scale, quantize_fp8, scaled_rows
 from .encodings.fp8 import E4M3_SHIFT, decode_fp8, fold_shift, keeps_subnormals
 from .mix_report import ChunkStats
 from .pipeline import WorkerBuffers
@@ -88,6 +89,36 @@ def native_mix_task(ins: list[NativeInput], scales: list[float], mode: str, out_
     stats.taken = taken
     stats.elements = hi - lo
     stats.nonfinite = not (dist_max < float("inf"))
-    if writer is not None and dest is None:
+    if dest is not None:
+        stats.amax = finite_amax(out)  # the key is quantized with the amax of all its picks (EncodedPicks)
+    elif writer is not None:
         writer.write_at(key, lo * out.element_size(), out)
     return stats
+
+
+class EncodedPicks:
+    """A mixed key written encoded (fp8-scaled): once every range's picks are in `dest` (fp32), the fresh
+    scale amax / fp8 max, the ranges quantized on the workers (`tasks`, the engine's follow-up phase),
+    and the scale written by `finish` (calling thread, key order). Before, the whole key was quantized
+    on the calling thread while the workers waited."""
+
+    def __init__(self, ko: KeyOutput, dest: torch.Tensor, writer, buffers: WorkerBuffers, step: int):
+        self.ko, self.dest, self.writer, self.buffers, self.step = ko, dest, writer, buffers, step
+        self.scale: torch.Tensor | None = None
+
+    def tasks(self, results: list[ChunkStats]) -> list:
+        assert self.ko.fmt is not None
+        self.scale = fp8_scale(max((getattr(r, "amax", 0.0) for r in results), default=0.0), self.ko.fmt.fp8)
+        n = self.dest.numel()
+        return [partial(self._quantize, lo, min(n, lo + self.step)) for lo in range(0, n, self.step)]
+
+    def _quantize(self, lo: int, hi: int) -> None:
+        assert self.ko.fmt is not None and self.scale is not None
+        stage = self.buffers.get("quant", hi - lo, self.ko.fmt.fp8)
+        quantize_fp8(self.dest[lo:hi], self.scale, self.ko.fmt.fp8, out=stage)
+        if self.writer is not None:
+            self.writer.write_at(self.ko.key, lo, stage)
+
+    def finish(self) -> None:
+        if self.writer is not None and self.scale is not None:
+            self.writer.write(self.ko.scale_key, self.scale)
