@@ -19,12 +19,9 @@ import torch
 
 from .encodings import fp8_native
 from .encodings.encode import KeyOutput, finite_amax, fp8_scale, quantize_fp8, scaled_rows
-from .encodings.fp8 import E4M3_SHIFT, decode_fp8, fold_shift, keeps_subnormals
+from .encodings.fp8 import decode_fp8, keeps_subnormals, kernel_input
 from .mix_report import ChunkStats
 from .pipeline import WorkerBuffers
-
-_KINDS = {torch.float32: fp8_native.KIND_F32, torch.bfloat16: fp8_native.KIND_BF16,
-          torch.float8_e4m3fn: fp8_native.KIND_E4M3}
 
 
 @dataclass(frozen=True)
@@ -50,18 +47,10 @@ def native_input(source, key: str) -> NativeInput | None:
     """How the kernel reads `key` of `source`, or None (a dtype it does not read, a scale it cannot fold)."""
     rows = scaled_rows(source, key)
     if rows is not None:
-        if rows.payload.dtype != torch.float8_e4m3fn or not rows.payload.is_contiguous():
-            return None
-        f, then = fold_shift(rows.scale, E4M3_SHIFT)
-        if then is not None:
-            return None
-        return NativeInput(rows.payload.reshape(-1), fp8_native.KIND_E4M3, float(f), rows.scale)
-    t = source.get(key)
-    kind = _KINDS.get(t.dtype)
-    if kind is None or t.device.type != "cpu":
-        return None
-    t = t.contiguous().reshape(-1)
-    return NativeInput(t, kind, E4M3_SHIFT if kind == fp8_native.KIND_E4M3 else 1.0, None)
+        got = kernel_input(rows.payload, rows.scale) if rows.payload.dtype == torch.float8_e4m3fn else None
+        return None if got is None else NativeInput(*got, rows.scale)
+    got = kernel_input(source.get(key))
+    return None if got is None else NativeInput(*got, None)
 
 
 def native_out_kind(ins: list[NativeInput], out_dtype: torch.dtype) -> int | None:

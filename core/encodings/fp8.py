@@ -214,3 +214,20 @@ def _decode(q: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor | Non
         factor, factor2 = _factors(scale, e4m3, shift)
     _run_ranges(q.numel(), lambda lo, hi: _decode_range(flat_q, flat_out, factor, factor2, lo, hi, wide))
     return out, (shift if e4m3 else 1.0)
+
+
+_KERNEL_KINDS = {torch.float32: fp8_native.KIND_F32, torch.bfloat16: fp8_native.KIND_BF16,
+                 torch.float8_e4m3fn: fp8_native.KIND_E4M3}
+
+
+def kernel_input(t: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, int, float] | None:
+    """How the native kernels read a stored tensor (times a one-element `scale`, e4m3 only): (flat
+    tensor, kind, factor — 2^120 · scale for e4m3, the exact fold), or None where they cannot (another
+    dtype or device, not contiguous, a scale whose fold overflows)."""
+    kind = _KERNEL_KINDS.get(t.dtype)
+    if kind is None or t.device.type != "cpu" or not t.is_contiguous():
+        return None
+    if kind != fp8_native.KIND_E4M3:
+        return (t.reshape(-1), kind, 1.0) if scale is None else None
+    f, then = fold_shift(torch.tensor(1.0) if scale is None else scale.reshape(()), E4M3_SHIFT)
+    return None if then is not None else (t.reshape(-1), kind, float(f))

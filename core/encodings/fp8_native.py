@@ -165,7 +165,8 @@ def _inputs(qs: list[torch.Tensor], factors: list[float], weights: list[float]) 
             (ctypes.c_float * k)(*weights))
 
 
-def _bits_to_float(bits: int) -> float:
+def bits_to_float(bits: int) -> float:
+    """The fp32 whose bits are `bits`."""
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
@@ -176,7 +177,7 @@ def wsum_e4m3(qs: list[torch.Tensor], factors: list[float], weights: list[float]
     assert lib is not None
     amax = ctypes.c_uint32(0)
     nan = lib.ws_wsum_e4m3(*_inputs(qs, factors, weights), _ptr(y), y.numel(), ctypes.byref(amax))
-    return bool(nan), _bits_to_float(amax.value)
+    return bool(nan), bits_to_float(amax.value)
 
 
 def wsum_amax_e4m3(qs: list[torch.Tensor], factors: list[float], weights: list[float]) -> tuple[bool, float]:
@@ -185,7 +186,7 @@ def wsum_amax_e4m3(qs: list[torch.Tensor], factors: list[float], weights: list[f
     assert lib is not None
     amax = ctypes.c_uint32(0)
     nan = lib.ws_wsum_e4m3_amax(*_inputs(qs, factors, weights), qs[0].numel(), ctypes.byref(amax))
-    return bool(nan), _bits_to_float(amax.value)
+    return bool(nan), bits_to_float(amax.value)
 
 
 def wsum_quantize_e4m3(qs: list[torch.Tensor], factors: list[float], weights: list[float], scale: float,
@@ -229,4 +230,4 @@ def mix(a: tuple[torch.Tensor, int, float], xs: list[tuple[torch.Tensor, int, fl
                     taken, ctypes.byref(dist))
     if rc != 0:
         raise ValueError(f"ws_mix refused its arguments ({rc})")
-    return list(taken), _bits_to_float(dist.value)
+    return list(taken), bits_to_float(dist.value)

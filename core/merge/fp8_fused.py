@@ -22,7 +22,7 @@ import torch
 
 from ..encodings import fp8_native
 from ..encodings.encode import ScaledRows
-from ..encodings.fp8 import E4M3_SHIFT, fold_shift, keeps_subnormals
+from ..encodings.fp8 import keeps_subnormals, kernel_input
 from .methods import sum_weights
 from .plan import KeyPlan
 
@@ -60,14 +60,11 @@ def native_weighted_sum(kp: KeyPlan, full: list, params: dict) -> NativeWeighted
                and t.payload.device.type == "cpu" and t.payload.is_contiguous() for t in full):
         return None
     weights = sum_weights(kp.weights, params.get("normalize", True))
-    factors = []
-    for t in full:
-        f, then = fold_shift(t.scale, E4M3_SHIFT)
-        if then is not None:  # 2^120 · scale overflows: the generic route's two multiplies
-            return None
-        factors.append(float(f))
-    scales = [abs(float(t.scale)) for t in full]
-    bound = sum(448.0 * s * abs(w) for s, w in zip(scales, weights))
-    if not all(math.isfinite(x) for x in (*factors, *weights)) or not bound < FP32_SAFE or len(weights) != len(full):
+    inputs = [kernel_input(t.payload, t.scale) for t in full]
+    if any(x is None for x in inputs) or len(weights) != len(full):
+        return None  # a scale whose fold overflows: the generic route's two multiplies
+    factors = [f for _, _, f in inputs]
+    bound = sum(448.0 * abs(float(t.scale)) * abs(w) for t, w in zip(full, weights))
+    if not all(math.isfinite(x) for x in (*factors, *weights)) or not bound < FP32_SAFE:
         return None
-    return NativeWeightedSum([t.payload.view(torch.int8).reshape(-1) for t in full], factors, weights)
+    return NativeWeightedSum([flat.view(torch.int8) for flat, _, _ in inputs], factors, weights)

@@ -24,11 +24,9 @@ import torch
 
 from ..encodings import fp8_native
 from ..encodings.encode import ScaledRows
-from ..encodings.fp8 import E4M3_SHIFT, fold_shift, keeps_subnormals
+from ..encodings.fp8 import keeps_subnormals, kernel_input
 from .plan import KeyPlan
 
-_KINDS = {torch.float32: fp8_native.KIND_F32, torch.bfloat16: fp8_native.KIND_BF16,
-          torch.float8_e4m3fn: fp8_native.KIND_E4M3}
 BINS = 1 << 16
 ALL = 1 << 62  # a quota no range reaches: keep every element equal to the threshold
 
@@ -36,14 +34,8 @@ ALL = 1 << 62  # a quota no range reaches: keep every element equal to the thres
 def _as_native(t) -> tuple[torch.Tensor, int, float] | None:
     """(flat stored tensor, kind, factor) of one input, or None where the kernels do not read it."""
     if isinstance(t, ScaledRows):
-        if t.payload.dtype != torch.float8_e4m3fn or not t.payload.is_contiguous():
-            return None
-        f, then = fold_shift(t.scale, E4M3_SHIFT)
-        return None if then is not None else (t.payload.reshape(-1), fp8_native.KIND_E4M3, float(f))
-    kind = _KINDS.get(t.dtype)
-    if kind is None or t.device.type != "cpu" or not t.is_contiguous():
-        return None
-    return t.reshape(-1), kind, E4M3_SHIFT if kind == fp8_native.KIND_E4M3 else 1.0
+        return kernel_input(t.payload, t.scale) if t.payload.dtype == torch.float8_e4m3fn else None
+    return kernel_input(t)
 
 
 class NativeTies:
@@ -145,7 +137,7 @@ class NativeTies:
                                None if out_sums is None else out_sums.ctypes.data, ctypes.byref(amax))
         if rc != 0:
             raise ValueError("ws_ties_apply refused its arguments")
-        amax_value = float(np.array([amax.value], dtype=np.uint32).view(np.float32)[0])
+        amax_value = fp8_native.bits_to_float(amax.value)
         if out_sums is None:
             return amax_value, None
         n = self.n
