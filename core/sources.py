@@ -128,6 +128,11 @@ class TensorSource(ABC):
         """Files this source reads (an output must never replace one of them)."""
         return []
 
+    def prefetch(self, key: str) -> None:  # noqa: B027  (only file-backed sources read ahead)
+        """Ask the operating system to start reading `key`'s bytes now (asynchronously), for a caller that
+        will read it soon: an input larger than the page cache is then read while earlier keys compute,
+        instead of page fault by page fault when its tensor is touched."""
+
     def close(self) -> None:  # noqa: B027  (sources without open handles have nothing to close)
         return None
 
@@ -277,6 +282,16 @@ class SafetensorsSource(TensorSource):
             raise BadFileError(f"{self._files[i]}: tensor {key!r} ends at byte {start + info.nbytes} but the file "
                                f"now holds {m.numel() * size}: it was truncated; {REFETCH}")
         return torch.as_strided(m, info.shape, _contiguous_strides(info.shape), start // size)
+
+    def prefetch(self, key: str) -> None:
+        guard = self._guards.get(self._key_file.get(key, 0) if self._key_file else 0)
+        info = self._infos.get(key)
+        if guard is None or info is None or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            os.posix_fadvise(guard.fd, self._start[key], info.nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:  # a hint: a file system that does not take it reads on demand as before
+            pass
 
     def paths(self) -> list[Path]:
         return [*self._files, *self._container]

@@ -205,6 +205,10 @@ class DecodedSource(TensorSource):
         r = self._recipes.get(key)
         return r.decode(self.raw._load) if r is not None else self.raw._load(key)
 
+    def prefetch(self, key: str) -> None:
+        r = self._recipes.get(key)  # an encoded key's payload (its scales are a few bytes)
+        self.raw.prefetch(getattr(r, "weight_key", key) if r is not None else key)
+
     def encoding(self, key: str) -> KeyEncoding | None:
         self.info(key)
         r = self._recipes.get(key)

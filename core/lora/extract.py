@@ -318,7 +318,12 @@ def extract_lora(
 def _layer_delta(pair: ModelPair, plan: LayerPlan, device: torch.device) -> tuple[torch.Tensor, float, float]:
     """(ΔW in fp32 on `device`, ‖ΔW‖, ‖W_base‖) of one layer."""
     b = pair.base.get(plan.key)  # stored dtype; a file's tensor stays memory-mapped on the CPU
-    delta = subtract_(pair.tuned.get(plan.key).to(device, torch.float32, copy=True), b)  # one fp32 copy
+    tuned = pair.tuned.get(plan.key)
+    # a decoded weight (a quantized file) is already a fresh fp32 tensor of its own: ΔW is computed in it
+    # (a copy of it was a third layer-sized buffer: 264 MB for Flux's largest, measured at full size)
+    fresh = (device.type == "cpu" and tuned.dtype == torch.float32
+             and getattr(pair.tuned, "encoding", lambda _: None)(plan.key) is not None)
+    delta = subtract_(tuned if fresh else tuned.to(device, torch.float32, copy=True), b)  # one fp32 copy
     return delta, frobenius(delta), frobenius(b)
 
 
