@@ -187,3 +187,32 @@ def test_the_output_hash_follows_writes_in_any_order(tmp_path):
         w.write("b", data["b"])
         raise RuntimeError("stop")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.safetensors"]  # no output, no temp file
+
+
+def test_prefetch_asks_for_the_keys_bytes_and_never_fails(tmp_path, monkeypatch):
+    """Sources read a key's bytes ahead when asked (posix_fadvise WILLNEED on its range; the merge asks
+    for the next key's inputs), a decoded source asks for its payload, and a hint never raises."""
+    import os
+
+    from weightsmith.safetensors_io import StreamingWriter
+    from weightsmith.sources import open_model
+
+    path = tmp_path / "m.safetensors"
+    q = torch.randn(64, 64).to(torch.float8_e4m3fn)
+    tensors = {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn), "x.weight": q,
+               "x.scale_weight": torch.tensor(0.01), "x.bias": torch.randn(64)}
+    with StreamingWriter(path, {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}) as w:
+        for k, t in tensors.items():
+            w.write(k, t)
+    calls = []
+    if hasattr(os, "posix_fadvise"):
+        real = os.posix_fadvise
+        monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n, advice)) or
+                            real(fd, off, n, advice))
+    with open_model(path) as src:
+        src.prefetch("x.weight")  # decoded: the fp8 payload's 4096 bytes
+        src.prefetch("x.bias")
+        src.prefetch("no such key")
+        assert torch.equal(src.get("x.bias"), tensors["x.bias"])
+    if hasattr(os, "posix_fadvise"):
+        assert [(n, a) for _, n, a in calls] == [(4096, os.POSIX_FADV_WILLNEED), (256, os.POSIX_FADV_WILLNEED)]
