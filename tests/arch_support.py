@@ -87,3 +87,15 @@ def assert_reads_back_exactly(lora, lsd, fmt, arch=None) -> None:
 def arch_refusal(mine: str, other: str) -> str:
     """The pattern of the refusal of a `mine` LoRA where an `other` model is given (display names, articles)."""
     return re.escape(f"{an_arch(mine)} LoRA, not {an_arch(other)} one")
+
+
+def inspect_checkpoint(tmp_path, capsys, sd: dict[str, torch.Tensor]) -> str:
+    """What `weightsmith inspect` prints for `sd` saved as a full checkpoint (`model.diffusion_model.` keys)."""
+    from safetensors.torch import save_file
+
+    from weightsmith.cli import main
+
+    path = tmp_path / "m.safetensors"
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in sd.items()}, str(path))
+    assert main(["inspect", str(path)]) == 0
+    return capsys.readouterr().out

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from arch_support import arch_refusal
+from arch_support import arch_refusal, inspect_checkpoint
 from arch_support import deltas as _deltas
 from arch_support import tuned as _tuned
 from arch_support import without as _without
@@ -81,15 +81,8 @@ def test_unknown_model_names_closest_architecture():
 
 
 def test_inspect_names_the_model(tmp_path, capsys, model):
-    from safetensors.torch import save_file
-
-    from weightsmith.cli import main
-
     kind, _, sd = model
-    path = tmp_path / "m.safetensors"
-    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in sd.items()}, str(path))
-    assert main(["inspect", str(path)]) == 0
-    out = capsys.readouterr().out
+    out = inspect_checkpoint(tmp_path, capsys, sd)
     assert "full model" in out and ("qwen-image" if kind == "qwen" else "wan") in out
     assert "size=" in out
 

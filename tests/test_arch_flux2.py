@@ -12,6 +12,7 @@ from arch_support import (
     assert_reads_back_exactly,
     deltas,
     expected_weights,
+    inspect_checkpoint,
     only,
     tuned,
 )
@@ -82,15 +83,8 @@ def test_flux_is_not_taken_for_flux2():
 
 
 def test_inspect_names_flux2(tmp_path, capsys, flux2):
-    from safetensors.torch import save_file
-
-    from weightsmith.cli import main
-
     _, sd = flux2
-    path = tmp_path / "flux2.safetensors"
-    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in sd.items()}, str(path))
-    assert main(["inspect", str(path)]) == 0
-    out = capsys.readouterr().out
+    out = inspect_checkpoint(tmp_path, capsys, sd)
     assert "full model" in out and "flux2" in out and "variant=Flux.2" in out and "size=" in out
 
 

@@ -13,6 +13,7 @@ from arch_support import (
     assert_comfy_patches_exactly,
     assert_reads_back_exactly,
     expected_weights,
+    inspect_checkpoint,
     only,
     tuned,
 )
@@ -98,15 +99,8 @@ def test_diffusers_named_sd3_detected(sd3):
 
 
 def test_inspect_names_it(tmp_path, capsys, model):
-    from safetensors.torch import save_file
-
-    from weightsmith.cli import main
-
     kind, _, sd, _, _ = model
-    path = tmp_path / "m.safetensors"
-    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in sd.items()}, str(path))
-    assert main(["inspect", str(path)]) == 0
-    out = capsys.readouterr().out
+    out = inspect_checkpoint(tmp_path, capsys, sd)
     assert "full model" in out and ARCH[kind] in out and "variant=" in out and "size=" in out
 
 
