@@ -176,3 +176,24 @@ def test_merge_writes_the_same_bytes_with_and_without_the_kernels(tmp_path, monk
                                raw_s(k).view(torch.uint8) if raw_s(k).dtype == E4M3 else raw_s(k))
     assert [(k.name, k.sq, k.dot, k.change) for k in fast.key_stats] == \
         [(k.name, k.sq, k.dot, k.change) for k in slow.key_stats]
+
+
+def test_a_range_the_kernel_declines_takes_the_generic_route_with_the_same_bytes(tmp_path, monkeypatch):
+    """A worker that flushes subnormals declines the native quantizing pass: those ranges are recomputed
+    the generic way from the key's row inputs (read on the calling thread), and the file is unchanged."""
+    from weightsmith.merge.fp8_fused import NativeWeightedSum
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    _scaled_file(a, 1)
+    _scaled_file(b, 2)
+
+    def run(out):
+        plan = plan_merge([open_model(a), open_model(b)], "weighted_sum", [0.3, 0.7])
+        execute_merge(plan, out, dtype="keep", chunk_elems=4096)
+
+    run(tmp_path / "native.safetensors")
+    monkeypatch.setattr(NativeWeightedSum, "quantize", lambda self, lo, hi, scale, out: False)
+    run(tmp_path / "declined.safetensors")
+    with open_model(tmp_path / "native.safetensors") as f, open_model(tmp_path / "declined.safetensors") as s:
+        for k in s.keys():
+            assert torch.equal(f.get(k), s.get(k)), k

@@ -162,7 +162,7 @@ class _MergeContext:
                 native = native_weighted_sum(kp, full, dict(kp.params)) if self.dev.type == "cpu" else None
                 # natively, the rows' amax first and the sum recomputed when quantizing: no fp32 result kept
                 y = None if native is not None else self.results.take(kp.numel)
-                quant = _Quantization(self, kp, ko, y, native)
+                quant = _Quantization(self, kp, ko, y, native, full)
                 return KeyJob([partial(self.encode_rows_task, kp, full, y, native, r0, r1, step) for r0, r1 in ranges],
                               _then(quant.finish, finish), then=quant.tasks, drain=drain)
             # decoded inputs are freed with the key's last task, not at the next key
@@ -180,7 +180,7 @@ class _MergeContext:
         starts = [lo for lo, _ in ranges]
         y = self.results.take(n)
         merged: list[_TaskResult] = []
-        quant = _Quantization(self, kp, ko, y, None) if ko is not None and ko.fmt is not None else None
+        quant = _Quantization(self, kp, ko, y) if ko is not None and ko.fmt is not None else None
 
         def apply_phase():
             tasks = [partial(self._ties_apply, nt, y, lo, hi) for lo, hi in ranges]
@@ -380,25 +380,19 @@ class _MergeContext:
                 dst.copy_(yb)
         return result
 
-    def finish_encoded(self, ko: KeyOutput, y: torch.Tensor, results: list[_TaskResult]) -> None:
-        """Quantize a key's whole fp32 result with the fresh scale amax / fp8 max and write payload + scale,
-        range by range in place (no second fp32 copy of the tensor), the ranges spread over the cores
-        (elementwise: the same bytes as one pass)."""
-        assert ko.fmt is not None
-        scale = fp8_scale(max((r.amax for r in results), default=0.0), ko.fmt.fp8)
-        saturate = any(r.nonfinite for r in results)  # finite values divided by amax / max stay in range
-        step = QUANT_ELEMS
-        ranges = [(lo, min(y.numel(), lo + step)) for lo in range(0, y.numel(), step)]
-        quantize = partial(self._quantize_range, ko, y, scale, saturate)
-        if len(ranges) > 1 and self.workers > 1:
-            for f in [self._quant_pool().submit(quantize, lo, hi) for lo, hi in ranges]:
+    def finish_encoded(self, kp: KeyPlan, ko: KeyOutput, y: torch.Tensor, results: list[_TaskResult]) -> None:
+        """Quantize a key's whole fp32 result computed in one piece (`encoded_task`) and write payload +
+        scale: `_Quantization`'s ranges, here spread over a pool of their own (this runs inside a task, or
+        alone on the calling thread, where the pipeline cannot take follow-up tasks)."""
+        quant = _Quantization(self, kp, ko, y)
+        tasks = quant.tasks(results)
+        if len(tasks) > 1 and self.workers > 1:
+            for f in [self._quant_pool().submit(t) for t in tasks]:
                 f.result()
         else:
-            for lo, hi in ranges:
-                quantize(lo, hi)
-        if self.writer is not None:
-            self.writer.write(ko.scale_key, scale)
-        self.results.give_back(y)
+            for t in tasks:
+                t()
+        quant.finish(results)
 
     def _quantize_range(self, ko: KeyOutput, y: torch.Tensor, scale: torch.Tensor, saturate: bool,
                         lo: int, hi: int) -> None:
@@ -437,7 +431,7 @@ class _MergeContext:
             result.sums.append(_block_sums(xs, y))
         del xs
         result.amax = _note_amax(y, result)
-        self.finish_encoded(ko, y.reshape(-1).cpu(), [result])
+        self.finish_encoded(kp, ko, y.reshape(-1).cpu(), [result])
         return result
 
     def encode_take(self, ko: KeyOutput, t: torch.Tensor) -> None:
@@ -477,8 +471,9 @@ class _Quantization:
     fp8 (fp8_fused.py). `finish` (calling thread, key order) writes the scale and frees the buffer."""
 
     def __init__(self, ctx: _MergeContext, kp: KeyPlan, ko: KeyOutput, y: torch.Tensor | None,
-                 native: NativeWeightedSum | None):
+                 native: NativeWeightedSum | None = None, full: list | None = None):
         self.ctx, self.kp, self.ko, self.y, self.native = ctx, kp, ko, y, native
+        self.full = full  # the key's row inputs (read on the calling thread), for `native`'s fallback
         self.scale: torch.Tensor | None = None
 
     def tasks(self, results: list[_TaskResult]) -> list:
@@ -498,13 +493,11 @@ class _Quantization:
         assert self.native is not None and self.ko.fmt is not None and self.scale is not None
         stage = self.ctx.buffers.get("quant", hi - lo, self.ko.fmt.fp8)
         if not self.native.quantize(lo, hi, float(self.scale), stage):
-            # a NaN code (the finish refuses the key) or a flush-to-zero thread: the generic route's bytes
-            y = self.ctx.buffers.get("rows", hi - lo, torch.float32)
-            cols = self.kp.numel // self.kp.shape[0]
-            ctx = self.ctx
-            full = ctx.row_inputs(self.kp)
-            fn, weights, params = ctx.method_args(self.kp)
-            y = _generic_flat(full, fn, weights, params, lo, hi, cols, y)
+            # a flush-to-zero thread (the kernel's small codes would be lost): the generic route's bytes
+            assert self.full is not None
+            fn, weights, params = self.ctx.method_args(self.kp)
+            y = _generic_flat(self.full, fn, weights, params, lo, hi, self.kp.numel // self.kp.shape[0],
+                              self.ctx.buffers.get("rows", hi - lo, torch.float32))
             quantize_fp8(y, self.scale, self.ko.fmt.fp8, out=stage, saturate=True, inplace=True)
         if self.ctx.writer is not None:
             self.ctx.writer.write_at(self.ko.key, lo, stage)
