@@ -197,3 +197,26 @@ def test_a_range_the_kernel_declines_takes_the_generic_route_with_the_same_bytes
     with open_model(tmp_path / "native.safetensors") as f, open_model(tmp_path / "declined.safetensors") as s:
         for k in s.keys():
             assert torch.equal(f.get(k), s.get(k)), k
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp8"])
+def test_merge_to_a_plain_dtype_writes_the_same_bytes_with_and_without_the_kernels(tmp_path, monkeypatch, dtype):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    _scaled_file(a, 1)
+    _scaled_file(b, 2)
+
+    def run(out):
+        plan = plan_merge([open_model(a), open_model(b)], "weighted_sum", [0.3, 0.7])
+        return execute_merge(plan, out, dtype=dtype, chunk_elems=4096)
+
+    calls = []
+    summed = fp8_native.wsum_e4m3
+    monkeypatch.setattr(fp8_native, "wsum_e4m3", lambda *a: calls.append(1) or summed(*a))
+    run(tmp_path / "fast.safetensors")
+    assert len(calls) > 3 * 10  # every block but the sampled ones
+    monkeypatch.setattr(fp8_native, "library", lambda: None)
+    run(tmp_path / "slow.safetensors")
+    with open_model(tmp_path / "fast.safetensors") as f, open_model(tmp_path / "slow.safetensors") as s:
+        for k in s.keys():
+            x, y = f.get(k), s.get(k)
+            assert x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8)), k

@@ -166,7 +166,9 @@ class _MergeContext:
                 return KeyJob([partial(self.encode_rows_task, kp, full, y, native, r0, r1, step) for r0, r1 in ranges],
                               _then(quant.finish, finish), then=quant.tasks, drain=drain)
             # decoded inputs are freed with the key's last task, not at the next key
-            return KeyJob([partial(self.rows_task, kp, full, r0, r1, step) for r0, r1 in ranges], finish, drain=drain)
+            native = native_weighted_sum(kp, full, dict(kp.params)) if self.dev.type == "cpu" else None
+            return KeyJob([partial(self.rows_task, kp, full, r0, r1, step, native) for r0, r1 in ranges], finish,
+                          drain=drain)
         task = partial(self.encoded_task, kp, ko, self.inputs(kp)) if encoded else \
             partial(self.whole_task, kp, self.inputs(kp))
         return KeyJob([] if big else [task], finish, alone=task if big else None, drain=drain)
@@ -257,8 +259,10 @@ class _MergeContext:
         return (METHODS[kp.method].chunkable and len(kp.shape) >= 2 and kp.numel > self.chunk
                 and kp.shape[0] > 1)
 
-    def rows_task(self, kp: KeyPlan, full: list[torch.Tensor], r0: int, r1: int, step: int) -> _TaskResult:
-        """Merge rows [r0, r1) of a key block by block into this thread's staging buffer, then write them."""
+    def rows_task(self, kp: KeyPlan, full: list[torch.Tensor], r0: int, r1: int, step: int,
+                  native: NativeWeightedSum | None = None) -> _TaskResult:
+        """Merge rows [r0, r1) of a key block by block into this thread's staging buffer, then write them.
+        With `native`, blocks that feed no report sums are summed in one native pass (same bits)."""
         fn, weights, params = self.method_args(kp)
         inplace = METHODS[kp.method].inplace
         want = output_dtype(kp, self.out_dtype)
@@ -270,6 +274,16 @@ class _MergeContext:
             b1 = min(r1, b0 + step)
             n = (b1 - b0) * cols
             shape = (b1 - b0, *kp.shape[1:])
+            sampled = self.sample_every > 0 and (b0 // step) % self.sample_every == 0
+            dst = staging[(b0 - r0) * cols:(b1 - r0) * cols].view(shape)
+            if native is not None and not sampled:
+                y = self.buffers.get("rows", n, torch.float32).view(shape)
+                if native.sum(b0 * cols, b1 * cols, y):
+                    _store(dst, y)
+                    if want in FP8_DTYPES:
+                        _check_written(dst, y, result)
+                    result.unsampled = True
+                    continue
             xs = []
             for i, t in enumerate(full):
                 if isinstance(t, ScaledRows):  # decoded into this thread's buffer: any method may use it as scratch
@@ -282,10 +296,8 @@ class _MergeContext:
                     xs.append(_to_fp32(block, self.buffers.get(f"in{i}", n, torch.float32).view(shape)))
                 else:
                     xs.append(block.to(self.dev, torch.float32))  # a fresh copy on the device
-            sampled = self.sample_every > 0 and (b0 // step) % self.sample_every == 0
             # the report's sums need the inputs intact: sampled blocks take the pure function (same bits)
             y = (fn if sampled or inplace is None else inplace)(xs, weights, **params)
-            dst = staging[(b0 - r0) * cols:(b1 - r0) * cols].view(shape)
             _store(dst, y)  # from a GPU, copy_ casts there and moves the narrower bytes
             if want in FP8_DTYPES:
                 _check_written(dst, y, result)

@@ -1,6 +1,6 @@
-"""A weighted sum of tensor-wise scaled e4m3 inputs written fp8-scaled, in native passes
-(encodings/fp8_native.c): the common scaled-fp8 merge (ComfyUI's ModelMergeSimple, `merge --dtype keep`
-on two fp8 checkpoints).
+"""A weighted sum of tensor-wise scaled e4m3 inputs in native passes (encodings/fp8_native.c): the common
+scaled-fp8 merge (ComfyUI's ModelMergeSimple, `merge --dtype keep` on two fp8 checkpoints), written
+fp8-scaled (the two passes below) or in a plain dtype (one summing pass per block, cast by the caller).
 
 The generic route decodes each input's row block (q · scale) into fp32, runs weighted_sum_ over them
 (x₀·w₀, += xⱼ·wⱼ), keeps the whole fp32 sum until its amax is known, then quantizes it: some ten torch
@@ -31,8 +31,9 @@ FP32_SAFE = 1e38  # below fp32's max (3.4e38) with room: no partial sum of the w
 
 class NativeWeightedSum:
     """A key's weighted sum over flat element ranges of its fp8 inputs, in native passes: `amax(lo, hi)`
-    (nothing stored) and `quantize(lo, hi, scale, out)` (the sum / scale cast to e4m3, as quantize_fp8
-    does to the stored sum), each returning None for a range holding an e4m3 NaN code."""
+    (nothing stored), `quantize(lo, hi, scale, out)` (the sum / scale cast to e4m3, as quantize_fp8
+    does to the stored sum) and `sum(lo, hi, out)` (the fp32 sum, for a plain output dtype); each
+    declines (None / False) a range holding an e4m3 NaN code, which then takes the generic route."""
 
     def __init__(self, payloads: list[torch.Tensor], factors: list[float], weights: list[float]):
         self.payloads, self.factors, self.weights = payloads, factors, weights
@@ -42,6 +43,14 @@ class NativeWeightedSum:
             return None
         nan, amax = fp8_native.wsum_amax_e4m3([p[lo:hi] for p in self.payloads], self.factors, self.weights)
         return None if nan else amax
+
+    def sum(self, lo: int, hi: int, out: torch.Tensor) -> bool:
+        """Whether the range's weighted sum was written into the fp32 tensor `out` (for an output in a
+        plain dtype, cast by the caller)."""
+        if not keeps_subnormals():
+            return False
+        nan, _ = fp8_native.wsum_e4m3([p[lo:hi] for p in self.payloads], self.factors, self.weights, out)
+        return not nan
 
     def quantize(self, lo: int, hi: int, scale: float, out: torch.Tensor) -> bool:
         """Whether the range was written into `out` (uint8/e4m3, hi - lo elements)."""
