@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .dtypes import FP8_DTYPES, fp8_nonfinite
+from .dtypes import all_finite as dtypes_all_finite
 from .pipeline import KeyPipeline, default_workers
 from .progress import ProgressFn, no_progress
 
@@ -159,10 +160,9 @@ def has_nan(t: torch.Tensor) -> bool:
 
 
 def written_finite(t: torch.Tensor) -> bool:
-    """Every value of `t` is finite: the cheap sum first, the exact pass only when the sum is not finite."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return True
-    return sum_is_finite(t) or all_finite(t)
+    """Every value of `t` is finite: the cheap sum first, the exact pass only when the sum is not finite
+    (dtypes.all_finite, the same check every reader applies)."""
+    return dtypes_all_finite(t)
 
 
 def float_output_dtype(in_dtype: torch.dtype, want: torch.dtype | None) -> torch.dtype:
