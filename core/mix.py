@@ -435,7 +435,9 @@ def _mix_task(flat: Sequence[torch.Tensor], scales: Sequence[float], mode: str, 
         out = buffers.get("out", hi - lo, out_dtype) if writer is not None else None
     _mix_range(flat[0][lo:hi], [x[lo:hi] for x in flat[1:]], scales, mode, cd, out_dtype, device, chunk, 0, hi - lo,
                out, stats, buffers)
-    if writer is not None and dest is None:
+    if dest is not None:
+        stats.amax = finite_amax(out)  # the key is quantized with the amax of all its picks (EncodedPicks)
+    elif writer is not None:
         writer.write_at(key, lo * itemsize(out_dtype), out)
     return stats
 
@@ -487,10 +489,8 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
     buffers = WorkerBuffers()
     task_elems = max(TASK_ELEMS, chunk)
 
-    def finisher(kp: KeyPlan, inputs: list[torch.Tensor], dest: torch.Tensor | None = None):
+    def finisher(kp: KeyPlan, inputs: list[torch.Tensor] | None):
         def finish(results: list) -> None:
-            if dest is not None and writer is not None:  # an encoded key: all its picks are in, quantize
-                write_encoded(writer, layout.keys[kp.key], dest.view(kp.shape), finite_amax(dest))
             if kp.action == "mix":
                 s = ChunkStats(len(candidates), full)
                 for part in results:  # in element order: the sums do not depend on thread timing
@@ -521,12 +521,17 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
         if out_kind is None or any(x.flat.numel() != n for x in ins):
             return None
         dest = torch.empty(n, dtype=torch.float32) if encoded and writer is not None else None
-        tasks = [partial(native_mix_task, ins, list(scales), mode, out_kind, dtype, lo, min(n, lo + task_elems),
-                         kp.key, writer, buffers, dest) for lo in range(0, n, task_elems)]
+        return mixed_job(kp, None, dest, [partial(native_mix_task, ins, list(scales), mode, out_kind, dtype, lo,
+                                                  min(n, lo + task_elems), kp.key, writer, buffers, dest)
+                                          for lo in range(0, n, task_elems)])
+
+    def mixed_job(kp: KeyPlan, inputs: list[torch.Tensor] | None, dest: torch.Tensor | None, tasks: list) -> KeyJob:
+        """A mixed key's job: its tasks write their picks, or, for a key written encoded, gather them in
+        `dest`, quantized by the workers once all are in (EncodedPicks) and the scale written at finish."""
+        stats_of = finisher(kp, inputs)
         if dest is None:
-            return KeyJob(tasks, finisher(kp, None, None))
+            return KeyJob(tasks, stats_of)
         picks = EncodedPicks(layout.keys[kp.key], dest, writer, buffers, task_elems)
-        stats_of = finisher(kp, None, None)
 
         def finish(results: list) -> None:
             picks.finish()
@@ -546,9 +551,9 @@ def execute_mix(plan: MixPlan, a: TensorSource, candidates: Sequence[TensorSourc
             # an encoded key's picks (decoded values) gather in fp32 and are quantized when all are in
             dest = torch.empty(n, dtype=torch.float32) if encoded and writer is not None else None
             dtype = torch.float32 if encoded else kp.dtype
-            return KeyJob([partial(_mix_task, flat, scales, mode, cd, dtype, device, chunk, lo, min(n, lo + task_elems),
-                                   kp.key, writer, buffers, full, dest) for lo in range(0, n, task_elems)],
-                          finisher(kp, inputs, dest))
+            return mixed_job(kp, inputs, dest, [partial(_mix_task, flat, scales, mode, cd, dtype, device, chunk, lo,
+                                                        min(n, lo + task_elems), kp.key, writer, buffers, full, dest)
+                                                for lo in range(0, n, task_elems)])
         if writer is not None and layout.keys[kp.key].fmt is not None:
             return KeyJob([partial(_encode_copy_task, a.get(kp.key), layout.keys[kp.key], writer)], finisher(kp, []))
         return KeyJob([partial(_copy_task, a.get(kp.key), kp.dtype, kp.key, writer)] if writer is not None else [],

@@ -86,10 +86,10 @@ def native_mix_task(ins: list[NativeInput], scales: list[float], mode: str, out_
 
 
 class EncodedPicks:
-    """A mixed key written encoded (fp8-scaled): once every range's picks are in `dest` (fp32), the fresh
-    scale amax / fp8 max, the ranges quantized on the workers (`tasks`, the engine's follow-up phase),
-    and the scale written by `finish` (calling thread, key order). Before, the whole key was quantized
-    on the calling thread while the workers waited."""
+    """A mixed key written encoded (fp8-scaled), by either route: once every range's picks are in `dest`
+    (fp32, each task noting their amax), the fresh scale amax / fp8 max, the ranges quantized on the
+    workers (`tasks`, the engine's follow-up phase), and the scale written by `finish` (calling thread,
+    key order). Before, the whole key was quantized on the calling thread while the workers waited."""
 
     def __init__(self, ko: KeyOutput, dest: torch.Tensor, writer, buffers: WorkerBuffers, step: int):
         self.ko, self.dest, self.writer, self.buffers, self.step = ko, dest, writer, buffers, step
@@ -97,7 +97,7 @@ class EncodedPicks:
 
     def tasks(self, results: list[ChunkStats]) -> list:
         assert self.ko.fmt is not None
-        self.scale = fp8_scale(max((getattr(r, "amax", 0.0) for r in results), default=0.0), self.ko.fmt.fp8)
+        self.scale = fp8_scale(max((r.amax for r in results), default=0.0), self.ko.fmt.fp8)
         n = self.dest.numel()
         return [partial(self._quantize, lo, min(n, lo + self.step)) for lo in range(0, n, self.step)]
 

@@ -37,6 +37,7 @@ class ChunkStats:
         self.nonfinite = False  # some distance was NaN/Inf: an input holds NaN/Inf here
         self.abs_change = 0.0
         self.elements = 0
+        self.amax = 0.0  # max |pick| over finite values, for a key written encoded (its scale)
 
     def reference(self, a32: torch.Tensor) -> None:
         self.aa += float(torch.dot(a32, a32))
