@@ -148,15 +148,24 @@ def _scaled_file(path, seed: int, rows: int = 256, cols: int = 384) -> None:
             w.write(k, t)
 
 
-@pytest.mark.parametrize("stats", ["sample", "full"])
-def test_merge_writes_the_same_bytes_with_and_without_the_kernels(tmp_path, monkeypatch, stats):
+def _scaled_pair(tmp_path):
+    """Two scaled-fp8 files and a merge of them (0.3/0.7, many blocks per key) into `out`."""
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     _scaled_file(a, 1)
     _scaled_file(b, 2)
 
-    def run(out):
+    def run(out, **kw):
         plan = plan_merge([open_model(a), open_model(b)], "weighted_sum", [0.3, 0.7])
-        return execute_merge(plan, out, dtype="keep", stats=stats, chunk_elems=4096)  # many blocks per key
+        return execute_merge(plan, out, chunk_elems=4096, **kw)
+    return run
+
+
+@pytest.mark.parametrize("stats", ["sample", "full"])
+def test_merge_writes_the_same_bytes_with_and_without_the_kernels(tmp_path, monkeypatch, stats):
+    merge = _scaled_pair(tmp_path)
+
+    def run(out):
+        return merge(out, dtype="keep", stats=stats)
 
     calls = []
     amax = fp8_native.wsum_amax_e4m3
@@ -183,13 +192,10 @@ def test_a_range_the_kernel_declines_takes_the_generic_route_with_the_same_bytes
     the generic way from the key's row inputs (read on the calling thread), and the file is unchanged."""
     from weightsmith.merge.fp8_fused import NativeWeightedSum
 
-    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    _scaled_file(a, 1)
-    _scaled_file(b, 2)
+    merge = _scaled_pair(tmp_path)
 
     def run(out):
-        plan = plan_merge([open_model(a), open_model(b)], "weighted_sum", [0.3, 0.7])
-        execute_merge(plan, out, dtype="keep", chunk_elems=4096)
+        return merge(out, dtype="keep")
 
     run(tmp_path / "native.safetensors")
     monkeypatch.setattr(NativeWeightedSum, "quantize", lambda self, lo, hi, scale, out: False)
@@ -201,13 +207,10 @@ def test_a_range_the_kernel_declines_takes_the_generic_route_with_the_same_bytes
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp8"])
 def test_merge_to_a_plain_dtype_writes_the_same_bytes_with_and_without_the_kernels(tmp_path, monkeypatch, dtype):
-    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    _scaled_file(a, 1)
-    _scaled_file(b, 2)
+    merge = _scaled_pair(tmp_path)
 
     def run(out):
-        plan = plan_merge([open_model(a), open_model(b)], "weighted_sum", [0.3, 0.7])
-        return execute_merge(plan, out, dtype=dtype, chunk_elems=4096)
+        return merge(out, dtype=dtype)
 
     calls = []
     summed = fp8_native.wsum_e4m3
