@@ -33,7 +33,8 @@ from .paths import check_name_fits, check_writable_folder, create_temp_beside, r
 from .provenance import HASH_KEY as _HASH_KEY
 from .provenance import HASH_PENDING as _HASH_PENDING
 
-_HASH_READ = 8 << 20  # bytes the hashing thread reads back at once (and waits for before it wakes)
+_HASH_READ = 8 << 20  # bytes the hashing thread waits for before it wakes
+_HASH_CHUNK = 1 << 20  # bytes it reads back and hashes at once
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit the safetensors library applies
 REFETCH = "download the file again or re-export it"  # what to do about a damaged file
@@ -269,6 +270,9 @@ class _FollowingHasher:
     def __init__(self, fd: int, start: int, end: int):
         self._fd, self._end = fd, end
         self._sha = hashlib.sha256()
+        # one small buffer reused for every read (a fresh bytes object per read is allocation churn in this
+        # thread's malloc arena, which keeps freed chunks once glibc's mmap threshold has risen)
+        self._buf = memoryview(bytearray(_HASH_CHUNK))
         self._frontier = self._hashed = start  # written without gaps up to / hashed up to
         self._ahead: dict[int, int] = {}  # written ranges past the frontier: start -> end
         self._cond = threading.Condition()
@@ -302,11 +306,11 @@ class _FollowingHasher:
                         return
                 pos = self._hashed
                 while pos < upto:
-                    chunk = _read_at(self._fd, min(_HASH_READ, upto - pos), pos)
-                    if not chunk:
+                    n = _read_into(self._fd, self._buf, min(_HASH_CHUNK, upto - pos), pos)
+                    if not n:
                         raise OSError("the temp file is shorter than written")
-                    self._sha.update(chunk)
-                    pos += len(chunk)
+                    self._sha.update(self._buf[:n])
+                    pos += n
                 with self._cond:
                     self._hashed = pos
         except BaseException as e:  # raised at commit by finish()
@@ -330,6 +334,15 @@ class _FollowingHasher:
             self._closing = True
             self._cond.notify()
         self._thread.join()
+
+
+def _read_into(fd: int, buf: memoryview, n: int, pos: int) -> int:
+    """Read up to `n` bytes at `pos` into the start of `buf`; the count read (0 at the end of the file)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buf[:n]], pos)
+    chunk = _read_at(fd, n, pos)
+    buf[:len(chunk)] = chunk
+    return len(chunk)
 
 
 def _read_at(fd: int, n: int, pos: int) -> bytes:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import ctypes
 import gc
 import importlib
+import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -233,10 +236,15 @@ class PeakRss:
         return self.peak - self.base
 
 
-def test_saving_a_few_hundred_mb_model_holds_no_second_copy(comfy, tmp_path, monkeypatch):
-    """A ~280 MB (fp32) Flux-shaped model, LoRA-patched and merged with another one: the save's peak
-    RssAnon above what the process already holds stays a small fraction of the model (a second copy,
-    what ComfyUI's own save patches into memory, would be +100%)."""
+def measure_big_save(out_dir: Path) -> dict:
+    """Build a ~280 MB (fp32) Flux-shaped model, LoRA-patched and merged with another one, save it with the
+    node into `out_dir` and measure the peak RssAnon of that save, then of ComfyUI's own route (patching the
+    model in memory, what its Save Model does). Run by the test below in a fresh process."""
+    from comfy_support import import_comfy
+
+    import_comfy()
+    import comfy.lora
+    import comfy.model_management as mm
     import folder_paths
     from comfy_extras.nodes_model_merging import ModelMergeSimple
 
@@ -247,38 +255,54 @@ def test_saving_a_few_hundred_mb_model_holds_no_second_copy(comfy, tmp_path, mon
     styled, missing, refused = apply_lora(a, lora, 0.7)
     assert missing == [] and refused == []
     (model,) = ModelMergeSimple().merge(styled, b, 0.5)
-    model_bytes = sum(t.numel() * 4 for t in a.model.diffusion_model.state_dict().values())
-    largest = max(t.numel() * 4 for t in a.model.diffusion_model.state_dict().values())
-    assert model_bytes > 250e6
-    dm = tmp_path / "diffusion_models"
-    dm.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(dm)], {".safetensors"}))
+    weights = a.model.diffusion_model.state_dict().values()
+    folder_paths.folder_names_and_paths["diffusion_models"] = ([str(out_dir)], {".safetensors"})
     node = import_pack().NODE_CLASS_MAPPINGS["WeightsmithSaveModel"]
-    with PeakRss() as rss:
-        path, text = node().save(model, "fp32", "diffusion_models", "big")["result"]
-    assert Path(path).stat().st_size > model_bytes
-    # a handful of one-tensor temporaries (the base weight, the merge partner's, the LoRA product), no model
-    # copy (that would be >= 100% of the model; ComfyUI's own route measures ~150%). The bound leaves room for
-    # allocator noise on a loaded machine (+33..+83 MB measured here).
-    assert rss.delta < max(8 * largest, 0.4 * model_bytes), (
-        f"peak RssAnon +{rss.delta / 1e6:.0f} MB while saving a {model_bytes / 1e6:.0f} MB model "
-        f"(largest tensor {largest / 1e6:.1f} MB)")
-    # The instrument sees a second copy: ComfyUI's own save route patches the model in memory first.
-    import comfy.model_management as mm
-
-    try:
-        with PeakRss() as comfy_route:
-            mm.load_models_gpu([model], force_patch_weights=True)
-    finally:
-        mm.unload_all_models()
-    assert comfy_route.delta > 0.5 * model_bytes, comfy_route.delta
-    print(f"save of a {model_bytes / 1e6:.0f} MB model: peak RssAnon +{rss.delta / 1e6:.1f} MB "
-          f"(largest tensor {largest / 1e6:.1f} MB); ComfyUI patching it for its save: +{comfy_route.delta / 1e6:.0f} MB")
-    # and the streamed values are ComfyUI's (one key checked; the SD1.5 tests check every key)
-    import comfy.lora
-
+    with PeakRss() as ours:
+        path, _ = node().save(model, "fp32", "diffusion_models", "big")["result"]
+    # the streamed values are ComfyUI's (one key checked here; the SD1.5 tests check every key)
     key = "double_blocks.0.img_attn.qkv.weight"
     entries = model.get_key_patches("diffusion_model.")["diffusion_model." + key]
     want = comfy.lora.calculate_weight(entries[1:], entries[0][0].float().clone(), "diffusion_model." + key)
     with safe_open(path, "pt") as f:
-        assert torch.equal(f.get_tensor(key), want)
+        same = torch.equal(f.get_tensor(key), want)
+    del want, entries
+    try:
+        with PeakRss() as comfys:
+            mm.load_models_gpu([model], force_patch_weights=True)
+    finally:
+        mm.unload_all_models()
+    return {"path": path, "model_bytes": sum(t.numel() * 4 for t in weights),
+            "largest": max(t.numel() * 4 for t in weights), "ours": ours.delta, "comfy": comfys.delta,
+            "same_values": same}
+
+
+def test_saving_a_few_hundred_mb_model_holds_no_second_copy(tmp_path):
+    """A ~280 MB (fp32) Flux-shaped model, LoRA-patched and merged with another one: the save's peak
+    RssAnon above what the process already holds stays a small fraction of the model (a second copy,
+    what ComfyUI's own save patches into memory, would be +100%).
+
+    Measured in a fresh process: at the end of the suite's ~1600 in-process tests glibc's allocator holds
+    freed memory differently (its mmap threshold raised by earlier large frees, arenas fragmented), and the
+    same save measured +92..+116 MB there against +42..+61 MB alone; that is the allocator's history, not
+    the save, and a fresh process is what a user's save runs in anyway."""
+    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+            "import test_save_model_comfy as t; print('RESULT ' + json.dumps(t.measure_big_save(Path(sys.argv[2]))))")
+    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    m = json.loads(r.stdout.split("RESULT ", 1)[1])
+    model_bytes, largest = m["model_bytes"], m["largest"]
+    assert model_bytes > 250e6
+    assert Path(m["path"]).stat().st_size > model_bytes
+    assert m["same_values"]
+    # a handful of one-tensor temporaries (the base weight, the merge partner's, the LoRA product), no model
+    # copy (that would be >= 100% of the model; ComfyUI's own route measures ~120-150%). The bound leaves
+    # room for allocator noise on a loaded machine.
+    assert m["ours"] < max(8 * largest, 0.4 * model_bytes), (
+        f"peak RssAnon +{m['ours'] / 1e6:.0f} MB while saving a {model_bytes / 1e6:.0f} MB model "
+        f"(largest tensor {largest / 1e6:.1f} MB)")
+    # The instrument sees a second copy: ComfyUI's own save route patches the model in memory first.
+    assert m["comfy"] > 0.5 * model_bytes, m
+    print(f"save of a {model_bytes / 1e6:.0f} MB model: peak RssAnon +{m['ours'] / 1e6:.1f} MB "
+          f"(largest tensor {largest / 1e6:.1f} MB); ComfyUI patching it for its save: +{m['comfy'] / 1e6:.0f} MB")
