@@ -11,6 +11,7 @@ path.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import json
@@ -18,6 +19,7 @@ import math
 import os
 import stat
 import struct
+import sys
 import threading
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -35,6 +37,7 @@ from .provenance import HASH_PENDING as _HASH_PENDING
 
 _HASH_READ = 8 << 20  # bytes the hashing thread waits for before it wakes
 _HASH_CHUNK = 1 << 20  # bytes it reads back and hashes at once
+_PAGE = 4096
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit the safetensors library applies
 REFETCH = "download the file again or re-export it"  # what to do about a damaged file
@@ -247,6 +250,32 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+def _load_sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, pos: int, n: int) -> None:
+    """Ask Linux to start writing `n` bytes at `pos` to the disk now, without waiting (sync_file_range
+    WRITE): the disk writes while later tensors compute, instead of the whole output's dirty pages (up to
+    the kernel's dirty limit, gigabytes) waiting for the fsync at commit. A hint: elsewhere, or where the
+    file system refuses it, nothing happens."""
+    if _SYNC_FILE_RANGE is not None and n > 0:
+        _SYNC_FILE_RANGE(fd, pos, n, _SYNC_FILE_RANGE_WRITE)
+
+
 def _write_all_at(fd: int, data: memoryview, pos: int, lock: threading.Lock) -> None:
     """Write every byte of `data` at file offset `pos`. pwrite keeps no shared file position, so threads
     write their parts side by side; where the OS has none (Windows) a lock serialises seek + write."""
@@ -260,29 +289,34 @@ def _write_all_at(fd: int, data: memoryview, pos: int, lock: threading.Lock) -> 
         data, pos = data[n:], pos + n
 
 
-class _FollowingHasher:
-    """SHA-256 of a file's bytes [start, end) while they are written in any order: writers report each
-    written range (`written`), and a thread hashes the contiguous prefix as it grows, reading it back
-    from the page cache (pread: a copy, ~0.1 s/GB). Hashing at commit instead cost the whole hash after
-    the last byte (measured: 0.7 s of a 3.7 s scaled-fp8 merge of 2 x 1 GB, with the cores idle); here
-    it runs beside the work and only the last few MB are left at commit."""
+class _WrittenFollower:
+    """Follows a file's bytes [start, end) while they are written in any order: writers report each
+    written range (`written`), and a thread takes the contiguous prefix as it grows. With `hash`, it
+    computes the SHA-256 of those bytes, reading them back from the page cache (pread: a copy, ~0.1 s/GB):
+    hashing at commit instead cost the whole hash after the last byte (measured: 0.7 s of a 3.7 s
+    scaled-fp8 merge of 2 x 1 GB, with the cores idle), here only the last few MB are left at commit.
+    Then it starts the disk writing those bytes (`start_writeback`): without that, the output's dirty
+    pages (up to the kernel's dirty limit, gigabytes) all waited for the fsync at commit, with the cores
+    idle (measured: the last ~20% of a 2 x 1 GB merge). Behind the frontier, in whole pages, from one
+    thread: no page still being written is put under writeback."""
 
-    def __init__(self, fd: int, start: int, end: int):
+    def __init__(self, fd: int, start: int, end: int, hash: bool):
         self._fd, self._end = fd, end
-        self._sha = hashlib.sha256()
+        self._sha = hashlib.sha256() if hash else None
         # one small buffer reused for every read (a fresh bytes object per read is allocation churn in this
         # thread's malloc arena, which keeps freed chunks once glibc's mmap threshold has risen)
-        self._buf = memoryview(bytearray(_HASH_CHUNK))
-        self._frontier = self._hashed = start  # written without gaps up to / hashed up to
+        self._buf = memoryview(bytearray(_HASH_CHUNK)) if hash else None
+        self._frontier = self._done = start  # written without gaps up to / hashed (and flushed) up to
+        self._flushed = start  # writeback started up to (a page boundary, or the end)
         self._ahead: dict[int, int] = {}  # written ranges past the frontier: start -> end
         self._cond = threading.Condition()
         self._closing = False
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="weightsmith-hash", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="weightsmith-writer", daemon=True)
         self._thread.start()
 
     def written(self, start: int, end: int) -> None:
-        if end <= start:  # an empty tensor: nothing to hash (and its offset may start a real range)
+        if end <= start:  # an empty tensor: nothing to follow (and its offset may start a real range)
             return
         with self._cond:
             if start != self._frontier:
@@ -291,45 +325,49 @@ class _FollowingHasher:
             self._frontier = end
             while self._frontier in self._ahead:
                 self._frontier = self._ahead.pop(self._frontier)
-            if self._frontier - self._hashed >= _HASH_READ or self._frontier == self._end:
+            if self._frontier - self._done >= _HASH_READ or self._frontier == self._end:
                 self._cond.notify()
 
     def _run(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not self._closing and self._frontier - self._hashed < _HASH_READ \
+                    while not self._closing and self._frontier - self._done < _HASH_READ \
                             and self._frontier != self._end:
                         self._cond.wait()
                     upto = self._frontier
-                    if upto == self._hashed and (self._closing or upto == self._end):
+                    if upto == self._done and (self._closing or upto == self._end):
                         return
-                pos = self._hashed
-                while pos < upto:
+                pos = self._done
+                while self._sha is not None and pos < upto:
                     n = _read_into(self._fd, self._buf, min(_HASH_CHUNK, upto - pos), pos)
                     if not n:
                         raise OSError("the temp file is shorter than written")
                     self._sha.update(self._buf[:n])
                     pos += n
+                flush_to = upto if upto == self._end else upto - upto % _PAGE
+                if flush_to > self._flushed:
+                    start_writeback(self._fd, self._flushed, flush_to - self._flushed)
+                    self._flushed = flush_to
                 with self._cond:
-                    self._hashed = pos
+                    self._done = upto
         except BaseException as e:  # raised at commit by finish()
             self._error = e
 
-    def finish(self) -> str:
-        """Wait for the hash of every byte (all written by now) and return its hex digest."""
+    def finish(self) -> str | None:
+        """Wait for every written byte to be followed and return the hex digest (None without `hash`)."""
         with self._cond:
-            self._closing = True  # the thread hashes what is written and stops
+            self._closing = True  # the thread takes what is written and stops
             self._cond.notify()
         self._thread.join()
         if self._error is not None:
             raise OutputPathError(f"could not read back the output to hash it: {self._error}")
-        if self._hashed != self._end:
-            raise RuntimeError(f"output hashed up to byte {self._hashed} of {self._end}: bytes were never written")
-        return self._sha.hexdigest()
+        if self._done != self._end:
+            raise RuntimeError(f"output followed up to byte {self._done} of {self._end}: bytes were never written")
+        return self._sha.hexdigest() if self._sha is not None else None
 
     def stop(self) -> None:
-        """Abandon the hash (the output is being aborted)."""
+        """Abandon the work (the output is being aborted)."""
         with self._cond:
             self._closing = True
             self._cond.notify()
@@ -403,11 +441,11 @@ class StreamingWriter:
         self._data_start = len(self._header)
         self.total_bytes = self._data_start + pos
         # modelspec.hash_sha256 (see provenance.py): the placeholder's place in the header, filled at commit
-        # with the SHA-256 of the data section, hashed by a thread that follows the written bytes (_Follower)
+        # with the SHA-256 of the data section, hashed by a thread that follows the written bytes (_WrittenFollower)
         self.sha256: str | None = None
         at = raw.find(_HASH_PENDING.encode()) if meta.get(_HASH_KEY) == _HASH_PENDING else -1
         self._hash_at = 8 + at if at >= 0 else None
-        self._hasher: _FollowingHasher | None = None
+        self._follower: _WrittenFollower | None = None
         self._written: set[str] = set()  # keys written whole
         self._filled: dict[str, int] = {}  # bytes written so far by write_at
         self._lock = threading.Lock()
@@ -432,8 +470,9 @@ class StreamingWriter:
                                   "permissions and free space") from e
         try:
             _write_all_at(self._fd, memoryview(self._header), 0, self._lock)
-            if self._hash_at is not None:
-                self._hasher = _FollowingHasher(self._fd, self._data_start, self.total_bytes)
+            if self._hash_at is not None or _SYNC_FILE_RANGE is not None:
+                self._follower = _WrittenFollower(self._fd, self._data_start, self.total_bytes,
+                                                  hash=self._hash_at is not None)
         except BaseException as e:
             self._abort()
             if isinstance(e, OSError):  # a full disk or file size limit already at the header
@@ -457,16 +496,19 @@ class StreamingWriter:
             _write_all_at(fd, data, self._data_start + self._offsets[key] + pos, self._lock)
         except OSError as e:  # disk full, file size limit, I/O error: say where, the temp file goes away
             raise OutputPathError(f"could not write {self.path} (tensor {key!r}): {e}; free disk space and retry") from e
-        if self._hasher is not None:
+        if self._follower is not None:
             start = self._data_start + self._offsets[key] + pos
-            self._hasher.written(start, start + len(data))
+            self._follower.written(start, start + len(data))
 
-    def _finish_hash(self, fd: int) -> None:
-        """The data section's digest (the hashing thread finishes what it has not hashed yet) written into
-        the header's placeholder."""
-        assert self._hasher is not None and self._hash_at is not None
-        self.sha256 = "0x" + self._hasher.finish()
-        _write_all_at(fd, memoryview(self.sha256.encode()), self._hash_at, self._lock)
+    def _finish_follower(self, fd: int) -> None:
+        """Wait for the follower (the hashing thread finishes what it has not hashed yet); the data section's
+        digest goes into the header's placeholder."""
+        assert self._follower is not None
+        digest = self._follower.finish()
+        if self._hash_at is not None:
+            assert digest is not None
+            self.sha256 = "0x" + digest
+            _write_all_at(fd, memoryview(self.sha256.encode()), self._hash_at, self._lock)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         info = self._info(key)
@@ -498,8 +540,8 @@ class StreamingWriter:
         self._put(key, data, byte_offset)
 
     def _abort(self) -> None:
-        if self._hasher is not None:
-            self._hasher.stop()
+        if self._follower is not None:
+            self._follower.stop()
         if self._fd is not None:
             try:
                 os.close(self._fd)
@@ -519,8 +561,8 @@ class StreamingWriter:
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} planned tensors never written, e.g. {missing[:3]}")
         assert self._fd is not None and self._tmp is not None
-        if self._hasher is not None:
-            self._finish_hash(self._fd)
+        if self._follower is not None:
+            self._finish_follower(self._fd)
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None

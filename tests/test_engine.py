@@ -189,6 +189,46 @@ def test_the_output_hash_follows_writes_in_any_order(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.safetensors"]  # no output, no temp file
 
 
+@pytest.mark.parametrize("hashed", [True, False])
+def test_the_writer_starts_the_disk_writing_behind_the_written_prefix(tmp_path, monkeypatch, hashed):
+    """The writer's follower thread asks the disk to write (sync_file_range) each stretch of the written
+    prefix once: in order, page-aligned except the file's end, never past the contiguous prefix, every
+    data byte covered, with or without the hash; the file is the one written."""
+    import random
+
+    import weightsmith.safetensors_io as sio
+    from weightsmith.provenance import HASH_KEY, HASH_PENDING
+
+    if sio._SYNC_FILE_RANGE is None:
+        pytest.skip("no sync_file_range here (not Linux)")
+    calls = []
+    monkeypatch.setattr(sio, "start_writeback", lambda fd, pos, n: calls.append((pos, pos + n)))
+    plan = {f"k{i}": ((3_000_001 + i,), torch.uint8) for i in range(8)}
+    data = {k: torch.randint(0, 255, s, dtype=torch.uint8) for k, (s, _) in plan.items()}
+    parts = [(k, off) for k in plan for off in range(0, data[k].numel(), 1 << 20)]
+    random.Random(1).shuffle(parts)
+    written: list[tuple[int, int]] = []
+    out = tmp_path / "o.safetensors"
+    with sio.StreamingWriter(out, plan, {HASH_KEY: HASH_PENDING} if hashed else {}) as w:
+        for k, off in parts:
+            w.write_at(k, off, data[k][off:off + (1 << 20)])
+            start = w._data_start + w._offsets[k] + off
+            written.append((start, start + min(1 << 20, data[k].numel() - off)))
+            frontier = w._data_start  # the contiguous prefix written so far
+            for a, b in sorted(written):
+                if a != frontier:
+                    break
+                frontier = b
+            assert all(b <= frontier for _, b in calls)  # only bytes written, and no gap before them
+        start = w._data_start
+    assert calls[0][0] == start and calls[-1][1] == w.total_bytes
+    assert all(a == b for (_, a), (b, _) in zip(calls, calls[1:]))  # contiguous, each byte once
+    assert all(b % 4096 == 0 for _, b in calls[:-1])  # whole pages while more is to come
+    with safe_open(out, "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), data[k]) for k in plan)
+    assert (w.sha256 is not None) == hashed
+
+
 def test_prefetch_asks_for_the_keys_bytes_and_never_fails(tmp_path, monkeypatch):
     """Sources read a key's bytes ahead when asked (posix_fadvise WILLNEED on its range; the merge asks
     for the next key's inputs), a decoded source asks for its payload, and a hint never raises."""

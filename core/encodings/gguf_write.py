@@ -274,7 +274,7 @@ class GGUFStreamWriter(StreamingWriter):
         # modelspec.hash_sha256 of the data section (from the first tensor's aligned start), as for safetensors
         at = header.find(HASH_PENDING.encode()) if (metadata or {}).get(HASH_KEY) == HASH_PENDING else -1
         self.sha256, self._hash_at = None, (at if at >= 0 else None)
-        self._hasher = None  # made on entering (StreamingWriter.__enter__)
+        self._follower = None  # made on entering (StreamingWriter.__enter__)
         self._gather: dict[str, torch.Tensor] = {}  # row blocks of reshaped tensors, until complete
         self._gathered: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -288,10 +288,10 @@ class GGUFStreamWriter(StreamingWriter):
         except OSError as e:
             self._abort()
             raise WeightsmithError(f"could not write {self.path}: {e}; free disk space and retry") from e
-        if self._hasher is not None:  # the padding is in the file already: hashed when its tensor comes
+        if self._follower is not None:  # the padding is in the file already: followed when its tensor comes
             for k, t in self.tensors.items():
                 end = self._data_start + self._offsets[k] + t.nbytes
-                self._hasher.written(end, end + (-t.nbytes % ALIGNMENT))
+                self._follower.written(end, end + (-t.nbytes % ALIGNMENT))
         return self
 
     def qtype_counts(self) -> dict[str, int]:
