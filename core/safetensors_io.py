@@ -35,7 +35,7 @@ from .paths import check_name_fits, check_writable_folder, create_temp_beside, r
 from .provenance import HASH_KEY as _HASH_KEY
 from .provenance import HASH_PENDING as _HASH_PENDING
 
-_HASH_READ = 8 << 20  # bytes the hashing thread waits for before it wakes
+_FOLLOW_STEP = 8 << 20  # written bytes the follower thread waits for before it wakes
 _HASH_CHUNK = 1 << 20  # bytes it reads back and hashes at once
 _PAGE = 4096
 
@@ -300,13 +300,13 @@ class _WrittenFollower:
     idle (measured: the last ~20% of a 2 x 1 GB merge). Behind the frontier, in whole pages, from one
     thread: no page still being written is put under writeback."""
 
-    def __init__(self, fd: int, start: int, end: int, hash: bool):
-        self._fd, self._end = fd, end
+    def __init__(self, fd: int, start: int, end: int, hash: bool, lock: threading.Lock):
+        self._fd, self._end, self._lock = fd, end, lock  # the writers' lock (see _read_into)
         self._sha = hashlib.sha256() if hash else None
         # one small buffer reused for every read (a fresh bytes object per read is allocation churn in this
         # thread's malloc arena, which keeps freed chunks once glibc's mmap threshold has risen)
         self._buf = memoryview(bytearray(_HASH_CHUNK)) if hash else None
-        self._frontier = self._done = start  # written without gaps up to / hashed (and flushed) up to
+        self._frontier = self._done = start  # written without gaps up to / taken (hashed) up to
         self._flushed = start  # writeback started up to (a page boundary, or the end)
         self._ahead: dict[int, int] = {}  # written ranges past the frontier: start -> end
         self._cond = threading.Condition()
@@ -325,14 +325,14 @@ class _WrittenFollower:
             self._frontier = end
             while self._frontier in self._ahead:
                 self._frontier = self._ahead.pop(self._frontier)
-            if self._frontier - self._done >= _HASH_READ or self._frontier == self._end:
+            if self._frontier - self._done >= _FOLLOW_STEP or self._frontier == self._end:
                 self._cond.notify()
 
     def _run(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not self._closing and self._frontier - self._done < _HASH_READ \
+                    while not self._closing and self._frontier - self._done < _FOLLOW_STEP \
                             and self._frontier != self._end:
                         self._cond.wait()
                     upto = self._frontier
@@ -340,7 +340,7 @@ class _WrittenFollower:
                         return
                 pos = self._done
                 while self._sha is not None and pos < upto:
-                    n = _read_into(self._fd, self._buf, min(_HASH_CHUNK, upto - pos), pos)
+                    n = _read_into(self._fd, self._buf, min(_HASH_CHUNK, upto - pos), pos, self._lock)
                     if not n:
                         raise OSError("the temp file is shorter than written")
                     self._sha.update(self._buf[:n])
@@ -374,20 +374,17 @@ class _WrittenFollower:
         self._thread.join()
 
 
-def _read_into(fd: int, buf: memoryview, n: int, pos: int) -> int:
-    """Read up to `n` bytes at `pos` into the start of `buf`; the count read (0 at the end of the file)."""
+def _read_into(fd: int, buf: memoryview, n: int, pos: int, lock: threading.Lock) -> int:
+    """Read up to `n` bytes at `pos` into the start of `buf`; the count read (0 at the end of the file).
+    Where the OS has no positioned read (Windows), seek + read under the writers' lock: their seek +
+    write must not be split by ours."""
     if hasattr(os, "preadv"):
         return os.preadv(fd, [buf[:n]], pos)
-    chunk = _read_at(fd, n, pos)
+    with lock:
+        os.lseek(fd, pos, os.SEEK_SET)
+        chunk = os.read(fd, n)
     buf[:len(chunk)] = chunk
     return len(chunk)
-
-
-def _read_at(fd: int, n: int, pos: int) -> bytes:
-    if hasattr(os, "pread"):
-        return os.pread(fd, n, pos)
-    os.lseek(fd, pos, os.SEEK_SET)
-    return os.read(fd, n)
 
 
 class StreamingWriter:
@@ -472,7 +469,7 @@ class StreamingWriter:
             _write_all_at(self._fd, memoryview(self._header), 0, self._lock)
             if self._hash_at is not None or _SYNC_FILE_RANGE is not None:
                 self._follower = _WrittenFollower(self._fd, self._data_start, self.total_bytes,
-                                                  hash=self._hash_at is not None)
+                                                  hash=self._hash_at is not None, lock=self._lock)
         except BaseException as e:
             self._abort()
             if isinstance(e, OSError):  # a full disk or file size limit already at the header

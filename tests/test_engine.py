@@ -155,12 +155,19 @@ def test_follow_up_tasks_start_when_a_keys_tasks_are_done_and_errors_surface():
     assert not started
 
 
-def test_the_output_hash_follows_writes_in_any_order(tmp_path):
+@pytest.mark.parametrize("positioned_io", [True, False])
+def test_the_output_hash_follows_writes_in_any_order(tmp_path, monkeypatch, positioned_io):
     """modelspec.hash_sha256 is the data section's SHA-256 whatever order the parts arrive in (the hashing
     thread follows the contiguous written prefix), with empty tensors among them; an aborted writer
-    stops its thread and leaves no file."""
+    stops its thread and leaves no file. Also where the OS has no pwrite/preadv (Windows): seek + write
+    and seek + read under one lock."""
     import hashlib
+    import os
     import random
+
+    if not positioned_io:
+        monkeypatch.delattr(os, "pwrite", raising=False)
+        monkeypatch.delattr(os, "preadv", raising=False)
 
     from weightsmith.provenance import HASH_KEY, HASH_PENDING
     from weightsmith.safetensors_io import StreamingWriter, read_header
